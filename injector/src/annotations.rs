@@ -1,0 +1,1 @@
+//! annotations: owned by the core helper.

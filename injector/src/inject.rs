@@ -1,0 +1,1 @@
+//! inject: owned by the core helper.

@@ -1,0 +1,18 @@
+//! `wg-injector`: decides whether and how a Pod gets the WireGuard sidecar.
+//!
+//! The crate is a pure injection core ([`annotations`], [`config`], [`inject`], [`admission`])
+//! with thin edges: the HTTPS admission webhook ([`webhook`], [`review`], [`metrics`]) and the
+//! offline CLI ([`offline`]). The core never does IO; the edges only decode, call it and encode.
+
+pub mod admission;
+pub mod annotations;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod inject;
+pub mod metrics;
+pub mod offline;
+pub mod review;
+pub mod webhook;
+
+pub use error::Error;

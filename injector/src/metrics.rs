@@ -1,0 +1,1 @@
+//! Prometheus metrics of the webhook. OWNED BY: webhook helper.

