@@ -1,0 +1,183 @@
+{{/*
+Names, labels and the two places where the chart meets the binary: the `serve` arguments
+(wg-injector.serveArgs) and the config file (wg-injector.configFile). Keep those two in step
+with injector/src/webhook.rs (ServeArgs) and injector/src/config.rs (Config).
+*/}}
+
+{{- define "wg-injector.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "wg-injector.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "wg-injector.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "wg-injector.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "wg-injector.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "wg-injector.labels" -}}
+helm.sh/chart: {{ include "wg-injector.chart" . }}
+{{ include "wg-injector.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: webhook
+{{- end }}
+
+{{/* Label on the injector's own Pods: the webhook's objectSelector excludes them. */}}
+{{- define "wg-injector.selfLabel" -}}
+wg-injector.io/role: injector
+{{- end }}
+
+{{- define "wg-injector.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "wg-injector.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "wg-injector.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "wg-injector.webhookConfigName" -}}
+{{- include "wg-injector.fullname" . }}
+{{- end }}
+
+{{- define "wg-injector.serviceName" -}}
+{{- include "wg-injector.fullname" . }}
+{{- end }}
+
+{{/* The Secret holding the serving certificate, whatever the mode. */}}
+{{- define "wg-injector.tlsSecretName" -}}
+{{- $c := .Values.certificates }}
+{{- if eq $c.mode "existingSecret" }}
+{{- required "certificates.existingSecret.name is required when certificates.mode=existingSecret" $c.existingSecret.name }}
+{{- else if eq $c.mode "selfManaged" }}
+{{- default (printf "%s-tls" (include "wg-injector.fullname" .)) $c.selfManaged.secretName }}
+{{- else }}
+{{- printf "%s-tls" (include "wg-injector.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "wg-injector.leaseName" -}}
+{{- default (printf "%s-cert" (include "wg-injector.fullname" .)) .Values.certificates.selfManaged.leaseName }}
+{{- end }}
+
+{{/* DNS names of the serving certificate. */}}
+{{- define "wg-injector.dnsNames" -}}
+{{- $svc := include "wg-injector.serviceName" . }}
+- {{ $svc }}
+- {{ $svc }}.{{ .Release.Namespace }}
+- {{ $svc }}.{{ .Release.Namespace }}.svc
+- {{ $svc }}.{{ .Release.Namespace }}.svc.cluster.local
+{{- end }}
+
+{{/* Namespaces never sent to the webhook: the configured ones plus the release namespace. */}}
+{{- define "wg-injector.excludedNamespaces" -}}
+{{- $ns := concat .Values.webhook.excludeNamespaces (list .Release.Namespace) | uniq }}
+{{- toYaml $ns }}
+{{- end }}
+
+{{- define "wg-injector.namespaceSelector" -}}
+matchExpressions:
+  - key: wg-injector.io/injection
+    operator: In
+    values:
+      - {{ .Values.webhook.namespaceLabelValue | quote }}
+  - key: kubernetes.io/metadata.name
+    operator: NotIn
+    values:
+      {{- include "wg-injector.excludedNamespaces" . | nindent 6 }}
+{{- end }}
+
+{{- define "wg-injector.objectSelector" -}}
+matchExpressions:
+  - key: wg-injector.io/role
+    operator: NotIn
+    values:
+      - injector
+  {{- with .Values.webhook.extraObjectSelectorExpressions }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{/* matchConditions (admissionregistration v1, beta and on by default from 1.28). */}}
+{{- define "wg-injector.matchConditionsEnabled" -}}
+{{- if and .Values.webhook.matchConditions (not .Values.webhook.injectByDefault) (semverCompare ">=1.28-0" .Capabilities.KubeVersion.Version) -}}
+true
+{{- end }}
+{{- end }}
+
+{{- define "wg-injector.vapEnabled" -}}
+{{- if and .Values.validatingAdmissionPolicy.enabled (semverCompare ">=1.30-0" .Capabilities.KubeVersion.Version) -}}
+true
+{{- end }}
+{{- end }}
+
+{{- define "wg-injector.pdbApiVersion" -}}
+{{- if semverCompare ">=1.21-0" .Capabilities.KubeVersion.Version -}}
+policy/v1
+{{- else -}}
+policy/v1beta1
+{{- end }}
+{{- end }}
+
+{{/*
+The `wg-injector serve` argument list. ONE place: align with ServeArgs in
+injector/src/webhook.rs. Every flag also has a WG_INJECTOR_* env var in the binary; the chart
+passes flags so `kubectl describe pod` shows the whole configuration.
+*/}}
+{{- define "wg-injector.serveArgs" -}}
+- serve
+- --listen=0.0.0.0:{{ .Values.webhook.port }}
+- --config=/etc/wg-injector/config/config.yaml
+- --log-format={{ .Values.logFormat }}
+{{- if eq .Values.certificates.mode "selfManaged" }}
+- --cert-mode=self-managed
+- --cert-secret={{ include "wg-injector.tlsSecretName" . }}
+- --webhook-config={{ include "wg-injector.webhookConfigName" . }}
+- --lease={{ include "wg-injector.leaseName" . }}
+- --service={{ include "wg-injector.serviceName" . }}
+{{- else }}
+- --tls-cert=/etc/wg-injector/tls/tls.crt
+- --tls-key=/etc/wg-injector/tls/tls.key
+{{- end }}
+{{- end }}
+
+{{/* Environment of the injector container (identity for leader election, no secrets). */}}
+{{- define "wg-injector.env" -}}
+- name: WG_INJECTOR_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: WG_INJECTOR_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- end }}
+
+{{/*
+The config file. ONE place: align with Config in injector/src/config.rs. `injectByDefault`
+lives under `webhook` in values because the webhook's matchConditions depend on it too.
+*/}}
+{{- define "wg-injector.configFile" -}}
+{{- $cfg := deepCopy .Values.config }}
+{{- $_ := set $cfg "injectByDefault" .Values.webhook.injectByDefault }}
+{{- toYaml $cfg }}
+{{- end }}
