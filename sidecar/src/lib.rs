@@ -1,1 +1,24 @@
-//! Sidecar
+//! `wg-sidecar`: the WireGuard data plane of wg-injector.
+//!
+//! Owns: the sidecar's library pieces — CLI contract ([`cli`]), Vault client ([`vault`]), key
+//! sources ([`keysource`]), the WireGuard interface seam ([`tunnel`]), routes and kill switch
+//! ([`routes`]), health and metrics ([`health`], [`metrics`]), the pure decisions
+//! ([`backoff`], [`rotation`]) and the two commands ([`init`], [`run`]). The gateway and key
+//! operations reuse these modules.
+//! Must never: put key material in argv, environment, logs, metrics or errors.
+
+pub mod backoff;
+pub mod cli;
+pub mod error;
+pub mod health;
+pub mod init;
+pub mod keysource;
+pub mod metrics;
+pub mod rotation;
+pub mod routes;
+pub mod run;
+pub mod secret;
+pub mod tunnel;
+pub mod vault;
+
+pub use error::{Result, SidecarError};

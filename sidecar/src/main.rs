@@ -1,1 +1,54 @@
-fn main() {}
+//! The `wg-sidecar` binary: parse flags, set up logging, dispatch, map SIGTERM to shutdown.
+
+use anyhow::Context;
+use clap::Parser;
+use wg_sidecar::cli::{Cli, Command, LogFormat};
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WG_SIDECAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (also as PID 1, where default dispositions do nothing).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; running until killed");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Init(args) => wg_sidecar::init::init(&args)
+            .await
+            .context("wg-sidecar init failed"),
+        Command::Run(args) => {
+            let cfg = args.into_config().context("invalid flags")?;
+            wg_sidecar::run::run(cfg, shutdown_signal())
+                .await
+                .context("wg-sidecar run failed")
+        }
+    }
+}

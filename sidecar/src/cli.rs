@@ -1,0 +1,439 @@
+//! The `wg-sidecar` command line (the contract in `docs/sidecar-cli.md`) and its validated config.
+//!
+//! Owns: the clap definition of every subcommand and flag (each also read from `WG_SIDECAR_…`),
+//! and turning parsed flags into a validated [`RunConfig`] that tests can also build directly.
+//! Must never: accept key material or tokens as flag values, or read the environment elsewhere.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+use crate::{
+    error::{Result, SidecarError},
+    vault::{VaultAuth, VaultSettings},
+};
+
+/// `wg-sidecar`: WireGuard data plane for injected Pods.
+#[derive(Debug, Parser)]
+#[command(name = "wg-sidecar", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "WG_SIDECAR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Install the kill switch routes (the `wg-init` init container).
+    Init(InitArgs),
+    /// Run the tunnel (the `wg-sidecar` container).
+    Run(Box<RunArgs>),
+}
+
+/// Flags of `wg-sidecar init`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InitArgs {
+    /// Tunnelled CIDRs (IPv4 and IPv6).
+    #[arg(
+        long,
+        env = "WG_SIDECAR_ROUTES",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub routes: Vec<IpNet>,
+    /// Install high-metric unreachable routes for every CIDR.
+    #[arg(long, env = "WG_SIDECAR_KILL_SWITCH", action = ArgAction::Set, default_value_t = true)]
+    pub kill_switch: bool,
+}
+
+/// Where keys come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeySourceKind {
+    /// Vault / OpenBao KV v2.
+    Vault,
+    /// A mounted folder (Secret, CSI, External Secrets Operator).
+    File,
+}
+
+/// Vault auth method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VaultAuthKind {
+    /// Kubernetes auth with the projected service-account token.
+    Kubernetes,
+    /// AppRole with role-id and secret-id files.
+    Approle,
+    /// A Vault token read from a file.
+    Token,
+}
+
+/// Flags of `wg-sidecar run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// WireGuard interface name.
+    #[arg(long, env = "WG_SIDECAR_INTERFACE", default_value = "wg0")]
+    pub interface: String,
+    /// Gateway profile name.
+    #[arg(long, env = "WG_SIDECAR_GATEWAY")]
+    pub gateway: String,
+    /// Gateway endpoints (`host:port`), tried in turn; override the record's.
+    #[arg(long, env = "WG_SIDECAR_ENDPOINTS", value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// Tunnelled CIDRs.
+    #[arg(
+        long,
+        env = "WG_SIDECAR_ROUTES",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub routes: Vec<IpNet>,
+    /// DNS servers reached through the tunnel.
+    #[arg(long, env = "WG_SIDECAR_DNS", value_delimiter = ',')]
+    pub dns: Vec<IpAddr>,
+    /// Interface MTU.
+    #[arg(long, env = "WG_SIDECAR_MTU", default_value_t = 1420, value_parser = clap::value_parser!(u32).range(1280..=9000))]
+    pub mtu: u32,
+    /// Persistent keepalive seconds (0 = off).
+    #[arg(long, env = "WG_SIDECAR_KEEPALIVE", default_value_t = 25)]
+    pub keepalive: u16,
+    /// Keep the kill-switch routes while running.
+    #[arg(long, env = "WG_SIDECAR_KILL_SWITCH", action = ArgAction::Set, default_value_t = true)]
+    pub kill_switch: bool,
+    /// Where keys come from.
+    #[arg(long, env = "WG_SIDECAR_KEY_SOURCE", value_enum, default_value_t = KeySourceKind::Vault)]
+    pub key_source: KeySourceKind,
+    /// With `file`: the key folder.
+    #[arg(
+        long,
+        env = "WG_SIDECAR_KEY_DIR",
+        default_value = "/var/run/secrets/wg-keys"
+    )]
+    pub key_dir: PathBuf,
+    /// Vault / OpenBao address.
+    #[arg(long, env = "WG_SIDECAR_VAULT_ADDR")]
+    pub vault_addr: Option<String>,
+    /// CA bundle for Vault's TLS.
+    #[arg(long, env = "WG_SIDECAR_VAULT_CA_FILE")]
+    pub vault_ca_file: Option<PathBuf>,
+    /// Vault auth method.
+    #[arg(long, env = "WG_SIDECAR_VAULT_AUTH", value_enum, default_value_t = VaultAuthKind::Kubernetes)]
+    pub vault_auth: VaultAuthKind,
+    /// Auth mount path (default `kubernetes` or `approle`).
+    #[arg(long, env = "WG_SIDECAR_VAULT_AUTH_MOUNT")]
+    pub vault_auth_mount: Option<String>,
+    /// Kubernetes-auth role.
+    #[arg(long, env = "WG_SIDECAR_VAULT_ROLE")]
+    pub vault_role: Option<String>,
+    /// Service-account JWT (kubernetes) or Vault token (token) file; re-read at every login.
+    #[arg(
+        long,
+        env = "WG_SIDECAR_VAULT_TOKEN_FILE",
+        default_value = "/var/run/secrets/wg-injector/token"
+    )]
+    pub vault_token_file: PathBuf,
+    /// AppRole role-id file.
+    #[arg(long, env = "WG_SIDECAR_VAULT_ROLE_ID_FILE")]
+    pub vault_role_id_file: Option<PathBuf>,
+    /// AppRole secret-id file.
+    #[arg(long, env = "WG_SIDECAR_VAULT_SECRET_ID_FILE")]
+    pub vault_secret_id_file: Option<PathBuf>,
+    /// KV v2 mount.
+    #[arg(long, env = "WG_SIDECAR_VAULT_KV_MOUNT", default_value = "secret")]
+    pub vault_kv_mount: String,
+    /// The Pod's private record, e.g. `wg/keys/shop/web`.
+    #[arg(long, env = "WG_SIDECAR_VAULT_KEY_PATH")]
+    pub vault_key_path: Option<String>,
+    /// The gateway record (default `wg/gateways/<gateway>`).
+    #[arg(long, env = "WG_SIDECAR_VAULT_GATEWAY_PATH")]
+    pub vault_gateway_path: Option<String>,
+    /// Address of `/healthz`, `/ready`, `/metrics`.
+    #[arg(long, env = "WG_SIDECAR_HEALTH_ADDR", default_value = "0.0.0.0:9901")]
+    pub health_addr: SocketAddr,
+    /// KV version polling interval in seconds (jittered ±20%).
+    #[arg(long, env = "WG_SIDECAR_POLL_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub poll_interval: u64,
+    /// No handshake for this many seconds → next endpoint / re-resolve.
+    #[arg(long, env = "WG_SIDECAR_FAILOVER_AFTER", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub failover_after: u64,
+}
+
+/// Where the running sidecar gets its keys, validated.
+#[derive(Debug, Clone)]
+pub enum KeySourceConfig {
+    /// Vault / OpenBao.
+    Vault {
+        /// Connection and auth.
+        settings: VaultSettings,
+        /// KV v2 mount.
+        kv_mount: String,
+        /// The Pod's private record.
+        key_path: String,
+        /// The gateway record.
+        gateway_path: String,
+    },
+    /// A mounted folder.
+    File {
+        /// The folder.
+        dir: PathBuf,
+    },
+}
+
+/// Validated configuration of `wg-sidecar run`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Interface name.
+    pub interface: String,
+    /// Gateway profile name.
+    pub gateway: String,
+    /// Endpoint override (empty: use the record's).
+    pub endpoints: Vec<String>,
+    /// Tunnelled CIDRs (DNS servers included as host routes).
+    pub routes: Vec<IpNet>,
+    /// Interface MTU.
+    pub mtu: u32,
+    /// Persistent keepalive (None = off).
+    pub keepalive: Option<u16>,
+    /// Keep the kill switch while running.
+    pub kill_switch: bool,
+    /// Key source.
+    pub key_source: KeySourceConfig,
+    /// Health listen address.
+    pub health_addr: SocketAddr,
+    /// KV polling interval (before jitter).
+    pub poll_interval: Duration,
+    /// Failover deadline.
+    pub failover_after: Duration,
+}
+
+/// Linux interface names are at most 15 bytes.
+const MAX_IFNAME: usize = 15;
+
+impl RunArgs {
+    /// Validates the flags; errors name the flag at fault.
+    pub fn into_config(self) -> Result<RunConfig> {
+        let bad = |m: &str| SidecarError::InvalidConfig(m.to_owned());
+        if self.interface.is_empty()
+            || self.interface.len() > MAX_IFNAME
+            || self.interface.contains(['/', ' '])
+        {
+            return Err(bad(
+                "--interface must be 1-15 characters without '/' or spaces",
+            ));
+        }
+        if self.routes.is_empty() {
+            return Err(bad("--routes needs at least one CIDR"));
+        }
+        let mut routes: Vec<IpNet> = self.routes.iter().map(IpNet::trunc).collect();
+        for dns in &self.dns {
+            if !routes.iter().any(|r| r.contains(dns)) {
+                routes.push(IpNet::from(*dns));
+            }
+        }
+        let key_source = match self.key_source {
+            KeySourceKind::File => KeySourceConfig::File { dir: self.key_dir },
+            KeySourceKind::Vault => {
+                let addr = self
+                    .vault_addr
+                    .ok_or_else(|| bad("--vault-addr is required with --key-source vault"))?;
+                let key_path = self
+                    .vault_key_path
+                    .ok_or_else(|| bad("--vault-key-path is required with --key-source vault"))?;
+                let auth = match self.vault_auth {
+                    VaultAuthKind::Kubernetes => VaultAuth::Kubernetes {
+                        mount: self.vault_auth_mount.unwrap_or_else(|| "kubernetes".into()),
+                        role: self.vault_role.ok_or_else(|| {
+                            bad("--vault-role is required with --vault-auth kubernetes")
+                        })?,
+                        jwt_file: self.vault_token_file,
+                    },
+                    VaultAuthKind::Approle => VaultAuth::AppRole {
+                        mount: self.vault_auth_mount.unwrap_or_else(|| "approle".into()),
+                        role_id_file: self.vault_role_id_file.ok_or_else(|| {
+                            bad("--vault-role-id-file is required with --vault-auth approle")
+                        })?,
+                        secret_id_file: self.vault_secret_id_file.ok_or_else(|| {
+                            bad("--vault-secret-id-file is required with --vault-auth approle")
+                        })?,
+                    },
+                    VaultAuthKind::Token => VaultAuth::Token {
+                        file: self.vault_token_file,
+                    },
+                };
+                KeySourceConfig::Vault {
+                    settings: VaultSettings {
+                        addr,
+                        ca_file: self.vault_ca_file,
+                        auth,
+                    },
+                    kv_mount: self.vault_kv_mount,
+                    key_path,
+                    gateway_path: self
+                        .vault_gateway_path
+                        .unwrap_or_else(|| format!("wg/gateways/{}", self.gateway)),
+                }
+            }
+        };
+        Ok(RunConfig {
+            interface: self.interface,
+            gateway: self.gateway,
+            endpoints: self.endpoints,
+            routes,
+            mtu: self.mtu,
+            keepalive: (self.keepalive > 0).then_some(self.keepalive),
+            kill_switch: self.kill_switch,
+            key_source,
+            health_addr: self.health_addr,
+            poll_interval: Duration::from_secs(self.poll_interval),
+            failover_after: Duration::from_secs(self.failover_after),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    fn run(args: &[&str]) -> super::RunArgs {
+        let mut full = vec!["wg-sidecar", "run"];
+        full.extend_from_slice(args);
+        match Cli::try_parse_from(full).unwrap().command {
+            Command::Run(r) => *r,
+            Command::Init(_) => panic!("expected run"),
+        }
+    }
+
+    #[test]
+    fn the_documented_run_flags_parse_and_validate() {
+        let cfg = run(&[
+            "--interface=wg0",
+            "--gateway=corp",
+            "--routes=10.0.0.0/8,fd00::/64",
+            "--dns=10.0.0.53,192.168.1.1",
+            "--mtu=1380",
+            "--keepalive=0",
+            "--kill-switch=true",
+            "--vault-addr=https://vault:8200",
+            "--vault-role=wg-shop-web",
+            "--vault-key-path=wg/keys/shop/web",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(cfg.keepalive, None);
+        assert_eq!(cfg.mtu, 1380);
+        // 10.0.0.53 is inside 10.0.0.0/8; 192.168.1.1 becomes a host route.
+        assert_eq!(cfg.routes.len(), 3);
+        match cfg.key_source {
+            super::KeySourceConfig::Vault { gateway_path, .. } => {
+                assert_eq!(gateway_path, "wg/gateways/corp");
+            }
+            super::KeySourceConfig::File { .. } => panic!("expected vault"),
+        }
+    }
+
+    #[test]
+    fn init_parses_routes_and_kill_switch() {
+        let cli = Cli::try_parse_from([
+            "wg-sidecar",
+            "init",
+            "--routes",
+            "10.1.0.0/16",
+            "--kill-switch",
+            "false",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Init(i) => {
+                assert_eq!(i.routes.len(), 1);
+                assert!(!i.kill_switch);
+            }
+            Command::Run(_) => panic!("expected init"),
+        }
+    }
+
+    #[test]
+    fn mtu_outside_1280_to_9000_is_refused() {
+        assert!(Cli::try_parse_from([
+            "wg-sidecar",
+            "run",
+            "--gateway=g",
+            "--routes=10.0.0.0/8",
+            "--mtu=500"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn vault_source_without_address_names_the_missing_flag() {
+        let err = run(&[
+            "--gateway=g",
+            "--routes=10.0.0.0/8",
+            "--vault-role=r",
+            "--vault-key-path=p",
+        ])
+        .into_config()
+        .unwrap_err();
+        assert!(err.to_string().contains("--vault-addr"), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_auth_without_role_names_the_missing_flag() {
+        let err = run(&[
+            "--gateway=g",
+            "--routes=10.0.0.0/8",
+            "--vault-addr=http://v",
+            "--vault-key-path=p",
+        ])
+        .into_config()
+        .unwrap_err();
+        assert!(err.to_string().contains("--vault-role"), "{err}");
+    }
+
+    #[test]
+    fn file_source_needs_no_vault_flags() {
+        let cfg = run(&[
+            "--gateway=g",
+            "--routes=10.0.0.0/8",
+            "--key-source=file",
+            "--key-dir=/k",
+        ])
+        .into_config()
+        .unwrap();
+        assert!(matches!(
+            cfg.key_source,
+            super::KeySourceConfig::File { .. }
+        ));
+    }
+
+    #[test]
+    fn overlong_interface_names_are_refused() {
+        let err = run(&[
+            "--interface=abcdefghijklmnop",
+            "--gateway=g",
+            "--routes=10.0.0.0/8",
+            "--key-source=file",
+        ])
+        .into_config()
+        .unwrap_err();
+        assert!(err.to_string().contains("--interface"));
+    }
+}

@@ -1,0 +1,453 @@
+//! Where the sidecar's keys come from: the records, their parsing, and the [`KeySource`] seam.
+//!
+//! Owns: the typed private record (`wg/keys/<ns>/<sa>`) and gateway record (`wg/gateways/<name>`)
+//! with their validation, and the two sources — Vault KV v2 and a mounted folder.
+//! Must never: log a private or preshared key, or keep one outside a [`Secret`].
+
+use std::{
+    collections::BTreeMap,
+    hash::{Hash, Hasher},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use base64::Engine;
+use ipnet::IpNet;
+
+use crate::{
+    error::{Result, SidecarError},
+    secret::Secret,
+    vault::Vault,
+};
+
+/// The Pod's own record: private key, addresses, optional preshared key.
+#[derive(Debug, Clone)]
+pub struct PrivateRecord {
+    /// Base64 WireGuard private key.
+    pub private_key: Secret,
+    /// Interface addresses (IPv4 and/or IPv6), as CIDRs.
+    pub addresses: Vec<IpNet>,
+    /// Optional base64 preshared key.
+    pub preshared_key: Option<Secret>,
+    /// Apply this key only at or after this instant (rotation).
+    pub not_before: Option<jiff::Timestamp>,
+    /// Version of the record (KV v2 version, or a change counter for files).
+    pub version: u64,
+}
+
+/// The gateway's public record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayRecord {
+    /// Base64 public key of the gateway.
+    pub public_key: String,
+    /// Endpoints `host:port`, tried in turn.
+    pub endpoints: Vec<String>,
+    /// CIDRs reachable through the gateway (empty: use `--routes`).
+    pub allowed_ips: Vec<IpNet>,
+    /// Version of the record.
+    pub version: u64,
+}
+
+/// Decodes a base64 WireGuard key (32 bytes); the error never contains the value.
+pub fn decode_key(source_name: &str, field: &str, value: &str) -> Result<[u8; 32]> {
+    let bad = || SidecarError::InvalidRecord {
+        source_name: source_name.to_owned(),
+        reason: format!("field {field} is not a base64 32-byte WireGuard key"),
+    };
+    let mut bytes = base64::engine::general_purpose::STANDARD
+        .decode(value.trim())
+        .map_err(|_| bad())?;
+    let out: [u8; 32] = bytes.as_slice().try_into().map_err(|_| bad())?;
+    zeroize::Zeroize::zeroize(&mut bytes);
+    Ok(out)
+}
+
+/// Parses a comma list of CIDRs; a bare address becomes a host prefix.
+pub fn parse_cidrs(source_name: &str, field: &str, value: &str) -> Result<Vec<IpNet>> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| SidecarError::InvalidRecord {
+                    source_name: source_name.to_owned(),
+                    reason: format!("field {field}: {s:?} is not a CIDR or IP address"),
+                })
+        })
+        .collect()
+}
+
+fn split_list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn required<'a>(
+    source_name: &str,
+    fields: &'a BTreeMap<String, Secret>,
+    field: &str,
+) -> Result<&'a Secret> {
+    fields
+        .get(field)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| SidecarError::InvalidRecord {
+            source_name: source_name.to_owned(),
+            reason: format!("missing field {field}"),
+        })
+}
+
+impl PrivateRecord {
+    /// Builds and validates the record from its fields.
+    pub fn from_fields(
+        source_name: &str,
+        fields: &BTreeMap<String, Secret>,
+        version: u64,
+    ) -> Result<Self> {
+        let private_key = required(source_name, fields, "private_key")?.clone();
+        decode_key(source_name, "private_key", private_key.expose())?;
+        let preshared_key = fields
+            .get("preshared_key")
+            .filter(|v| !v.is_empty())
+            .cloned();
+        if let Some(psk) = &preshared_key {
+            decode_key(source_name, "preshared_key", psk.expose())?;
+        }
+        let addresses = parse_cidrs(
+            source_name,
+            "address",
+            required(source_name, fields, "address")?.expose(),
+        )?;
+        if addresses.is_empty() {
+            return Err(SidecarError::InvalidRecord {
+                source_name: source_name.to_owned(),
+                reason: "field address holds no address".to_owned(),
+            });
+        }
+        let not_before = match fields.get("not_before").filter(|v| !v.is_empty()) {
+            None => None,
+            Some(v) => Some(v.expose().parse::<jiff::Timestamp>().map_err(|e| {
+                SidecarError::InvalidRecord {
+                    source_name: source_name.to_owned(),
+                    reason: format!("field not_before is not RFC 3339: {e}"),
+                }
+            })?),
+        };
+        Ok(Self {
+            private_key,
+            addresses,
+            preshared_key,
+            not_before,
+            version,
+        })
+    }
+
+    /// The base64 public key matching the private key (safe to log).
+    pub fn public_key(&self) -> Result<String> {
+        let mut raw = decode_key("private record", "private_key", self.private_key.expose())?;
+        let key = defguard_wireguard_rs::key::Key::new(raw);
+        zeroize::Zeroize::zeroize(&mut raw);
+        Ok(key.public_key().to_string())
+    }
+}
+
+impl GatewayRecord {
+    /// Builds and validates the gateway record from its fields.
+    pub fn from_fields(
+        source_name: &str,
+        fields: &BTreeMap<String, Secret>,
+        version: u64,
+    ) -> Result<Self> {
+        let public_key = required(source_name, fields, "public_key")?
+            .expose()
+            .to_owned();
+        decode_key(source_name, "public_key", &public_key)?;
+        let endpoints = fields
+            .get("endpoints")
+            .map(|v| split_list(v.expose()))
+            .unwrap_or_default();
+        let allowed_ips = match fields.get("allowed_ips") {
+            Some(v) => parse_cidrs(source_name, "allowed_ips", v.expose())?,
+            None => Vec::new(),
+        };
+        Ok(Self {
+            public_key,
+            endpoints,
+            allowed_ips,
+            version,
+        })
+    }
+}
+
+/// The seam between the control loop and wherever keys live.
+pub trait KeySource: Send + Sync {
+    /// Human-readable name for logs (`vault secret/wg/keys/shop/web`, `file /var/run/...`).
+    fn describe(&self) -> String;
+    /// Makes the source usable (Vault: log in). Called before the first load and after failures.
+    fn prepare(&self) -> impl std::future::Future<Output = Result<()>> + Send;
+    /// Loads the Pod's private record.
+    fn load_private(&self) -> impl std::future::Future<Output = Result<PrivateRecord>> + Send;
+    /// Loads the gateway record.
+    fn load_gateway(&self) -> impl std::future::Future<Output = Result<GatewayRecord>> + Send;
+}
+
+/// Keys from Vault / OpenBao KV v2.
+#[derive(Debug, Clone)]
+pub struct VaultKeySource {
+    vault: Arc<Vault>,
+    kv_mount: String,
+    key_path: String,
+    gateway_path: String,
+}
+
+impl VaultKeySource {
+    /// A source reading `key_path` and `gateway_path` under `kv_mount`.
+    #[must_use]
+    pub fn new(
+        vault: Arc<Vault>,
+        kv_mount: String,
+        key_path: String,
+        gateway_path: String,
+    ) -> Self {
+        Self {
+            vault,
+            kv_mount,
+            key_path,
+            gateway_path,
+        }
+    }
+}
+
+impl KeySource for VaultKeySource {
+    fn describe(&self) -> String {
+        format!("vault {}/{}", self.kv_mount, self.key_path)
+    }
+
+    async fn prepare(&self) -> Result<()> {
+        self.vault.login().await
+    }
+
+    async fn load_private(&self) -> Result<PrivateRecord> {
+        let rec = self.vault.read(&self.kv_mount, &self.key_path).await?;
+        PrivateRecord::from_fields(
+            &format!("{}/{}", self.kv_mount, self.key_path),
+            &rec.data,
+            rec.version,
+        )
+    }
+
+    async fn load_gateway(&self) -> Result<GatewayRecord> {
+        let rec = self.vault.read(&self.kv_mount, &self.gateway_path).await?;
+        GatewayRecord::from_fields(
+            &format!("{}/{}", self.kv_mount, self.gateway_path),
+            &rec.data,
+            rec.version,
+        )
+    }
+}
+
+/// Keys from a mounted folder: `private_key`, `address`, optional `preshared_key`,
+/// `peer_public_key`, optional `peer_endpoints`, optional `peer_allowed_ips`, optional `not_before`.
+/// Versions count content changes, starting at 1.
+#[derive(Debug)]
+pub struct FileKeySource {
+    dir: PathBuf,
+    private_state: Mutex<(u64, u64)>,
+    gateway_state: Mutex<(u64, u64)>,
+}
+
+impl FileKeySource {
+    /// A source reading the folder `dir`.
+    #[must_use]
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            private_state: Mutex::new((0, 0)),
+            gateway_state: Mutex::new((0, 0)),
+        }
+    }
+
+    fn read_fields(&self, names: &[(&str, &str)]) -> Result<BTreeMap<String, Secret>> {
+        let mut out = BTreeMap::new();
+        for (file, field) in names {
+            let path = self.dir.join(file);
+            match std::fs::read_to_string(&path) {
+                Ok(v) => {
+                    out.insert((*field).to_owned(), Secret::new(v));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(SidecarError::ReadFile { path, source }),
+            }
+        }
+        Ok(out)
+    }
+
+    fn version_of(state: &Mutex<(u64, u64)>, fields: &BTreeMap<String, Secret>) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (k, v) in fields {
+            k.hash(&mut h);
+            v.expose().hash(&mut h);
+        }
+        let digest = h.finish();
+        let mut st = state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st.1 == 0 || st.0 != digest {
+            *st = (digest, st.1 + 1);
+        }
+        st.1
+    }
+
+    fn dir_name(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    /// The folder.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl KeySource for FileKeySource {
+    fn describe(&self) -> String {
+        format!("file {}", self.dir_name())
+    }
+
+    async fn prepare(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn load_private(&self) -> Result<PrivateRecord> {
+        let fields = self.read_fields(&[
+            ("private_key", "private_key"),
+            ("address", "address"),
+            ("preshared_key", "preshared_key"),
+            ("not_before", "not_before"),
+        ])?;
+        let v = Self::version_of(&self.private_state, &fields);
+        PrivateRecord::from_fields(&self.dir_name(), &fields, v)
+    }
+
+    async fn load_gateway(&self) -> Result<GatewayRecord> {
+        let fields = self.read_fields(&[
+            ("peer_public_key", "public_key"),
+            ("peer_endpoints", "endpoints"),
+            ("peer_allowed_ips", "allowed_ips"),
+        ])?;
+        let v = Self::version_of(&self.gateway_state, &fields);
+        GatewayRecord::from_fields(&self.dir_name(), &fields, v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+
+    use super::{FileKeySource, GatewayRecord, KeySource, PrivateRecord};
+    use crate::secret::Secret;
+
+    const KEY: &str = "YBk6X3pP8KFvbF4VBcZ8mwQmEsdWcCHpzrCdsHCgtW0=";
+
+    fn fields(pairs: &[(&str, &str)]) -> BTreeMap<String, Secret> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Secret::new((*v).to_owned())))
+            .collect()
+    }
+
+    #[test]
+    fn a_dual_stack_private_record_parses() {
+        let r = PrivateRecord::from_fields(
+            "t",
+            &fields(&[
+                ("private_key", KEY),
+                ("address", "10.9.0.2/32, fd00::2/128"),
+            ]),
+            3,
+        )
+        .unwrap();
+        assert_eq!(r.addresses.len(), 2);
+        assert_eq!(r.version, 3);
+        assert!(r.preshared_key.is_none());
+        assert!(!r.public_key().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_bad_private_key_is_refused_without_echoing_it() {
+        let err = PrivateRecord::from_fields(
+            "t",
+            &fields(&[("private_key", "c2VjcmV0LXZhbHVl"), ("address", "10.0.0.1")]),
+            1,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("private_key"), "{err}");
+        assert!(!err.contains("c2VjcmV0LXZhbHVl"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_address_is_named() {
+        let err = PrivateRecord::from_fields("t", &fields(&[("private_key", KEY)]), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("address"), "{err}");
+    }
+
+    #[test]
+    fn not_before_must_be_rfc3339() {
+        let f = fields(&[
+            ("private_key", KEY),
+            ("address", "10.0.0.1/32"),
+            ("not_before", "tomorrow"),
+        ]);
+        assert!(PrivateRecord::from_fields("t", &f, 1).is_err());
+        let f = fields(&[
+            ("private_key", KEY),
+            ("address", "10.0.0.1/32"),
+            ("not_before", "2030-01-01T00:00:00Z"),
+        ]);
+        assert!(PrivateRecord::from_fields("t", &f, 1)
+            .unwrap()
+            .not_before
+            .is_some());
+    }
+
+    #[test]
+    fn gateway_record_splits_endpoints_and_allowed_ips() {
+        let g = GatewayRecord::from_fields(
+            "g",
+            &fields(&[
+                ("public_key", KEY),
+                ("endpoints", "gw1.example:51820, 192.0.2.1:51820"),
+                ("allowed_ips", "10.0.0.0/8,fd00::/64"),
+            ]),
+            7,
+        )
+        .unwrap();
+        assert_eq!(g.endpoints, vec!["gw1.example:51820", "192.0.2.1:51820"]);
+        assert_eq!(g.allowed_ips.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn file_source_version_changes_only_when_content_changes() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("private_key"), format!("{KEY}\n")).unwrap();
+        std::fs::write(d.path().join("address"), "10.0.0.2/32").unwrap();
+        std::fs::write(d.path().join("peer_public_key"), KEY).unwrap();
+        let src = FileKeySource::new(d.path().to_owned());
+        assert_eq!(src.load_private().await.unwrap().version, 1);
+        assert_eq!(src.load_private().await.unwrap().version, 1);
+        std::fs::write(d.path().join("address"), "10.0.0.3/32").unwrap();
+        assert_eq!(src.load_private().await.unwrap().version, 2);
+        let g = src.load_gateway().await.unwrap();
+        assert_eq!(g.public_key, KEY);
+        assert!(g.endpoints.is_empty());
+    }
+}

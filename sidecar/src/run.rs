@@ -1,0 +1,372 @@
+//! `wg-sidecar run`: the control loop of the Pod's tunnel.
+//!
+//! Owns: the order of startup (health port → kill switch → keys with retry → interface → peer →
+//! routes), the 1 s tick (statistics, readiness, failover), the jittered KV poll (rotation in
+//! place) and shutdown (remove the interface, keep the kill switch).
+//! Must never: log key material, recreate the interface to apply a change, or exit non-zero on a
+//! clean shutdown.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::time::sleep;
+
+use crate::{
+    backoff::{jittered, Backoff},
+    cli::{KeySourceConfig, RunConfig},
+    error::{Result, SidecarError},
+    health::{self, readiness, HealthState, Readiness},
+    keysource::{FileKeySource, GatewayRecord, KeySource, PrivateRecord, VaultKeySource},
+    metrics::{set_version, Metrics},
+    rotation::{plan, should_fail_over, Applied},
+    routes::Routes,
+    tunnel::{replace_peers, PeerSpec, Tunnel, WgTunnel},
+    vault::Vault,
+};
+
+/// Tick while not ready: short, so `/ready` flips soon after the first handshake.
+const FAST_TICK: Duration = Duration::from_millis(50);
+/// Tick once ready.
+const SLOW_TICK: Duration = Duration::from_secs(1);
+
+fn unit() -> f64 {
+    rand::random::<f64>()
+}
+
+/// Runs the sidecar until `shutdown` completes; then removes the interface and returns.
+/// `on_health_bound` receives the bound health address (useful with port 0 in tests).
+pub async fn run(cfg: RunConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+    let metrics = Metrics::new();
+    let health = HealthState::new(metrics);
+    let bound = health::serve(cfg.health_addr, health.clone()).await?;
+    tracing::info!(addr = %bound, "health endpoints listening");
+    match &cfg.key_source {
+        KeySourceConfig::Vault {
+            settings,
+            kv_mount,
+            key_path,
+            gateway_path,
+        } => {
+            let vault = Arc::new(Vault::new(settings.clone())?);
+            let src = VaultKeySource::new(
+                vault,
+                kv_mount.clone(),
+                key_path.clone(),
+                gateway_path.clone(),
+            );
+            run_with(cfg, src, health, shutdown).await
+        }
+        KeySourceConfig::File { dir } => {
+            let src = FileKeySource::new(dir.clone());
+            run_with(cfg, src, health, shutdown).await
+        }
+    }
+}
+
+fn count_failure(m: &Metrics, e: &SidecarError, during_login: bool) {
+    match e {
+        SidecarError::VaultLogin { .. } => m.vault_login_failures.inc(),
+        SidecarError::ReadFile { .. } if during_login => m.vault_login_failures.inc(),
+        _ => m.vault_read_failures.inc(),
+    };
+}
+
+async fn load_both<S: KeySource>(src: &S) -> Result<(PrivateRecord, GatewayRecord)> {
+    let p = src.load_private().await?;
+    let g = src.load_gateway().await?;
+    Ok((p, g))
+}
+
+/// Logs in and loads both records, retrying with capped exponential backoff and jitter.
+async fn load_with_retry<S: KeySource>(
+    src: &S,
+    health: &HealthState,
+) -> (PrivateRecord, GatewayRecord) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut logged_in = false;
+    loop {
+        if !logged_in {
+            match src.prepare().await {
+                Ok(()) => logged_in = true,
+                Err(e) => {
+                    count_failure(&health.metrics, &e, true);
+                    let delay = backoff.next_delay(unit());
+                    tracing::warn!(source = %src.describe(), error = %e, retry_in_ms = delay.as_millis(), "key source login failed; not ready");
+                    health.set_readiness(Readiness::NotReady(format!(
+                        "key source login failed: {e}"
+                    )));
+                    sleep(delay).await;
+                    continue;
+                }
+            }
+        }
+        match load_both(src).await {
+            Ok(r) => return r,
+            Err(e) => {
+                count_failure(&health.metrics, &e, false);
+                let delay = backoff.next_delay(unit());
+                tracing::warn!(source = %src.describe(), error = %e, retry_in_ms = delay.as_millis(), "reading keys failed; not ready");
+                health.set_readiness(Readiness::NotReady(format!("reading keys failed: {e}")));
+                sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn resolve(endpoint: &str) -> Result<SocketAddr> {
+    let mut addrs = tokio::net::lookup_host(endpoint)
+        .await
+        .map_err(|e| SidecarError::Resolve {
+            endpoint: endpoint.to_owned(),
+            reason: e.to_string(),
+        })?;
+    addrs.next().ok_or_else(|| SidecarError::Resolve {
+        endpoint: endpoint.to_owned(),
+        reason: "no address".to_owned(),
+    })
+}
+
+struct Controller<S> {
+    cfg: RunConfig,
+    source: S,
+    health: Arc<HealthState>,
+    tunnel: WgTunnel,
+    private: PrivateRecord,
+    gateway: GatewayRecord,
+    applied: Applied,
+    endpoint_index: usize,
+    switched_at: Instant,
+    waiting_logged: u64,
+}
+
+impl<S: KeySource> Controller<S> {
+    fn endpoints(&self) -> &[String] {
+        if self.cfg.endpoints.is_empty() {
+            &self.gateway.endpoints
+        } else {
+            &self.cfg.endpoints
+        }
+    }
+
+    async fn peer_spec(&self) -> PeerSpec {
+        let endpoint = match self.endpoints().get(self.endpoint_index) {
+            None => None,
+            Some(ep) => match resolve(ep).await {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    tracing::warn!(error = %e, "endpoint not resolvable; will try the next one");
+                    None
+                }
+            },
+        };
+        PeerSpec {
+            public_key: self.gateway.public_key.clone(),
+            preshared_key: self.private.preshared_key.clone(),
+            endpoint,
+            allowed_ips: self.cfg.routes.clone(),
+            keepalive: self.cfg.keepalive,
+        }
+    }
+
+    async fn apply_peer(&mut self) -> Result<()> {
+        let spec = self.peer_spec().await;
+        tracing::info!(peer = %spec.public_key, endpoint = ?spec.endpoint, "gateway peer configured");
+        replace_peers(&mut self.tunnel, std::slice::from_ref(&spec))?;
+        self.switched_at = Instant::now();
+        Ok(())
+    }
+
+    /// One tick: statistics, readiness, failover. Returns whether the sidecar is ready.
+    async fn tick(&mut self) -> bool {
+        self.health.tick();
+        let now = SystemTime::now();
+        let stats = match self.tunnel.peer_stats() {
+            Ok(s) => s,
+            Err(e) => {
+                if self
+                    .health
+                    .set_readiness(Readiness::NotReady(e.to_string()))
+                {
+                    tracing::warn!(error = %e, "interface unreadable; not ready");
+                }
+                return false;
+            }
+        };
+        self.health.metrics.record_peers(&stats, now);
+        let last_hs = stats
+            .iter()
+            .find(|p| p.public_key == self.gateway.public_key)
+            .and_then(|p| p.last_handshake);
+        let r = readiness(true, last_hs, now);
+        let ready = r == Readiness::Ready;
+        if self.health.set_readiness(r.clone()) {
+            match &r {
+                Readiness::Ready => tracing::info!("ready: handshake with the gateway"),
+                Readiness::NotReady(why) => tracing::warn!(reason = %why, "not ready"),
+            }
+        }
+        if should_fail_over(
+            last_hs,
+            self.switched_at.elapsed(),
+            self.cfg.failover_after,
+            now,
+        ) {
+            let n = self.endpoints().len().max(1);
+            self.endpoint_index = (self.endpoint_index + 1) % n;
+            self.health.metrics.endpoint_failovers.inc();
+            tracing::warn!(
+                endpoint = ?self.endpoints().get(self.endpoint_index),
+                "no handshake within --failover-after; switching endpoint (re-resolving)"
+            );
+            if let Err(e) = self.apply_peer().await {
+                tracing::error!(error = %e, "failed to apply the next endpoint");
+            }
+        }
+        ready
+    }
+
+    /// One KV poll: apply a new private key and/or peer set in place.
+    async fn poll(&mut self, polled: Result<(PrivateRecord, GatewayRecord)>) {
+        let (private, gateway) = match polled {
+            Ok(r) => r,
+            Err(e) => {
+                count_failure(&self.health.metrics, &e, false);
+                tracing::warn!(error = %e, "polling keys failed; keeping the current configuration");
+                return;
+            }
+        };
+        let now = SystemTime::now();
+        let p = plan(
+            self.applied,
+            private.version,
+            private.not_before.map(SystemTime::from),
+            gateway.version,
+            now,
+        );
+        if p.key_waiting && self.waiting_logged != private.version {
+            self.waiting_logged = private.version;
+            tracing::info!(version = private.version, not_before = ?private.not_before, "new private key waits for its not_before");
+        }
+        if p.apply_key {
+            if private.addresses != self.private.addresses {
+                tracing::warn!("the address in the private record changed; the new address takes effect only after a restart");
+            }
+            match self.tunnel.set_private_key(&private.private_key) {
+                Ok(()) => {
+                    tracing::info!(version = private.version, public_key = %private.public_key().unwrap_or_default(), "private key rotated in place");
+                    self.applied.key_version = private.version;
+                    set_version(&self.health.metrics.key_version, private.version);
+                    self.health.metrics.key_rotations.inc();
+                    self.private = private;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "applying the new private key failed");
+                    return;
+                }
+            }
+        }
+        if p.apply_peers {
+            let endpoints_changed = gateway.endpoints != self.gateway.endpoints;
+            self.gateway = gateway;
+            if endpoints_changed && self.cfg.endpoints.is_empty() {
+                self.endpoint_index = 0;
+            }
+            match self.apply_peer().await {
+                Ok(()) => {
+                    self.applied.gateway_version = self.gateway.version;
+                    set_version(&self.health.metrics.gateway_version, self.gateway.version);
+                    self.health.metrics.peer_updates.inc();
+                    tracing::info!(
+                        version = self.gateway.version,
+                        "gateway peer set applied in place"
+                    );
+                }
+                Err(e) => tracing::error!(error = %e, "applying the new peer set failed"),
+            }
+        }
+    }
+}
+
+async fn run_with<S: KeySource>(
+    cfg: RunConfig,
+    source: S,
+    health: Arc<HealthState>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    tokio::pin!(shutdown);
+    let routes = Routes::connect()?;
+    if cfg.kill_switch {
+        routes.install_kill_switch(&cfg.routes).await?;
+    } else {
+        routes.remove_kill_switch(&cfg.routes).await?;
+    }
+    let (private, gateway) = tokio::select! {
+        r = load_with_retry(&source, &health) => r,
+        () = &mut shutdown => {
+            tracing::info!("shutdown before keys were loaded");
+            return Ok(());
+        }
+    };
+    tracing::info!(source = %source.describe(), key_version = private.version, gateway_version = gateway.version, "keys loaded");
+    let tunnel = WgTunnel::create(
+        &cfg.interface,
+        cfg.mtu,
+        &private.addresses,
+        &private.private_key,
+    )?;
+    health.metrics.set_mode(tunnel.mode());
+    set_version(&health.metrics.key_version, private.version);
+    set_version(&health.metrics.gateway_version, gateway.version);
+    let mut ctl = Controller {
+        applied: Applied {
+            key_version: private.version,
+            gateway_version: gateway.version,
+        },
+        cfg,
+        source,
+        health: health.clone(),
+        tunnel,
+        private,
+        gateway,
+        endpoint_index: 0,
+        switched_at: Instant::now(),
+        waiting_logged: 0,
+    };
+    if ctl.endpoints().is_empty() {
+        tracing::warn!(
+            "no gateway endpoint configured (flag or record); waiting for the gateway to connect"
+        );
+    }
+    ctl.apply_peer().await?;
+    routes
+        .add_tunnel_routes(&ctl.cfg.interface, &ctl.cfg.routes)
+        .await?;
+    tracing::info!(interface = %ctl.cfg.interface, mode = ctl.tunnel.mode().as_str(), routes = ?ctl.cfg.routes, "tunnel up");
+
+    let mut next_poll = Instant::now() + jittered(ctl.cfg.poll_interval, unit());
+    let mut ready = false;
+    loop {
+        let tick = if ready { SLOW_TICK } else { FAST_TICK };
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = sleep(tick) => {
+                ready = ctl.tick().await;
+                if Instant::now() >= next_poll {
+                    let polled = tokio::select! {
+                        r = load_both(&ctl.source) => r,
+                        () = &mut shutdown => break,
+                    };
+                    ctl.poll(polled).await;
+                    next_poll = Instant::now() + jittered(ctl.cfg.poll_interval, unit());
+                }
+            }
+        }
+    }
+    tracing::info!(interface = %ctl.cfg.interface, "shutting down: removing the interface (kill switch stays)");
+    health.set_readiness(Readiness::NotReady("shutting down".into()));
+    ctl.tunnel.remove()
+}

@@ -1,0 +1,430 @@
+//! The WireGuard interface, behind the [`Tunnel`] seam.
+//!
+//! Owns: creating the interface (kernel WireGuard when the kernel has it, else the embedded
+//! BoringTun userspace device, chosen automatically), addresses and MTU, the private key, the
+//! peer set (add/update/remove without recreating the interface) and per-peer statistics.
+//! Must never: touch routes (see `routes`), log keys, or recreate the interface to apply a change.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    os::unix::net::UnixStream,
+    time::{Duration, SystemTime},
+};
+
+use defguard_wireguard_rs::{
+    error::WireguardInterfaceError, key::Key, net::IpAddrMask, peer::Peer, InterfaceConfiguration,
+    Kernel, Userspace, WGApi, WireguardInterfaceApi,
+};
+use ipnet::IpNet;
+
+use crate::{
+    error::{Result, SidecarError},
+    keysource::decode_key,
+    secret::Secret,
+};
+
+/// Which WireGuard implementation backs the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The Linux kernel module, over netlink.
+    Kernel,
+    /// BoringTun embedded in this process, over a TUN device.
+    Userspace,
+}
+
+impl Mode {
+    /// `kernel` or `userspace`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Userspace => "userspace",
+        }
+    }
+}
+
+/// The desired state of one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    /// Base64 public key.
+    pub public_key: String,
+    /// Optional preshared key.
+    pub preshared_key: Option<Secret>,
+    /// Endpoint (already resolved).
+    pub endpoint: Option<SocketAddr>,
+    /// Allowed IPs.
+    pub allowed_ips: Vec<IpNet>,
+    /// Persistent keepalive seconds.
+    pub keepalive: Option<u16>,
+}
+
+/// What the interface reports about one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Base64 public key.
+    pub public_key: String,
+    /// Current endpoint (may have roamed).
+    pub endpoint: Option<SocketAddr>,
+    /// Bytes received from the peer.
+    pub rx_bytes: u64,
+    /// Bytes sent to the peer.
+    pub tx_bytes: u64,
+    /// Time of the last completed handshake.
+    pub last_handshake: Option<SystemTime>,
+}
+
+/// The operations the control loop and the gateway need from a WireGuard interface.
+pub trait Tunnel: Send {
+    /// Kernel or userspace.
+    fn mode(&self) -> Mode;
+    /// Interface name.
+    fn name(&self) -> &str;
+    /// Replaces the private key in place.
+    fn set_private_key(&mut self, key: &Secret) -> Result<()>;
+    /// Adds a peer or updates it (endpoint, allowed IPs, keepalive, preshared key).
+    fn set_peer(&mut self, peer: &PeerSpec) -> Result<()>;
+    /// Removes a peer by base64 public key.
+    fn remove_peer(&mut self, public_key: &str) -> Result<()>;
+    /// Per-peer statistics.
+    fn peer_stats(&self) -> Result<Vec<PeerStats>>;
+    /// Removes the interface.
+    fn remove(&mut self) -> Result<()>;
+}
+
+/// Makes the interface's peer set equal to `desired`: removes peers not listed, sets the others.
+pub fn replace_peers(tunnel: &mut impl Tunnel, desired: &[PeerSpec]) -> Result<()> {
+    let current = tunnel.peer_stats()?;
+    for stale in current
+        .iter()
+        .filter(|c| !desired.iter().any(|d| d.public_key == c.public_key))
+    {
+        tunnel.remove_peer(&stale.public_key)?;
+    }
+    for peer in desired {
+        tunnel.set_peer(peer)?;
+    }
+    Ok(())
+}
+
+enum Api {
+    Kernel(WGApi<Kernel>),
+    Userspace(WGApi<Userspace>),
+}
+
+/// A real WireGuard interface driven by `defguard_wireguard_rs`.
+pub struct WgTunnel {
+    name: String,
+    api: Api,
+    mtu: u32,
+    addresses: Vec<IpNet>,
+    removed: bool,
+}
+
+impl std::fmt::Debug for WgTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgTunnel")
+            .field("name", &self.name)
+            .field("mode", &self.mode())
+            .finish_non_exhaustive()
+    }
+}
+
+fn to_mask(net: &IpNet) -> IpAddrMask {
+    IpAddrMask::new(net.addr(), net.prefix_len())
+}
+
+fn wg_key(field: &str, value: &str) -> Result<Key> {
+    let mut raw = decode_key("tunnel", field, value)?;
+    let k = Key::new(raw);
+    zeroize::Zeroize::zeroize(&mut raw);
+    Ok(k)
+}
+
+fn to_peer(spec: &PeerSpec) -> Result<Peer> {
+    let mut p = Peer::new(wg_key("public_key", &spec.public_key)?);
+    p.preshared_key = match &spec.preshared_key {
+        Some(psk) => Some(wg_key("preshared_key", psk.expose())?),
+        None => None,
+    };
+    p.endpoint = spec.endpoint;
+    p.persistent_keepalive_interval = spec.keepalive;
+    p.allowed_ips = spec.allowed_ips.iter().map(to_mask).collect();
+    Ok(p)
+}
+
+/// True when `e` is the "no DNS backend" failure `remove_interface` reports after removal.
+#[must_use]
+pub fn is_dns_backend_error(e: &WireguardInterfaceError) -> bool {
+    matches!(e, WireguardInterfaceError::DnsError(_))
+}
+
+impl WgTunnel {
+    /// Creates `name`: kernel WireGuard if available, else userspace; sets MTU, addresses and key.
+    pub fn create(name: &str, mtu: u32, addresses: &[IpNet], private_key: &Secret) -> Result<Self> {
+        let err = |op: &'static str| {
+            move |e: WireguardInterfaceError| SidecarError::Tunnel {
+                op,
+                interface: name.to_owned(),
+                reason: e.to_string(),
+            }
+        };
+        let mut kernel = WGApi::<Kernel>::new(name).map_err(err("prepare"))?;
+        let api = match kernel.create_interface() {
+            Ok(()) => Api::Kernel(kernel),
+            Err(e) => {
+                tracing::info!(interface = name, reason = %e, "kernel WireGuard unavailable, using the embedded userspace implementation");
+                std::fs::create_dir_all("/var/run/wireguard").map_err(|e| {
+                    SidecarError::Tunnel {
+                        op: "create runtime dir for",
+                        interface: name.to_owned(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                let mut user = WGApi::<Userspace>::new(name).map_err(err("prepare"))?;
+                user.create_interface().map_err(err("create"))?;
+                Api::Userspace(user)
+            }
+        };
+        let mut t = Self {
+            name: name.to_owned(),
+            api,
+            mtu,
+            addresses: addresses.to_vec(),
+            removed: false,
+        };
+        if let Err(e) = t.configure(private_key, &[]) {
+            let _ = t.remove();
+            return Err(e);
+        }
+        tracing::info!(
+            interface = name,
+            mode = t.mode().as_str(),
+            "WireGuard interface created"
+        );
+        Ok(t)
+    }
+
+    fn iface(&self) -> &dyn WireguardInterfaceApi {
+        match &self.api {
+            Api::Kernel(a) => a,
+            Api::Userspace(a) => a,
+        }
+    }
+
+    fn tunnel_err(
+        &self,
+        op: &'static str,
+    ) -> impl Fn(WireguardInterfaceError) -> SidecarError + '_ {
+        move |e| SidecarError::Tunnel {
+            op,
+            interface: self.name.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn configure(&self, private_key: &Secret, peers: &[Peer]) -> Result<()> {
+        let cfg = InterfaceConfiguration {
+            name: self.name.clone(),
+            prvkey: private_key.expose().to_owned(),
+            addresses: self.addresses.iter().map(to_mask).collect(),
+            port: 0,
+            peers: peers.to_vec(),
+            mtu: Some(self.mtu),
+            fwmark: None,
+        };
+        let res = self.iface().configure_interface(&cfg);
+        let mut prvkey = cfg.prvkey;
+        zeroize::Zeroize::zeroize(&mut prvkey);
+        res.map_err(self.tunnel_err("configure"))
+    }
+
+    /// Sends one `set=1` UAPI request to the userspace device.
+    fn uapi_set(&self, body: &str) -> std::io::Result<()> {
+        let path = format!("/var/run/wireguard/{}.sock", self.name);
+        let mut s = UnixStream::connect(path)?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(b"set=1\n")?;
+        s.write_all(body.as_bytes())?;
+        s.write_all(b"\n")?;
+        for line in BufReader::new(s).lines() {
+            let line = line?;
+            if let Some(errno) = line.strip_prefix("errno=") {
+                return if errno.trim() == "0" {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(format!("UAPI errno {errno}")))
+                };
+            }
+        }
+        Err(std::io::Error::other("UAPI closed without errno"))
+    }
+}
+
+impl Tunnel for WgTunnel {
+    fn mode(&self) -> Mode {
+        match self.api {
+            Api::Kernel(_) => Mode::Kernel,
+            Api::Userspace(_) => Mode::Userspace,
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn set_private_key(&mut self, key: &Secret) -> Result<()> {
+        let k = wg_key("private_key", key.expose())?;
+        match &self.api {
+            Api::Userspace(_) => {
+                // Only the key: listen port and peers stay as they are.
+                let mut body = format!("private_key={}\n", k.to_lower_hex());
+                let res = self.uapi_set(&body);
+                zeroize::Zeroize::zeroize(&mut body);
+                res.map_err(|e| SidecarError::Tunnel {
+                    op: "set private key on",
+                    interface: self.name.clone(),
+                    reason: e.to_string(),
+                })
+            }
+            Api::Kernel(a) => {
+                let peers: Vec<Peer> = a
+                    .read_interface_data()
+                    .map_err(self.tunnel_err("read"))?
+                    .peers
+                    .into_values()
+                    .collect();
+                self.configure(key, &peers)
+            }
+        }
+    }
+
+    fn set_peer(&mut self, peer: &PeerSpec) -> Result<()> {
+        let p = to_peer(peer)?;
+        self.iface()
+            .configure_peer(&p)
+            .map_err(self.tunnel_err("configure peer on"))
+    }
+
+    fn remove_peer(&mut self, public_key: &str) -> Result<()> {
+        let k = wg_key("public_key", public_key)?;
+        self.iface()
+            .remove_peer(&k)
+            .map_err(self.tunnel_err("remove peer from"))
+    }
+
+    fn peer_stats(&self) -> Result<Vec<PeerStats>> {
+        let host = self
+            .iface()
+            .read_interface_data()
+            .map_err(self.tunnel_err("read"))?;
+        Ok(host
+            .peers
+            .into_values()
+            .map(|p| PeerStats {
+                public_key: p.public_key.to_string(),
+                endpoint: p.endpoint,
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+                last_handshake: p.last_handshake.filter(|t| *t > SystemTime::UNIX_EPOCH),
+            })
+            .collect())
+    }
+
+    fn remove(&mut self) -> Result<()> {
+        if self.removed {
+            return Ok(());
+        }
+        self.removed = true;
+        match self.iface().remove_interface() {
+            Ok(()) => Ok(()),
+            Err(e) if is_dns_backend_error(&e) => {
+                tracing::debug!(interface = %self.name, reason = %e, "no DNS backend to clean up (not an error)");
+                Ok(())
+            }
+            Err(e) => Err(self.tunnel_err("remove")(e)),
+        }
+    }
+}
+
+impl Drop for WgTunnel {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove() {
+            tracing::warn!(error = %e, "interface removal on drop failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+
+    use super::{replace_peers, Mode, PeerSpec, PeerStats, Tunnel};
+    use crate::{error::Result, secret::Secret};
+
+    #[derive(Default)]
+    struct FakeTunnel {
+        peers: BTreeMap<String, PeerSpec>,
+        ops: Vec<String>,
+    }
+
+    impl Tunnel for FakeTunnel {
+        fn mode(&self) -> Mode {
+            Mode::Userspace
+        }
+        fn name(&self) -> &str {
+            "fake0"
+        }
+        fn set_private_key(&mut self, _key: &Secret) -> Result<()> {
+            self.ops.push("key".into());
+            Ok(())
+        }
+        fn set_peer(&mut self, peer: &PeerSpec) -> Result<()> {
+            self.ops.push(format!("set {}", peer.public_key));
+            self.peers.insert(peer.public_key.clone(), peer.clone());
+            Ok(())
+        }
+        fn remove_peer(&mut self, public_key: &str) -> Result<()> {
+            self.ops.push(format!("remove {public_key}"));
+            self.peers.remove(public_key);
+            Ok(())
+        }
+        fn peer_stats(&self) -> Result<Vec<PeerStats>> {
+            Ok(self
+                .peers
+                .keys()
+                .map(|k| PeerStats {
+                    public_key: k.clone(),
+                    endpoint: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    last_handshake: None,
+                })
+                .collect())
+        }
+        fn remove(&mut self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn spec(k: &str) -> PeerSpec {
+        PeerSpec {
+            public_key: k.into(),
+            preshared_key: None,
+            endpoint: None,
+            allowed_ips: vec![],
+            keepalive: None,
+        }
+    }
+
+    #[test]
+    fn replacing_peers_removes_the_stale_one_and_keeps_the_rest() {
+        let mut t = FakeTunnel::default();
+        replace_peers(&mut t, &[spec("a"), spec("b")]).unwrap();
+        t.ops.clear();
+        replace_peers(&mut t, &[spec("b"), spec("c")]).unwrap();
+        assert_eq!(t.ops, vec!["remove a", "set b", "set c"]);
+        assert_eq!(t.peers.keys().collect::<Vec<_>>(), vec!["b", "c"]);
+    }
+}
