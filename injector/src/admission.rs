@@ -1,9 +1,15 @@
 //! The admission decision for one Pod: inject (with a patch), skip (with a reason) or deny
-//! (with a message a user can act on). Pure: no IO.
-//! OWNED BY: core helper (stub signatures agreed with the webhook helper; keep them).
+//! (with a message a user can act on). Shared by the webhook and the offline CLI.
+//!
+//! This module owns the order of the checks (screen annotations → opt-in → hostNetwork →
+//! parse → inject → diff). It is pure: no IO, no clock, no environment. The namespace label is
+//! not checked here: the webhook's `namespaceSelector` does that.
 
-use crate::config::Config;
 use k8s_openapi::api::core::v1::Pod;
+
+use crate::annotations;
+use crate::config::Config;
+use crate::inject::{self, Outcome};
 
 /// What the injector decided for one Pod.
 #[derive(Debug, Clone)]
@@ -24,8 +30,11 @@ pub enum Decision {
 /// Why a Pod was left untouched (a metrics label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SkipReason {
-    /// The Pod did not opt in.
+    /// The Pod did not opt in (no annotation without `inject_by_default`, or `"false"`).
     NotRequested,
+    /// The Pod uses `hostNetwork` and did not explicitly ask for injection: a tunnel would
+    /// change the node's network, so it is left alone.
+    HostNetwork,
 }
 
 impl SkipReason {
@@ -34,6 +43,7 @@ impl SkipReason {
     pub fn as_str(self) -> &'static str {
         match self {
             SkipReason::NotRequested => "not_requested",
+            SkipReason::HostNetwork => "host_network",
         }
     }
 }
@@ -42,14 +52,172 @@ impl SkipReason {
 /// and what is allowed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
-    /// Short, stable label for metrics (`bad_annotation`, `name_conflict`, …).
+    /// Short, stable label for metrics: `bad_annotation`, `unknown_annotation`,
+    /// `key_material`, `unknown_gateway`, `no_routes`, `name_conflict`, `port_conflict`,
+    /// `reserved_label`, `host_network`, `no_spec`.
     pub reason: &'static str,
     /// The message returned to the user.
     pub message: String,
 }
 
-/// Decide what to do with `pod`, created in `namespace`.
+/// [`decide`] before the diff: the injected Pod itself, for callers that want the Pod (the
+/// offline CLI, tests) rather than a patch.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// The injected Pod (equal to the input when it was already injected).
+    Inject(Outcome),
+    /// Leave the Pod untouched.
+    Skip(SkipReason),
+    /// Refuse the Pod.
+    Deny(Denial),
+}
+
+/// Run every check and the injection on `pod`.
 #[must_use]
-pub fn decide(_pod: &Pod, _namespace: &str, _config: &Config) -> Decision {
-    Decision::Skip(SkipReason::NotRequested)
+pub fn evaluate(pod: &Pod, config: &Config) -> Verdict {
+    let empty = std::collections::BTreeMap::new();
+    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    if let Err(denial) = annotations::screen(annotations) {
+        return Verdict::Deny(denial);
+    }
+    let explicit = match annotations::inject_requested(annotations) {
+        Ok(explicit) => explicit,
+        Err(denial) => return Verdict::Deny(denial),
+    };
+    if !explicit.unwrap_or(config.inject_by_default) {
+        return Verdict::Skip(SkipReason::NotRequested);
+    }
+    let Some(spec) = pod.spec.as_ref() else {
+        return Verdict::Deny(Denial {
+            reason: "no_spec",
+            message: "the Pod has no spec to inject into".to_owned(),
+        });
+    };
+    if spec.host_network == Some(true) {
+        if explicit == Some(true) {
+            return Verdict::Deny(Denial {
+                reason: "host_network",
+                message: format!(
+                    "annotation {}=\"true\" cannot be honoured on a hostNetwork Pod: the tunnel and kill switch would change the node's network; remove the annotation or hostNetwork",
+                    annotations::INJECT
+                ),
+            });
+        }
+        return Verdict::Skip(SkipReason::HostNetwork);
+    }
+    let spec = match annotations::parse(annotations) {
+        Ok(spec) => spec,
+        Err(denial) => return Verdict::Deny(denial),
+    };
+    match inject::inject(pod, &spec, config) {
+        Ok(outcome) => Verdict::Inject(outcome),
+        Err(denial) => Verdict::Deny(denial),
+    }
+}
+
+/// Decide what to do with `pod`, created in `namespace`.
+///
+/// The namespace is not needed to build the patch: Vault role and path templates are filled in
+/// by the kubelet from the Pod's own namespace and service account (downward API), so the same
+/// Pod is injected identically by the webhook and the offline CLI.
+#[must_use]
+pub fn decide(pod: &Pod, _namespace: &str, config: &Config) -> Decision {
+    match evaluate(pod, config) {
+        Verdict::Inject(outcome) => {
+            let (Ok(before), Ok(after)) = (
+                serde_json::to_value(pod),
+                serde_json::to_value(&outcome.pod),
+            ) else {
+                return Decision::Deny(Denial {
+                    reason: "internal",
+                    message: "failed to serialize the Pod".to_owned(),
+                });
+            };
+            Decision::Patch {
+                patch: json_patch::diff(&before, &after),
+                warnings: outcome.warnings,
+            }
+        }
+        Verdict::Skip(reason) => Decision::Skip(reason),
+        Verdict::Deny(denial) => Decision::Deny(denial),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    const PLAIN: &str = "metadata: {name: web}\nspec:\n  containers: [{name: app, image: nginx}]\n";
+
+    #[test]
+    fn a_pod_without_the_annotation_is_skipped_by_default() {
+        let d = decide(&pod(PLAIN), "shop", &Config::default());
+        assert!(
+            matches!(d, Decision::Skip(SkipReason::NotRequested)),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn inject_by_default_injects_a_pod_without_the_annotation_but_not_one_that_opts_out() {
+        let config = Config {
+            inject_by_default: true,
+            ..Config::default()
+        };
+        let Decision::Patch { patch, warnings } = decide(&pod(PLAIN), "shop", &config) else {
+            panic!()
+        };
+        assert!(!patch.0.is_empty());
+        assert_eq!(warnings, [inject::PRIVILEGED_WARNING]);
+        let opted_out = pod("metadata: {name: web, annotations: {wg-injector.io/inject: 'false'}}\nspec:\n  containers: [{name: app, image: nginx}]\n");
+        assert!(matches!(
+            decide(&opted_out, "shop", &config),
+            Decision::Skip(SkipReason::NotRequested)
+        ));
+    }
+
+    #[test]
+    fn an_injected_pod_gets_an_empty_patch() {
+        let input = pod("metadata: {name: web, annotations: {wg-injector.io/inject: 'true'}}\nspec:\n  containers: [{name: app, image: nginx}]\n");
+        let Verdict::Inject(outcome) = evaluate(&input, &Config::default()) else {
+            panic!()
+        };
+        let Decision::Patch { patch, .. } = decide(&outcome.pod, "shop", &Config::default()) else {
+            panic!()
+        };
+        assert!(patch.0.is_empty(), "{patch:?}");
+    }
+
+    #[test]
+    fn a_host_network_pod_is_skipped_unless_it_asked_explicitly() {
+        let config = Config {
+            inject_by_default: true,
+            ..Config::default()
+        };
+        let host =
+            "metadata: {name: web}\nspec:\n  hostNetwork: true\n  containers: [{name: app}]\n";
+        assert!(matches!(
+            decide(&pod(host), "ns", &config),
+            Decision::Skip(SkipReason::HostNetwork)
+        ));
+        let asked = "metadata: {name: web, annotations: {wg-injector.io/inject: 'true'}}\nspec:\n  hostNetwork: true\n  containers: [{name: app}]\n";
+        let Decision::Deny(d) = decide(&pod(asked), "ns", &config) else {
+            panic!()
+        };
+        assert_eq!(d.reason, "host_network");
+    }
+
+    #[test]
+    fn a_typo_in_an_annotation_key_is_denied_even_without_opting_in() {
+        let typo = "metadata: {name: web, annotations: {wg-injector.io/injetc: 'true'}}\nspec:\n  containers: [{name: app}]\n";
+        let Decision::Deny(d) = decide(&pod(typo), "ns", &Config::default()) else {
+            panic!()
+        };
+        assert_eq!(d.reason, "unknown_annotation");
+    }
 }

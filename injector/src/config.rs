@@ -1,6 +1,394 @@
-//! The injector's configuration (gateway profiles, images, defaults): one typed struct that
-//! tests build directly. OWNED BY: core helper.
+//! The injector's configuration: images, gateway profiles, Vault settings, defaults and the
+//! opt-in policy, as one typed struct that tests build directly.
+//!
+//! This module owns the configuration file format (YAML, camelCase keys, unknown keys refused)
+//! and its validation. It never reads the environment and never talks to Vault or the cluster:
+//! it only describes what the injector writes into Pods.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::annotations::{self, Endpoint, SidecarMode};
+use crate::error::Error;
+
+/// Name of the gateway profile that [`Config::default`] carries and that Pods without a
+/// `wg-injector.io/gateway` annotation use (unless `defaultGateway` says otherwise).
+pub const DEFAULT_GATEWAY: &str = "default";
 
 /// The injector's configuration.
-#[derive(Debug, Clone, Default)]
-pub struct Config {}
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// The image of `wg-init` and `wg-sidecar` (its ENTRYPOINT is `wg-sidecar`).
+    pub images: Images,
+    /// Gateway profiles by name (`wg-injector.io/gateway` picks one).
+    pub gateways: BTreeMap<String, GatewayProfile>,
+    /// The profile used when a Pod names none.
+    pub default_gateway: String,
+    /// How the sidecar reaches Vault.
+    pub vault: VaultSettings,
+    /// Defaults of the per-pod annotations.
+    pub defaults: Defaults,
+    /// Inject Pods that carry no `wg-injector.io/inject` annotation (they opt out with `"false"`).
+    pub inject_by_default: bool,
+    /// Whether the cluster supports native sidecars (init containers with
+    /// `restartPolicy: Always`, Kubernetes ≥ 1.29); `sidecar-mode: auto` resolves from it.
+    /// `false` when unknown: classic sidecars work everywhere.
+    pub native_sidecars: bool,
+    /// How the sidecar gets `/dev/net/tun`.
+    pub tun_device: TunDevice,
+}
+
+/// Image settings of the injected containers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Images {
+    /// Image reference of `wg-sidecar` (also used by `wg-init`).
+    pub sidecar: String,
+    /// `imagePullPolicy` of both containers (`Always`, `IfNotPresent`, `Never`).
+    pub pull_policy: String,
+}
+
+/// One gateway the sidecar can connect to.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayProfile {
+    /// Endpoints tried in turn; empty means "from the Vault gateway record".
+    pub endpoints: Vec<Endpoint>,
+    /// The gateway's Vault record; empty means `wg/gateways/<name>`.
+    pub vault_gateway_path: Option<String>,
+    /// CIDRs tunnelled when a Pod sets no `wg-injector.io/routes`.
+    pub routes: Vec<IpNet>,
+    /// DNS servers reached through the tunnel when a Pod sets no `wg-injector.io/dns`.
+    pub dns: Vec<IpAddr>,
+}
+
+/// How the sidecar reaches and authenticates to Vault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct VaultSettings {
+    /// Vault / OpenBao address (`https://vault.vault.svc:8200`).
+    pub address: String,
+    /// Kubernetes auth mount.
+    pub auth_mount: String,
+    /// CA bundle path inside the sidecar image (mutually exclusive with `caConfigMap`).
+    pub ca_file: Option<String>,
+    /// A ConfigMap in the Pod's namespace holding the CA bundle under `ca.crt`, mounted into
+    /// the sidecar.
+    pub ca_config_map: Option<String>,
+    /// KV v2 mount.
+    pub kv_mount: String,
+    /// Audience of the projected service-account token.
+    pub token_audience: String,
+    /// Lifetime of the projected token (Kubernetes allows ≥ 600).
+    pub token_expiration_seconds: i64,
+    /// Default Kubernetes-auth role; `{namespace}` and `{serviceAccount}` are filled in by the
+    /// kubelet from the Pod itself (downward API).
+    pub role_template: String,
+    /// Default KV path of the Pod's keys, same placeholders.
+    pub key_path_template: String,
+}
+
+/// Defaults of the per-pod annotations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Defaults {
+    /// Interface MTU.
+    pub mtu: u16,
+    /// Persistent keepalive in seconds (0 = off).
+    pub keepalive: u16,
+    /// Sidecar mode when a Pod sets none.
+    pub sidecar_mode: SidecarMode,
+    /// Kill switch when a Pod sets none.
+    pub kill_switch: bool,
+    /// Resources of both injected containers.
+    pub resources: Resources,
+}
+
+/// Requests and limits of the injected containers (Kubernetes quantities).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resources {
+    /// CPU request.
+    pub cpu_request: Option<String>,
+    /// CPU limit.
+    pub cpu_limit: Option<String>,
+    /// Memory request.
+    pub memory_request: Option<String>,
+    /// Memory limit.
+    pub memory_limit: Option<String>,
+}
+
+/// Where `/dev/net/tun` comes from inside the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TunDevice {
+    /// A `hostPath` volume of type `CharDevice` for `/dev/net/tun` (containerd does not create
+    /// the node by default).
+    #[default]
+    HostPath,
+    /// Nothing: the runtime (or a device plugin) provides `/dev/net/tun`.
+    None,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut gateways = BTreeMap::new();
+        gateways.insert(
+            DEFAULT_GATEWAY.to_owned(),
+            GatewayProfile {
+                endpoints: Vec::new(),
+                vault_gateway_path: None,
+                routes: vec![IpNet::V4(
+                    ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 0, 0, 0), 8)
+                        .unwrap_or_default(),
+                )],
+                dns: Vec::new(),
+            },
+        );
+        Self {
+            images: Images::default(),
+            gateways,
+            default_gateway: DEFAULT_GATEWAY.to_owned(),
+            vault: VaultSettings::default(),
+            defaults: Defaults::default(),
+            inject_by_default: false,
+            native_sidecars: false,
+            tun_device: TunDevice::HostPath,
+        }
+    }
+}
+
+impl Default for Images {
+    fn default() -> Self {
+        Self {
+            sidecar: format!(
+                "ghcr.io/wg-injector/wg-sidecar:{}",
+                env!("CARGO_PKG_VERSION")
+            ),
+            pull_policy: "IfNotPresent".to_owned(),
+        }
+    }
+}
+
+impl Default for VaultSettings {
+    fn default() -> Self {
+        Self {
+            address: "https://vault.vault.svc:8200".to_owned(),
+            auth_mount: "kubernetes".to_owned(),
+            ca_file: None,
+            ca_config_map: None,
+            kv_mount: "secret".to_owned(),
+            token_audience: "vault".to_owned(),
+            token_expiration_seconds: 600,
+            role_template: "wg-{namespace}-{serviceAccount}".to_owned(),
+            key_path_template: "wg/keys/{namespace}/{serviceAccount}".to_owned(),
+        }
+    }
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Self {
+            mtu: 1420,
+            keepalive: 25,
+            sidecar_mode: SidecarMode::Auto,
+            kill_switch: true,
+            resources: Resources::default(),
+        }
+    }
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self {
+            cpu_request: Some("10m".to_owned()),
+            cpu_limit: None,
+            memory_request: Some("16Mi".to_owned()),
+            memory_limit: Some("64Mi".to_owned()),
+        }
+    }
+}
+
+impl Config {
+    /// Read and validate a YAML configuration file. Missing keys take their defaults; a file
+    /// that lists `gateways` replaces the built-in `default` profile.
+    pub fn from_yaml_file(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml_str(&text).map_err(|e| match e {
+            Error::ParseConfig { source, .. } => Error::ParseConfig {
+                path: path.to_owned(),
+                source,
+            },
+            Error::InvalidConfig { message, .. } => Error::InvalidConfig {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parse and validate a YAML configuration (errors name the path `<string>`).
+    pub fn from_yaml_str(text: &str) -> Result<Config, Error> {
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|source| Error::ParseConfig {
+                path: "<string>".into(),
+                source,
+            })?
+        };
+        config.validate().map_err(|message| Error::InvalidConfig {
+            path: "<string>".into(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Check the rules serde cannot express; the message names the offending key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.images.sidecar.trim().is_empty() {
+            return Err("images.sidecar must not be empty".to_owned());
+        }
+        if !["Always", "IfNotPresent", "Never"].contains(&self.images.pull_policy.as_str()) {
+            return Err(format!(
+                "images.pullPolicy is {:?}: allowed are Always, IfNotPresent, Never",
+                self.images.pull_policy
+            ));
+        }
+        if !self.gateways.contains_key(&self.default_gateway) {
+            return Err(format!(
+                "defaultGateway {:?} is not a key of gateways (known: {})",
+                self.default_gateway,
+                self.gateways.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        for (name, profile) in &self.gateways {
+            annotations::validate_gateway_name(name)
+                .map_err(|allowed| format!("gateways.{name}: the name {allowed}"))?;
+            if let Some(path) = &profile.vault_gateway_path {
+                annotations::validate_vault_path(path)
+                    .map_err(|allowed| format!("gateways.{name}.vaultGatewayPath: {allowed}"))?;
+            }
+            for route in &profile.routes {
+                if route.trunc() != *route {
+                    return Err(format!(
+                        "gateways.{name}.routes: {route} has host bits set (did you mean {}?)",
+                        route.trunc()
+                    ));
+                }
+            }
+        }
+        if self.vault.ca_file.is_some() && self.vault.ca_config_map.is_some() {
+            return Err("vault.caFile and vault.caConfigMap are mutually exclusive".to_owned());
+        }
+        if let Some(name) = &self.vault.ca_config_map {
+            annotations::validate_dns1123_subdomain(name)
+                .map_err(|allowed| format!("vault.caConfigMap: {allowed}"))?;
+        }
+        if self.vault.token_expiration_seconds < 600 {
+            return Err(format!(
+                "vault.tokenExpirationSeconds is {}: Kubernetes requires at least 600",
+                self.vault.token_expiration_seconds
+            ));
+        }
+        annotations::validate_vault_role(&self.vault.role_template)
+            .map_err(|allowed| format!("vault.roleTemplate: {allowed}"))?;
+        annotations::validate_vault_path(&self.vault.key_path_template)
+            .map_err(|allowed| format!("vault.keyPathTemplate: {allowed}"))?;
+        annotations::validate_mount(&self.vault.auth_mount)
+            .map_err(|allowed| format!("vault.authMount: {allowed}"))?;
+        annotations::validate_mount(&self.vault.kv_mount)
+            .map_err(|allowed| format!("vault.kvMount: {allowed}"))?;
+        if !(annotations::MTU_MIN..=annotations::MTU_MAX).contains(&self.defaults.mtu) {
+            return Err(format!(
+                "defaults.mtu is {}: allowed is {}–{}",
+                self.defaults.mtu,
+                annotations::MTU_MIN,
+                annotations::MTU_MAX
+            ));
+        }
+        let r = &self.defaults.resources;
+        for (key, value) in [
+            ("cpuRequest", &r.cpu_request),
+            ("cpuLimit", &r.cpu_limit),
+            ("memoryRequest", &r.memory_request),
+            ("memoryLimit", &r.memory_limit),
+        ] {
+            if let Some(v) = value {
+                annotations::parse_quantity(v)
+                    .map_err(|allowed| format!("defaults.resources.{key} is {v:?}: {allowed}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The profile named `name`, if configured.
+    #[must_use]
+    pub fn gateway(&self, name: &str) -> Option<&GatewayProfile> {
+        self.gateways.get(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid_and_has_a_default_gateway() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert!(config.gateway(DEFAULT_GATEWAY).is_some());
+        assert!(!config.inject_by_default);
+    }
+
+    #[test]
+    fn empty_yaml_gives_the_default_config() {
+        assert_eq!(Config::from_yaml_str("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn yaml_keys_are_camel_case_and_missing_ones_take_defaults() {
+        let config = Config::from_yaml_str(
+            "injectByDefault: true\ndefaultGateway: corp\ngateways:\n  corp:\n    endpoints: ['vpn.example.com:51820', '[2001:db8::1]:51820']\n    routes: [10.20.0.0/16, 'fd00:20::/64']\n",
+        )
+        .unwrap();
+        assert!(config.inject_by_default);
+        let corp = config.gateway("corp").unwrap();
+        assert_eq!(corp.endpoints.len(), 2);
+        assert_eq!(corp.endpoints[1].to_string(), "[2001:db8::1]:51820");
+        assert_eq!(config.defaults.mtu, 1420);
+    }
+
+    #[test]
+    fn unknown_config_keys_are_refused() {
+        let err = Config::from_yaml_str("injectByDefaults: true\n").unwrap_err();
+        assert!(err.to_string().contains("injectByDefaults"), "{err}");
+    }
+
+    #[test]
+    fn a_default_gateway_missing_from_the_profiles_is_refused() {
+        let err = Config::from_yaml_str("defaultGateway: nope\n").unwrap_err();
+        assert!(err.to_string().contains("defaultGateway \"nope\""), "{err}");
+    }
+
+    #[test]
+    fn a_token_expiry_below_the_kubernetes_minimum_is_refused() {
+        let err = Config::from_yaml_str("vault:\n  tokenExpirationSeconds: 60\n").unwrap_err();
+        assert!(err.to_string().contains("tokenExpirationSeconds"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_config_file_names_the_path() {
+        let err = Config::from_yaml_file(Path::new("/nonexistent/wg.yaml")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/wg.yaml"), "{err}");
+    }
+}

@@ -1,1 +1,648 @@
-//! inject: owned by the core helper.
+//! The pure injection core: from a Pod, its parsed annotations and the injector config to the
+//! injected Pod (and back with [`uninject`]).
+//!
+//! This module owns the shape of the injected spec: container names, volumes, mount paths,
+//! the sidecar's argument list (see `docs/sidecar-cli.md`), probes, resources, the
+//! securityContext, the `wg-injector.io/tunnel` label and the `wg-injector.io/status`
+//! annotation. It must never do IO, read the environment, or put a key, token or secret into
+//! args, env, annotations or labels: the sidecar reads secrets from mounted files or Vault.
+//!
+//! Ordering: `wg-init` is the FIRST init container, so the kill switch is in place before any
+//! other init container (`istio-init`, `vault-agent-init`, …) can send a packet; in native mode
+//! `wg-sidecar` follows it directly, so the tunnel is up (startup probe on `/ready`) before
+//! those init containers run. In classic mode `wg-sidecar` is the first app container.
+//!
+//! Idempotence: `inject(p) == inject(uninject(p))`, and `uninject` recognises the injected
+//! containers from the containers themselves (name and `wg-sidecar` subcommand), not from the
+//! status annotation, so injecting an injected Pod yields the same Pod, and a spoofed status
+//! annotation changes nothing.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector, Pod, Probe,
+    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+
+use crate::admission::Denial;
+use crate::annotations::{
+    self, InjectionSpec, KeySource, SidecarMode, NAMESPACE_PLACEHOLDER,
+    SERVICE_ACCOUNT_PLACEHOLDER, STATUS, TUNNEL_LABEL,
+};
+use crate::config::{Config, TunDevice};
+
+/// The routes / kill-switch init container.
+pub const INIT_CONTAINER: &str = "wg-init";
+/// The WireGuard sidecar container.
+pub const SIDECAR_CONTAINER: &str = "wg-sidecar";
+/// In-memory emptyDir for the UAPI socket.
+pub const RUNTIME_VOLUME: &str = "wg-runtime";
+/// Projected service-account token for Vault login.
+pub const TOKEN_VOLUME: &str = "wg-token";
+/// The Secret holding the keys (`key-source: secret:<name>`).
+pub const KEYS_VOLUME: &str = "wg-keys";
+/// The ConfigMap holding Vault's CA bundle (`vault.caConfigMap`).
+pub const VAULT_CA_VOLUME: &str = "wg-vault-ca";
+/// `hostPath` `/dev/net/tun` (`tunDevice: hostPath`).
+pub const TUN_VOLUME: &str = "wg-tun";
+/// Every volume name the injector may add.
+pub const INJECTED_VOLUMES: &[&str] = &[
+    RUNTIME_VOLUME,
+    TOKEN_VOLUME,
+    KEYS_VOLUME,
+    VAULT_CA_VOLUME,
+    TUN_VOLUME,
+];
+
+/// Where the runtime emptyDir is mounted.
+pub const RUNTIME_DIR: &str = "/var/run/wireguard";
+/// Where the projected token is mounted.
+pub const TOKEN_DIR: &str = "/var/run/secrets/wg-injector";
+/// The projected token file.
+pub const TOKEN_FILE: &str = "/var/run/secrets/wg-injector/token";
+/// Where the keys Secret is mounted.
+pub const KEYS_DIR: &str = "/var/run/secrets/wg-keys";
+/// Where Vault's CA ConfigMap is mounted.
+pub const VAULT_CA_DIR: &str = "/var/run/secrets/wg-vault-ca";
+/// The TUN device.
+pub const TUN_PATH: &str = "/dev/net/tun";
+/// The sidecar's health/metrics port.
+pub const HEALTH_PORT: i32 = 9901;
+/// Name of the health port.
+pub const HEALTH_PORT_NAME: &str = "wg-health";
+/// Env var (downward API) with the Pod's namespace, expanded by the kubelet in the args.
+pub const NAMESPACE_ENV: &str = "WG_POD_NAMESPACE";
+/// Env var (downward API) with the Pod's service account, expanded by the kubelet in the args.
+pub const SERVICE_ACCOUNT_ENV: &str = "WG_POD_SERVICE_ACCOUNT";
+
+/// Admission warning sent with every injection.
+pub const PRIVILEGED_WARNING: &str = "wg-injector: the injected containers add the NET_ADMIN capability, which puts this Pod at the `privileged` Pod Security level";
+
+/// The injected Pod and what the user should be told.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// The Pod with the sidecar.
+    pub pod: Pod,
+    /// Admission warnings.
+    pub warnings: Vec<String>,
+    /// The resolved placement.
+    pub mode: SidecarMode,
+}
+
+/// The `wg-injector.io/status` annotation (informational only).
+#[derive(Debug, Serialize)]
+struct Status<'a> {
+    version: &'a str,
+    mode: &'a str,
+    containers: Vec<&'a str>,
+    volumes: Vec<&'a str>,
+}
+
+fn deny(reason: &'static str, message: String) -> Denial {
+    Denial { reason, message }
+}
+
+/// Inject the sidecar into `pod`. Pure: no IO. An already injected Pod comes back unchanged.
+pub fn inject(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Outcome, Denial> {
+    let mut pod = uninject(pod);
+    check_conflicts(&pod)?;
+
+    let gateway = spec.gateway.as_deref().unwrap_or(&config.default_gateway);
+    let profile =
+        config.gateway(gateway).ok_or_else(|| {
+            deny(
+                "unknown_gateway",
+                format!(
+                "annotation {}={gateway:?} is invalid: no such gateway profile; configured are: {}",
+                annotations::GATEWAY,
+                config.gateways.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            )
+        })?;
+    let routes = spec
+        .routes
+        .clone()
+        .unwrap_or_else(|| profile.routes.clone());
+    if routes.is_empty() {
+        return Err(deny(
+            "no_routes",
+            format!(
+                "no routes to tunnel: set annotation {} or routes in gateway profile {gateway:?}",
+                annotations::ROUTES
+            ),
+        ));
+    }
+    let dns = spec.dns.clone().unwrap_or_else(|| profile.dns.clone());
+    let endpoints = spec
+        .endpoints
+        .clone()
+        .unwrap_or_else(|| profile.endpoints.clone());
+    let mtu = spec.mtu.unwrap_or(config.defaults.mtu);
+    let keepalive = spec.keepalive.unwrap_or(config.defaults.keepalive);
+    let kill_switch = spec.kill_switch.unwrap_or(config.defaults.kill_switch);
+    let mut warnings = vec![PRIVILEGED_WARNING.to_owned()];
+    let mode = match spec.sidecar_mode.unwrap_or(config.defaults.sidecar_mode) {
+        SidecarMode::Auto if config.native_sidecars => SidecarMode::Native,
+        SidecarMode::Auto => SidecarMode::Classic,
+        SidecarMode::Native => {
+            if !config.native_sidecars {
+                warnings.push("wg-injector: sidecar-mode native was requested but the injector config says this cluster has no native sidecars (Kubernetes < 1.29): the Pod may never start".to_owned());
+            }
+            SidecarMode::Native
+        }
+        SidecarMode::Classic => SidecarMode::Classic,
+    };
+    let resources = resources(spec, config)?;
+
+    let join = |items: Vec<String>| items.join(",");
+    let routes_arg = join(routes.iter().map(ToString::to_string).collect());
+    let security = security_context();
+
+    let init = Container {
+        name: INIT_CONTAINER.to_owned(),
+        image: Some(config.images.sidecar.clone()),
+        image_pull_policy: Some(config.images.pull_policy.clone()),
+        args: Some(vec![
+            "init".to_owned(),
+            format!("--routes={routes_arg}"),
+            format!("--kill-switch={kill_switch}"),
+        ]),
+        resources: Some(resources.clone()),
+        security_context: Some(security.clone()),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+        ..Container::default()
+    };
+
+    let mut args = vec!["run".to_owned(), format!("--gateway={gateway}")];
+    if !endpoints.is_empty() {
+        args.push(format!(
+            "--endpoints={}",
+            join(endpoints.iter().map(ToString::to_string).collect())
+        ));
+    }
+    args.push(format!("--routes={routes_arg}"));
+    if !dns.is_empty() {
+        args.push(format!(
+            "--dns={}",
+            join(dns.iter().map(ToString::to_string).collect())
+        ));
+    }
+    args.push(format!("--mtu={mtu}"));
+    args.push(format!("--keepalive={keepalive}"));
+    args.push(format!("--kill-switch={kill_switch}"));
+    let mut mounts = vec![mount(RUNTIME_VOLUME, RUNTIME_DIR, false)];
+    let mut volumes = vec![Volume {
+        name: RUNTIME_VOLUME.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".to_owned()),
+            size_limit: Some(Quantity("1Mi".to_owned())),
+        }),
+        ..Volume::default()
+    }];
+    let mut env = None;
+    match &spec.key_source {
+        KeySource::Vault => {
+            let v = &config.vault;
+            let role = spec.vault_role.as_deref().unwrap_or(&v.role_template);
+            let path = spec.vault_path.as_deref().unwrap_or(&v.key_path_template);
+            args.push("--key-source=vault".to_owned());
+            args.push(format!("--vault-addr={}", v.address));
+            if let Some(ca) = &v.ca_file {
+                args.push(format!("--vault-ca-file={ca}"));
+            }
+            if let Some(cm) = &v.ca_config_map {
+                args.push(format!("--vault-ca-file={VAULT_CA_DIR}/ca.crt"));
+                mounts.push(mount(VAULT_CA_VOLUME, VAULT_CA_DIR, true));
+                volumes.push(Volume {
+                    name: VAULT_CA_VOLUME.to_owned(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: cm.clone(),
+                        ..ConfigMapVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                });
+            }
+            args.push(format!("--vault-auth-mount={}", v.auth_mount));
+            args.push(format!("--vault-role={}", expand_placeholders(role)));
+            args.push(format!("--vault-token-file={TOKEN_FILE}"));
+            args.push(format!("--vault-kv-mount={}", v.kv_mount));
+            args.push(format!("--vault-key-path={}", expand_placeholders(path)));
+            if let Some(gw_path) = &profile.vault_gateway_path {
+                args.push(format!("--vault-gateway-path={gw_path}"));
+            }
+            mounts.push(mount(TOKEN_VOLUME, TOKEN_DIR, true));
+            volumes.push(Volume {
+                name: TOKEN_VOLUME.to_owned(),
+                projected: Some(ProjectedVolumeSource {
+                    default_mode: Some(0o400),
+                    sources: Some(vec![VolumeProjection {
+                        service_account_token: Some(ServiceAccountTokenProjection {
+                            audience: Some(v.token_audience.clone()),
+                            expiration_seconds: Some(v.token_expiration_seconds),
+                            path: "token".to_owned(),
+                        }),
+                        ..VolumeProjection::default()
+                    }]),
+                }),
+                ..Volume::default()
+            });
+            env = Some(vec![
+                field_env(NAMESPACE_ENV, "metadata.namespace"),
+                field_env(SERVICE_ACCOUNT_ENV, "spec.serviceAccountName"),
+            ]);
+        }
+        KeySource::Secret(name) => {
+            args.push("--key-source=file".to_owned());
+            args.push(format!("--key-dir={KEYS_DIR}"));
+            mounts.push(mount(KEYS_VOLUME, KEYS_DIR, true));
+            volumes.push(Volume {
+                name: KEYS_VOLUME.to_owned(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(name.clone()),
+                    default_mode: Some(0o400),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+        }
+    }
+    args.push(format!("--health-addr=0.0.0.0:{HEALTH_PORT}"));
+    if config.tun_device == TunDevice::HostPath {
+        mounts.push(mount(TUN_VOLUME, TUN_PATH, false));
+        volumes.push(Volume {
+            name: TUN_VOLUME.to_owned(),
+            host_path: Some(HostPathVolumeSource {
+                path: TUN_PATH.to_owned(),
+                type_: Some("CharDevice".to_owned()),
+            }),
+            ..Volume::default()
+        });
+    }
+
+    let sidecar = Container {
+        name: SIDECAR_CONTAINER.to_owned(),
+        image: Some(config.images.sidecar.clone()),
+        image_pull_policy: Some(config.images.pull_policy.clone()),
+        args: Some(args),
+        env,
+        ports: Some(vec![ContainerPort {
+            name: Some(HEALTH_PORT_NAME.to_owned()),
+            container_port: HEALTH_PORT,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        restart_policy: (mode == SidecarMode::Native).then(|| "Always".to_owned()),
+        startup_probe: Some(probe("/ready", 1, 120)),
+        readiness_probe: Some(probe("/ready", 5, 3)),
+        liveness_probe: Some(probe("/healthz", 10, 3)),
+        resources: Some(resources),
+        security_context: Some(security),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    };
+
+    let status = Status {
+        version: env!("CARGO_PKG_VERSION"),
+        mode: mode.as_str(),
+        containers: vec![INIT_CONTAINER, SIDECAR_CONTAINER],
+        volumes: volumes.iter().map(|v| v.name.as_str()).collect(),
+    };
+    let status = serde_json::to_string(&status).unwrap_or_default();
+
+    let metadata = &mut pod.metadata;
+    metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(TUNNEL_LABEL.to_owned(), gateway.to_owned());
+    metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(STATUS.to_owned(), status);
+    let pod_spec = pod.spec.get_or_insert_with(Default::default);
+    let inits = pod_spec.init_containers.get_or_insert_with(Vec::new);
+    inits.insert(0, init);
+    match mode {
+        SidecarMode::Native => inits.insert(1, sidecar),
+        _ => pod_spec.containers.insert(0, sidecar),
+    }
+    pod_spec
+        .volumes
+        .get_or_insert_with(Vec::new)
+        .extend(volumes);
+
+    Ok(Outcome {
+        pod,
+        warnings,
+        mode,
+    })
+}
+
+/// Remove exactly what [`inject`] added. A Pod without the injected containers only loses a
+/// (spoofed) status annotation; user containers or volumes that merely share our names are kept.
+#[must_use]
+pub fn uninject(pod: &Pod) -> Pod {
+    let mut pod = pod.clone();
+    let mut found = false;
+    if let Some(spec) = pod.spec.as_mut() {
+        if let Some(inits) = spec.init_containers.as_mut() {
+            let before = inits.len();
+            inits.retain(|c| !is_injected(c));
+            found |= inits.len() != before;
+            if inits.is_empty() {
+                spec.init_containers = None;
+            }
+        }
+        let before = spec.containers.len();
+        spec.containers.retain(|c| !is_injected(c));
+        found |= spec.containers.len() != before;
+        if found {
+            if let Some(volumes) = spec.volumes.as_mut() {
+                volumes.retain(|v| !INJECTED_VOLUMES.contains(&v.name.as_str()));
+                if volumes.is_empty() {
+                    spec.volumes = None;
+                }
+            }
+        }
+    }
+    let metadata = &mut pod.metadata;
+    if let Some(annotations) = metadata.annotations.as_mut() {
+        annotations.remove(STATUS);
+        if annotations.is_empty() {
+            metadata.annotations = None;
+        }
+    }
+    if found {
+        if let Some(labels) = metadata.labels.as_mut() {
+            labels.remove(TUNNEL_LABEL);
+            if labels.is_empty() {
+                metadata.labels = None;
+            }
+        }
+    }
+    pod
+}
+
+/// Whether `pod` carries the injected containers (decided from the containers, not the status
+/// annotation).
+#[must_use]
+pub fn is_injected_pod(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|spec| {
+        spec.containers.iter().any(is_injected)
+            || spec.init_containers.iter().flatten().any(is_injected)
+    })
+}
+
+/// A container is ours when it has our name and runs the matching `wg-sidecar` subcommand.
+fn is_injected(c: &Container) -> bool {
+    let first = c.args.as_ref().and_then(|a| a.first()).map(String::as_str);
+    (c.name == INIT_CONTAINER && first == Some("init"))
+        || (c.name == SIDECAR_CONTAINER && first == Some("run"))
+}
+
+fn check_conflicts(pod: &Pod) -> Result<(), Denial> {
+    if let Some(spec) = &pod.spec {
+        let all = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers);
+        for c in all.clone() {
+            if c.name == INIT_CONTAINER || c.name == SIDECAR_CONTAINER {
+                return Err(deny(
+                    "name_conflict",
+                    format!(
+                        "the Pod already has a container named {:?} that the injector did not add; rename it (the names {INIT_CONTAINER} and {SIDECAR_CONTAINER} are reserved for the injected containers)",
+                        c.name
+                    ),
+                ));
+            }
+            if let Some(port) = c
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.container_port == HEALTH_PORT)
+            {
+                return Err(deny(
+                    "port_conflict",
+                    format!(
+                        "container {:?} declares port {} which the injected wg-sidecar uses for its health checks; use another port",
+                        c.name, port.container_port
+                    ),
+                ));
+            }
+        }
+        if let Some(v) = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| INJECTED_VOLUMES.contains(&v.name.as_str()))
+        {
+            return Err(deny(
+                "name_conflict",
+                format!(
+                    "the Pod already has a volume named {:?}; rename it (the volume names {} are reserved for the injector)",
+                    v.name,
+                    INJECTED_VOLUMES.join(", ")
+                ),
+            ));
+        }
+    }
+    if let Some(value) = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(TUNNEL_LABEL))
+    {
+        return Err(deny(
+            "reserved_label",
+            format!("label {TUNNEL_LABEL}={value:?} is set by the injector from the gateway; remove it from the Pod (use annotation {} to choose the gateway)", annotations::GATEWAY),
+        ));
+    }
+    Ok(())
+}
+
+fn resources(spec: &InjectionSpec, config: &Config) -> Result<ResourceRequirements, Denial> {
+    let d = &config.defaults.resources;
+    let o = &spec.resources;
+    let pick =
+        |over: &Option<String>, default: &Option<String>| over.clone().or_else(|| default.clone());
+    let cpu_request = pick(&o.cpu_request, &d.cpu_request);
+    let cpu_limit = pick(&o.cpu_limit, &d.cpu_limit);
+    let memory_request = pick(&o.memory_request, &d.memory_request);
+    let memory_limit = pick(&o.memory_limit, &d.memory_limit);
+    for (what, req_key, lim_key, req, lim) in [
+        (
+            "cpu",
+            annotations::SIDECAR_CPU_REQUEST,
+            annotations::SIDECAR_CPU_LIMIT,
+            &cpu_request,
+            &cpu_limit,
+        ),
+        (
+            "memory",
+            annotations::SIDECAR_MEMORY_REQUEST,
+            annotations::SIDECAR_MEMORY_LIMIT,
+            &memory_request,
+            &memory_limit,
+        ),
+    ] {
+        if let (Some(r), Some(l)) = (req, lim) {
+            let (rv, lv) = (
+                annotations::parse_quantity(r).unwrap_or(0.0),
+                annotations::parse_quantity(l).unwrap_or(f64::INFINITY),
+            );
+            if rv > lv {
+                return Err(deny(
+                    "bad_annotation",
+                    format!("the sidecar {what} request {r} exceeds its limit {l}: allowed is a request at most the limit (annotations {req_key} and {lim_key}, or the injector defaults)"),
+                ));
+            }
+        }
+    }
+    let map = |cpu: Option<String>, memory: Option<String>| {
+        let m: BTreeMap<String, Quantity> = [("cpu", cpu), ("memory", memory)]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), Quantity(v))))
+            .collect();
+        (!m.is_empty()).then_some(m)
+    };
+    Ok(ResourceRequirements {
+        requests: map(cpu_request, memory_request),
+        limits: map(cpu_limit, memory_limit),
+        ..ResourceRequirements::default()
+    })
+}
+
+fn security_context() -> SecurityContext {
+    SecurityContext {
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            add: Some(vec!["NET_ADMIN".to_owned()]),
+        }),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        // NET_ADMIN only reaches the effective set of uid 0: Kubernetes has no ambient
+        // capabilities, so a non-root user could not create the TUN device or routes.
+        run_as_user: Some(0),
+        run_as_non_root: Some(false),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_owned(),
+            localhost_profile: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String(HEALTH_PORT_NAME.to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field_path.to_owned(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+/// Turn `{namespace}` / `{serviceAccount}` into Kubernetes `$(VAR)` references that the
+/// kubelet expands from the downward-API env of the sidecar.
+fn expand_placeholders(template: &str) -> String {
+    template
+        .replace(NAMESPACE_PLACEHOLDER, &format!("$({NAMESPACE_ENV})"))
+        .replace(
+            SERVICE_ACCOUNT_PLACEHOLDER,
+            &format!("$({SERVICE_ACCOUNT_ENV})"),
+        )
+}
+
+/// Expand `$(VAR)` references in container args the way the kubelet does (`$$` escapes a `$`;
+/// unknown variables are left as written). For tests that run the injected containers outside
+/// Kubernetes (e.g. podman) and must pass the same argument list.
+#[must_use]
+pub fn expand_kubelet_vars(arg: &str, vars: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+        } else if let Some((name, tail)) = after.strip_prefix('(').and_then(|a| a.split_once(')')) {
+            match vars.get(name) {
+                Some(value) => out.push_str(value),
+                None => {
+                    out.push_str("$(");
+                    out.push_str(name);
+                    out.push(')');
+                }
+            }
+            rest = tail;
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn kubelet_variable_expansion_fills_known_names_and_keeps_unknown_ones() {
+        let vars: BTreeMap<String, String> =
+            [("WG_POD_NAMESPACE".to_owned(), "shop".to_owned())].into();
+        assert_eq!(
+            expand_kubelet_vars("wg/keys/$(WG_POD_NAMESPACE)/$(X)", &vars),
+            "wg/keys/shop/$(X)"
+        );
+        assert_eq!(
+            expand_kubelet_vars("a$$(WG_POD_NAMESPACE)b$", &vars),
+            "a$(WG_POD_NAMESPACE)b$"
+        );
+    }
+
+    #[test]
+    fn templates_become_downward_api_references() {
+        assert_eq!(
+            expand_placeholders("wg/keys/{namespace}/{serviceAccount}"),
+            "wg/keys/$(WG_POD_NAMESPACE)/$(WG_POD_SERVICE_ACCOUNT)"
+        );
+    }
+}
