@@ -1,0 +1,698 @@
+//! The Helm charts (`charts/wg-injector`, `charts/wg-gateway`) checked with the real tools:
+//! `helm lint --strict` (Helm 3 CLI and Helm 4 engine), Helm 3 and Helm 4 rendering the same
+//! objects, every object validated with `kubernetes-validate --strict` for Kubernetes 1.25,
+//! 1.29 and 1.33 in every scenario, the version gates for 1.20, and the negative cases (missing
+//! `server.publicEndpoint`, values of the wrong type).
+//!
+//! Run: `cargo test -p wg-e2e --test charts`. Needs the lab tools (`bash scripts/lab-install.sh`);
+//! a missing tool fails the tests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use wg_e2e::charts::{
+    self, api_version, helm4_render, kind, name, of_kind, split_documents, Helm4Render, Template,
+    CRD_KINDS,
+};
+use wg_e2e::lab;
+
+const VALIDATED_VERSIONS: &[&str] = &["1.25.0", "1.29.0", "1.33.0"];
+const NAMESPACE: &str = "wg-system";
+const CA_BUNDLE: &str =
+    "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUIKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo=";
+
+/// One way of installing a chart: its values and a name for messages and files.
+struct Scenario {
+    name: &'static str,
+    chart: &'static str,
+    release: &'static str,
+    values: Value,
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let all_injector_extras = json!({
+        "metrics": {
+            "serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}},
+            "prometheusRule": {"enabled": true},
+            "grafanaDashboard": {"enabled": true}
+        },
+        "validatingAdmissionPolicy": {"enabled": true},
+        "networkPolicy": {"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}
+    });
+    let mut cert_manager = all_injector_extras.clone();
+    cert_manager["certificates"] = json!({"mode": "certManager"});
+    let mut cert_manager_issuer = json!({"certificates": {"mode": "certManager",
+        "certManager": {"issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}});
+    cert_manager_issuer["podDisruptionBudget"] = json!({"minAvailable": "50%"});
+    vec![
+        Scenario {
+            name: "injector-defaults",
+            chart: "wg-injector",
+            release: "wg-injector",
+            values: json!({}),
+        },
+        Scenario {
+            name: "injector-self-managed-everything",
+            chart: "wg-injector",
+            release: "wg-injector",
+            values: all_injector_extras,
+        },
+        Scenario {
+            name: "injector-cert-manager",
+            chart: "wg-injector",
+            release: "wg-injector",
+            values: cert_manager,
+        },
+        Scenario {
+            name: "injector-cert-manager-cluster-issuer",
+            chart: "wg-injector",
+            release: "canary",
+            values: cert_manager_issuer,
+        },
+        Scenario {
+            name: "injector-existing-secret-inject-by-default",
+            chart: "wg-injector",
+            release: "wg-injector",
+            values: json!({
+                "certificates": {"mode": "existingSecret",
+                    "existingSecret": {"name": "injector-tls", "caBundle": CA_BUNDLE}},
+                "webhook": {"injectByDefault": true, "failurePolicy": "Ignore"},
+                "validatingAdmissionPolicy": {"enabled": true, "validationActions": ["Warn", "Audit"]},
+                "rbac": {"create": false},
+                "serviceAccount": {"create": false, "name": "injector"}
+            }),
+        },
+        Scenario {
+            name: "gateway-defaults",
+            chart: "wg-gateway",
+            release: "vpn-gateway",
+            values: json!({"server": {"publicEndpoint": "203.0.113.1:51820"}}),
+        },
+        Scenario {
+            name: "gateway-hpa-nodeport-monitoring",
+            chart: "wg-gateway",
+            release: "vpn-gateway",
+            values: json!({
+                "server": {"publicEndpoint": "vpn.example.com:31820", "name": "corp",
+                           "privateNetworks": ["10.20.0.0/16", "fd00:20::/64"]},
+                "service": {"type": "NodePort", "nodePort": 31820,
+                            "externalDNS": {"hostname": "vpn.example.com"}},
+                "autoscaling": {"enabled": true, "activePeers": {"enabled": true}},
+                "vault": {"caConfigMap": "vault-ca"},
+                "metrics": {"serviceMonitor": {"enabled": true}, "prometheusRule": {"enabled": true}},
+                "nodeSelector": {"node.example.com/fast-nic": "true"},
+                "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "network",
+                                 "effect": "NoSchedule"}]
+            }),
+        },
+        Scenario {
+            name: "gateway-clusterip-minimal",
+            chart: "wg-gateway",
+            release: "vpn-gateway",
+            values: json!({
+                "server": {"publicEndpoint": "[2001:db8::1]:51820", "userspace": false},
+                "service": {"type": "ClusterIP"},
+                "headless": {"enabled": false},
+                "rotation": {"enabled": false},
+                "podDisruptionBudget": {"enabled": false},
+                "networkPolicy": {"enabled": false},
+                "forwarding": "none"
+            }),
+        },
+    ]
+}
+
+/// Write a scenario's values as a file Helm 3 reads with `-f` (JSON is YAML).
+fn values_file(dir: &Path, scenario: &Scenario) -> std::path::PathBuf {
+    let path = dir.join(format!("{}.values.json", scenario.name));
+    std::fs::write(&path, scenario.values.to_string()).unwrap();
+    path
+}
+
+fn render3(scenario: &Scenario, file: &Path, kube_version: &str) -> Vec<Value> {
+    Template {
+        chart: scenario.chart,
+        release: scenario.release,
+        namespace: NAMESPACE,
+        kube_version,
+        values_file: Some(file),
+        sets: &[],
+    }
+    .render()
+    .unwrap_or_else(|e| panic!("scenario {}: {e:#}", scenario.name))
+}
+
+fn render_defaults(chart: &str, kube_version: &str, sets: &[&str]) -> Vec<Value> {
+    Template {
+        chart,
+        release: "t",
+        namespace: NAMESPACE,
+        kube_version,
+        values_file: None,
+        sets,
+    }
+    .render()
+    .unwrap()
+}
+
+fn stderr_of(command: &mut Command) -> String {
+    let output = charts::run(command).unwrap();
+    assert!(
+        !output.status.success(),
+        "{command:?} was expected to fail but succeeded"
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn helm3_lint_strict_passes_for_both_charts_in_every_scenario() {
+    let dir = lab::scratch_dir("charts-lint").unwrap();
+    let helm = charts::helm3().unwrap();
+    for scenario in scenarios() {
+        let file = values_file(dir.path(), &scenario);
+        let stdout = charts::run_ok(
+            Command::new(&helm)
+                .args(["lint", "--strict", "--namespace", NAMESPACE])
+                .arg(charts::chart_dir(scenario.chart))
+                .arg("--values")
+                .arg(&file),
+        )
+        .unwrap_or_else(|e| panic!("scenario {}: {e:#}", scenario.name));
+        assert!(
+            stdout.contains("1 chart(s) linted, 0 chart(s) failed"),
+            "scenario {}: {stdout}",
+            scenario.name
+        );
+    }
+}
+
+#[test]
+fn helm4_engine_lints_both_charts_strictly_without_errors() {
+    for scenario in scenarios() {
+        for kube_version in ["v1.20.2", "v1.33.0"] {
+            let report =
+                charts::helm4_lint(scenario.chart, &scenario.values, kube_version).unwrap();
+            let problems: Vec<&Value> = report["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                // severity 1 is info (e.g. "icon is recommended"); warnings fail under strict.
+                .filter(|m| m["severity"].as_u64() != Some(1))
+                .collect();
+            assert!(
+                problems.is_empty() && report["errors"].as_array().is_none_or(Vec::is_empty),
+                "scenario {} on {kube_version}: {report}",
+                scenario.name
+            );
+        }
+    }
+}
+
+#[test]
+fn helm4_engine_renders_exactly_the_objects_helm3_template_renders() {
+    let kube_version = charts::helm4_default_kube_version().unwrap();
+    assert!(
+        kube_version.starts_with("v1."),
+        "unexpected Helm 4 version: {kube_version}"
+    );
+    let dir = lab::scratch_dir("charts-h4").unwrap();
+    for scenario in scenarios() {
+        let file = values_file(dir.path(), &scenario);
+        let from_helm3 = render3(&scenario, &file, &kube_version);
+        let Helm4Render::Rendered(manifests) = helm4_render(
+            scenario.chart,
+            &scenario.values,
+            scenario.release,
+            NAMESPACE,
+        )
+        .unwrap() else {
+            panic!("Helm 4 refused scenario {}", scenario.name);
+        };
+        let mut from_helm4 = Vec::new();
+        for (path, text) in &manifests {
+            from_helm4.extend(split_documents(text).unwrap_or_else(|e| panic!("{path}: {e:#}")));
+        }
+        let key = |o: &Value| {
+            format!(
+                "{} {} {}/{}",
+                api_version(o),
+                kind(o),
+                o["metadata"]["namespace"].as_str().unwrap_or("-"),
+                name(o)
+            )
+        };
+        let set3: BTreeSet<String> = from_helm3.iter().map(key).collect();
+        let set4: BTreeSet<String> = from_helm4.iter().map(key).collect();
+        assert!(
+            !set3.is_empty(),
+            "scenario {} rendered nothing",
+            scenario.name
+        );
+        assert_eq!(set3, set4, "scenario {}: object sets differ", scenario.name);
+        assert_eq!(
+            from_helm3.len(),
+            from_helm4.len(),
+            "scenario {}: duplicate objects",
+            scenario.name
+        );
+        for object in &from_helm3 {
+            let twin = from_helm4.iter().find(|o| key(o) == key(object)).unwrap();
+            assert_eq!(
+                object,
+                twin,
+                "scenario {}: {} differs",
+                scenario.name,
+                key(object)
+            );
+        }
+    }
+}
+
+#[test]
+fn every_rendered_manifest_validates_strictly_for_kubernetes_1_25_1_29_and_1_33() {
+    let dir = lab::scratch_dir("charts-validate").unwrap();
+    let validate = charts::kubernetes_validate().unwrap();
+    let mut crd_kinds_seen = BTreeSet::new();
+    for kube_version in VALIDATED_VERSIONS {
+        let mut files = Vec::new();
+        let mut expected_objects = 0;
+        for scenario in scenarios() {
+            let values = values_file(dir.path(), &scenario);
+            let mut schema_checked = Vec::new();
+            for object in render3(&scenario, &values, kube_version) {
+                if let Some((crd_kind, crd_api)) = CRD_KINDS
+                    .iter()
+                    .find(|(crd_kind, _)| *crd_kind == kind(&object))
+                {
+                    // No schema ships for CRDs: check the shape and the apiVersion instead.
+                    assert_eq!(
+                        api_version(&object),
+                        *crd_api,
+                        "{crd_kind} in {}",
+                        scenario.name
+                    );
+                    assert!(!name(&object).is_empty(), "{crd_kind} without a name");
+                    assert_eq!(object["metadata"]["namespace"], NAMESPACE);
+                    assert!(object["spec"].is_object(), "{crd_kind} without a spec");
+                    crd_kinds_seen.insert(*crd_kind);
+                } else {
+                    schema_checked.push(object);
+                }
+            }
+            expected_objects += schema_checked.len();
+            let file = dir
+                .path()
+                .join(format!("{}-{kube_version}.yaml", scenario.name));
+            let mut text = String::new();
+            for object in &schema_checked {
+                text.push_str("---\n");
+                text.push_str(&serde_yaml_ng::to_string(object).unwrap());
+            }
+            std::fs::write(&file, text).unwrap();
+            files.push(file);
+        }
+        // One invocation per Kubernetes version for every scenario (batching keeps it fast).
+        let output = charts::run(
+            Command::new(&validate)
+                .args(["--strict", "-k", kube_version])
+                .args(&files),
+        )
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let failures: Vec<&str> = stdout.lines().filter(|l| !l.starts_with("INFO")).collect();
+        // A kind without a schema only WARNs in kubernetes-validate: we count it as a failure.
+        assert!(
+            output.status.success() && failures.is_empty(),
+            "Kubernetes {kube_version}:\n{}\n{}",
+            failures.join("\n"),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let passed = stdout
+            .lines()
+            .filter(|l| l.contains(" passed for resource "))
+            .count();
+        assert_eq!(
+            passed, expected_objects,
+            "Kubernetes {kube_version}: not every object was validated:\n{stdout}"
+        );
+    }
+    let all: BTreeSet<&str> = CRD_KINDS.iter().map(|(k, _)| *k).collect();
+    assert_eq!(crd_kinds_seen, all, "some CRD kind was never rendered");
+}
+
+#[test]
+fn kubernetes_1_20_render_has_no_match_conditions_no_admission_policy_and_old_api_versions() {
+    let injector = render_defaults(
+        "wg-injector",
+        "1.20.2",
+        &["validatingAdmissionPolicy.enabled=true"],
+    );
+    let text = serde_json::to_string(&injector).unwrap();
+    assert!(!text.contains("matchConditions"), "matchConditions on 1.20");
+    assert!(of_kind(&injector, "ValidatingAdmissionPolicy").is_empty());
+    assert!(of_kind(&injector, "ValidatingAdmissionPolicyBinding").is_empty());
+    assert_eq!(
+        api_version(of_kind(&injector, "PodDisruptionBudget")[0]),
+        "policy/v1beta1"
+    );
+
+    let gateway = render_defaults(
+        "wg-gateway",
+        "1.20.2",
+        &[
+            "server.publicEndpoint=203.0.113.1:51820",
+            "autoscaling.enabled=true",
+        ],
+    );
+    assert_eq!(
+        api_version(of_kind(&gateway, "PodDisruptionBudget")[0]),
+        "policy/v1beta1"
+    );
+    assert_eq!(
+        api_version(of_kind(&gateway, "CronJob")[0]),
+        "batch/v1beta1"
+    );
+    assert_eq!(
+        api_version(of_kind(&gateway, "HorizontalPodAutoscaler")[0]),
+        "autoscaling/v2beta2"
+    );
+    // Every object uses an API group/version that a 1.20 apiserver serves.
+    let served_by_1_20 = [
+        "v1",
+        "apps/v1",
+        "policy/v1beta1",
+        "batch/v1beta1",
+        "autoscaling/v2beta2",
+        "networking.k8s.io/v1",
+        "rbac.authorization.k8s.io/v1",
+        "admissionregistration.k8s.io/v1",
+    ];
+    for object in injector.iter().chain(&gateway) {
+        assert!(
+            served_by_1_20.contains(&api_version(object)),
+            "{} {} is not served by Kubernetes 1.20",
+            api_version(object),
+            kind(object)
+        );
+    }
+}
+
+#[test]
+fn newer_clusters_get_match_conditions_and_the_admission_policy_when_enabled() {
+    let on_1_27 = render_defaults("wg-injector", "1.27.0", &[]);
+    assert!(on_1_27[..]
+        .iter()
+        .all(|o| o["webhooks"][0]["matchConditions"].is_null()));
+    let on_1_29 = render_defaults(
+        "wg-injector",
+        "1.29.0",
+        &["validatingAdmissionPolicy.enabled=true"],
+    );
+    let webhook = of_kind(&on_1_29, "MutatingWebhookConfiguration")[0];
+    let condition = webhook["webhooks"][0]["matchConditions"][0]["expression"]
+        .as_str()
+        .unwrap();
+    assert!(condition.contains("wg-injector.io/"), "{condition}");
+    assert!(
+        of_kind(&on_1_29, "ValidatingAdmissionPolicy").is_empty(),
+        "VAP before 1.30"
+    );
+
+    let on_1_33 = render_defaults(
+        "wg-injector",
+        "1.33.0",
+        &["validatingAdmissionPolicy.enabled=true"],
+    );
+    let policy = of_kind(&on_1_33, "ValidatingAdmissionPolicy")[0];
+    let binding = of_kind(&on_1_33, "ValidatingAdmissionPolicyBinding")[0];
+    assert_eq!(binding["spec"]["policyName"], policy["metadata"]["name"]);
+    assert_eq!(binding["spec"]["validationActions"], json!(["Deny"]));
+    assert!(policy["spec"]["validations"][0]["expression"]
+        .as_str()
+        .unwrap()
+        .contains("wg-sidecar"));
+    // injectByDefault: every Pod must reach the webhook, so no matchConditions filter.
+    let by_default = render_defaults("wg-injector", "1.33.0", &["webhook.injectByDefault=true"]);
+    let webhook = of_kind(&by_default, "MutatingWebhookConfiguration")[0];
+    assert!(webhook["webhooks"][0]["matchConditions"].is_null());
+}
+
+#[test]
+fn webhook_configuration_carries_the_admission_contract() {
+    let objects = render_defaults("wg-injector", "1.33.0", &[]);
+    let webhook = &of_kind(&objects, "MutatingWebhookConfiguration")[0]["webhooks"][0];
+    assert_eq!(webhook["failurePolicy"], "Fail");
+    assert_eq!(webhook["timeoutSeconds"], 5);
+    assert_eq!(webhook["reinvocationPolicy"], "IfNeeded");
+    assert_eq!(webhook["sideEffects"], "None");
+    assert_eq!(webhook["admissionReviewVersions"], json!(["v1"]));
+    assert_eq!(webhook["rules"][0]["operations"], json!(["CREATE"]));
+    assert_eq!(webhook["rules"][0]["resources"], json!(["pods"]));
+    assert_eq!(webhook["clientConfig"]["service"]["path"], "/mutate");
+    let namespace_rules = &webhook["namespaceSelector"]["matchExpressions"];
+    assert_eq!(
+        namespace_rules[0],
+        json!({"key": "wg-injector.io/injection", "operator": "In", "values": ["enabled"]})
+    );
+    assert_eq!(
+        namespace_rules[1],
+        json!({"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+               "values": ["kube-system", "kube-public", NAMESPACE]})
+    );
+    // The injector's own Pods carry the label the objectSelector excludes.
+    let deployment = of_kind(&objects, "Deployment")[0];
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let excluded = &webhook["objectSelector"]["matchExpressions"][0];
+    assert_eq!(excluded["operator"], "NotIn");
+    let key = excluded["key"].as_str().unwrap();
+    assert_eq!(pod_labels[key], excluded["values"][0]);
+    // Restricted Pod Security and a rollout that never lowers capacity.
+    let spec = &deployment["spec"];
+    assert_eq!(spec["replicas"], 2);
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    let container = &spec["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    assert_eq!(
+        container["securityContext"]["capabilities"]["drop"],
+        json!(["ALL"])
+    );
+    assert_eq!(
+        spec["template"]["spec"]["securityContext"]["runAsNonRoot"],
+        true
+    );
+    assert!(container["readinessProbe"].is_object() && container["livenessProbe"].is_object());
+}
+
+#[test]
+fn self_managed_mode_rbac_is_scoped_by_resource_names_and_other_modes_get_none() {
+    let objects = render_defaults("wg-injector", "1.33.0", &[]);
+    let secret = of_kind(&objects, "Secret")[0];
+    let webhook = of_kind(&objects, "MutatingWebhookConfiguration")[0];
+    let role = of_kind(&objects, "Role")[0];
+    let cluster_role = of_kind(&objects, "ClusterRole")[0];
+    let rules = role["rules"].as_array().unwrap();
+    assert_eq!(rules[0]["resources"], json!(["secrets"]));
+    assert_eq!(rules[0]["resourceNames"], json!([name(secret)]));
+    assert_eq!(rules[0]["verbs"], json!(["get", "update"]));
+    assert_eq!(rules[1]["resources"], json!(["leases"]));
+    assert_eq!(rules[1]["verbs"], json!(["get", "update"]));
+    assert_eq!(rules[1]["resourceNames"].as_array().unwrap().len(), 1);
+    assert_eq!(rules[2]["verbs"], json!(["create"]));
+    assert_eq!(
+        cluster_role["rules"],
+        json!([{"apiGroups": ["admissionregistration.k8s.io"],
+                "resources": ["mutatingwebhookconfigurations"],
+                "resourceNames": [name(webhook)], "verbs": ["get", "patch"]}])
+    );
+    // The serve arguments name exactly these objects.
+    let args =
+        &of_kind(&objects, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"];
+    let args: Vec<&str> = args
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(args.contains(&"--cert-mode=self-managed"), "{args:?}");
+    assert!(
+        args.contains(&format!("--cert-secret={}", name(secret)).as_str()),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&format!("--webhook-config={}", name(webhook)).as_str()),
+        "{args:?}"
+    );
+
+    for mode in [
+        "certificates.mode=certManager",
+        "certificates.mode=existingSecret",
+    ] {
+        let objects = render_defaults(
+            "wg-injector",
+            "1.33.0",
+            &[
+                mode,
+                "certificates.existingSecret.name=tls",
+                &format!("certificates.existingSecret.caBundle={CA_BUNDLE}"),
+            ],
+        );
+        for rbac_kind in ["Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"] {
+            assert!(
+                of_kind(&objects, rbac_kind).is_empty(),
+                "{rbac_kind} with {mode}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_documented_gateway_install_command_renders_a_udp_load_balancer() {
+    // Exactly the README/DESIGN command, run from the workspace root.
+    let stdout = charts::run_ok(
+        Command::new(charts::helm3().unwrap())
+            .current_dir(lab::workspace_root())
+            .args([
+                "template",
+                "vpn-gateway",
+                "./charts/wg-gateway",
+                "--set",
+                "server.publicEndpoint=203.0.113.1:51820",
+            ]),
+    )
+    .unwrap();
+    let objects = split_documents(&stdout).unwrap();
+    let service = of_kind(&objects, "Service")
+        .into_iter()
+        .find(|s| s["spec"]["type"] == "LoadBalancer")
+        .expect("a LoadBalancer Service");
+    assert_eq!(service["spec"]["ports"][0]["protocol"], "UDP");
+    let container =
+        &of_kind(&objects, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["securityContext"]["capabilities"]["add"],
+        json!(["NET_ADMIN"])
+    );
+    let args = container["args"].to_string();
+    assert!(
+        args.contains("--vault-gateway-path=wg/gateways/vpn-gateway"),
+        "{args}"
+    );
+    let env = container["env"].to_string();
+    assert!(env.contains("203.0.113.1:51820"), "{env}");
+    assert_eq!(of_kind(&objects, "CronJob").len(), 1);
+}
+
+#[test]
+fn gateway_chart_without_public_endpoint_fails_with_a_message_naming_it() {
+    let stderr = stderr_of(
+        &mut Template {
+            chart: "wg-gateway",
+            release: "vpn-gateway",
+            namespace: NAMESPACE,
+            kube_version: "1.33.0",
+            values_file: None,
+            sets: &[],
+        }
+        .command()
+        .unwrap(),
+    );
+    assert!(stderr.contains("publicEndpoint is required"), "{stderr}");
+
+    let Helm4Render::Refused(message) =
+        helm4_render("wg-gateway", &json!({}), "vpn-gateway", NAMESPACE).unwrap()
+    else {
+        panic!("Helm 4 rendered the gateway without server.publicEndpoint");
+    };
+    assert!(message.contains("publicEndpoint"), "{message}");
+
+    // A malformed endpoint is refused too.
+    let stderr = stderr_of(
+        &mut Template {
+            chart: "wg-gateway",
+            release: "vpn-gateway",
+            namespace: NAMESPACE,
+            kube_version: "1.33.0",
+            values_file: None,
+            sets: &["server.publicEndpoint=203.0.113.1"],
+        }
+        .command()
+        .unwrap(),
+    );
+    assert!(stderr.contains("server.publicEndpoint"), "{stderr}");
+}
+
+#[test]
+fn a_value_of_the_wrong_type_fails_schema_validation_in_both_engines() {
+    let cases: [(&str, &[&str], Value, &str); 3] = [
+        (
+            "wg-injector",
+            &["replicaCount=two"],
+            json!({"replicaCount": "two"}),
+            "replicaCount",
+        ),
+        (
+            "wg-injector",
+            &["webhook.timeoutSeconds=60"],
+            json!({"webhook": {"timeoutSeconds": 60}}),
+            "timeoutSeconds",
+        ),
+        (
+            "wg-gateway",
+            &[
+                "server.publicEndpoint=203.0.113.1:51820",
+                "server.listenPort=udp",
+            ],
+            json!({"server": {"publicEndpoint": "203.0.113.1:51820", "listenPort": "udp"}}),
+            "listenPort",
+        ),
+    ];
+    for (chart, sets, values, field) in cases {
+        let stderr = stderr_of(
+            &mut Template {
+                chart,
+                release: "t",
+                namespace: NAMESPACE,
+                kube_version: "1.33.0",
+                values_file: None,
+                sets,
+            }
+            .command()
+            .unwrap(),
+        );
+        assert!(
+            stderr.contains("schema") && stderr.contains(field),
+            "{chart} {sets:?}: {stderr}"
+        );
+        let Helm4Render::Refused(message) = helm4_render(chart, &values, "t", NAMESPACE).unwrap()
+        else {
+            panic!("Helm 4 accepted {chart} with {values}");
+        };
+        assert!(message.contains(field), "{message}");
+    }
+}
+
+#[test]
+fn existing_secret_mode_without_a_ca_bundle_is_refused() {
+    let stderr = stderr_of(
+        &mut Template {
+            chart: "wg-injector",
+            release: "t",
+            namespace: NAMESPACE,
+            kube_version: "1.33.0",
+            values_file: None,
+            sets: &[
+                "certificates.mode=existingSecret",
+                "certificates.existingSecret.name=tls",
+            ],
+        }
+        .command()
+        .unwrap(),
+    );
+    assert!(stderr.contains("caBundle"), "{stderr}");
+}
