@@ -7,12 +7,14 @@
 pub mod admission;
 pub mod annotations;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod inject;
 pub mod metrics;
 pub mod offline;
 pub mod review;
+pub mod server;
 pub mod webhook;
 
 pub use error::Error;
