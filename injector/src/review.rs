@@ -1,1 +1,254 @@
-//! AdmissionReview decoding and answering. OWNED BY: webhook helper.
+//! `AdmissionReview` decoding and answering: bytes in, bytes out, plus an [`Outcome`] for metrics.
+//!
+//! Owns the wire format of admission (any `admission.k8s.io` version is echoed back as sent),
+//! which requests are ours (Pods, CREATE, no subresource) and how a [`Decision`] becomes a
+//! response (base64 `JSONPatch`, warnings, `allowed: false` with a 403 status and the message).
+//! Never does IO, never logs, never looks at HTTP: [`crate::webhook`] does that. The object is
+//! captured as raw JSON and parsed once, as a `Pod`, only when it is one.
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::Pod;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::admission::{decide, Decision};
+use crate::config::Config;
+use crate::Error;
+
+/// What happened to one admission request (the `outcome` metrics label and its details).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The Pod was patched with a non-empty patch.
+    Injected,
+    /// The Pod already had the sidecar: allowed with no patch.
+    AlreadyInjected,
+    /// The Pod was left untouched for this reason.
+    Skipped(&'static str),
+    /// The Pod was refused for this reason (a short label).
+    Denied(&'static str),
+    /// Not ours (not a Pod, not CREATE, or a subresource): allowed with no patch.
+    Ignored,
+}
+
+impl Outcome {
+    /// The `outcome` label of `wg_injector_admission_reviews_total`.
+    #[must_use]
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Injected => "injected",
+            Outcome::AlreadyInjected => "already_injected",
+            Outcome::Skipped(_) => "skipped",
+            Outcome::Denied(_) => "denied",
+            Outcome::Ignored => "ignored",
+        }
+    }
+}
+
+/// An answered review: the JSON body to send and what happened.
+#[derive(Debug)]
+pub struct Answer {
+    /// The serialized `AdmissionReview` response.
+    pub body: Vec<u8>,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+const DEFAULT_API_VERSION: &str = "admission.k8s.io/v1";
+const DEFAULT_KIND: &str = "AdmissionReview";
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewIn<'a> {
+    #[serde(default)]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default, borrow)]
+    request: Option<RequestIn<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestIn<'a> {
+    uid: String,
+    #[serde(default)]
+    kind: GroupVersionKind,
+    #[serde(default)]
+    sub_resource: Option<String>,
+    #[serde(default)]
+    operation: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(borrow, default)]
+    object: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+struct GroupVersionKind {
+    #[serde(default)]
+    group: String,
+    #[serde(default)]
+    kind: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewOut<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    response: ResponseOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseOut<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct StatusOut {
+    code: u16,
+    status: &'static str,
+    reason: &'static str,
+    message: String,
+}
+
+/// What the response carries, before encoding.
+struct Verdict {
+    allowed: bool,
+    status: Option<StatusOut>,
+    patch: Option<String>,
+    warnings: Vec<String>,
+    outcome: Outcome,
+}
+
+impl Verdict {
+    fn allow(outcome: Outcome) -> Self {
+        Self {
+            allowed: true,
+            status: None,
+            patch: None,
+            warnings: Vec::new(),
+            outcome,
+        }
+    }
+
+    fn deny(reason: &'static str, code: u16, message: String) -> Self {
+        Self {
+            allowed: false,
+            status: Some(StatusOut {
+                code,
+                status: "Failure",
+                reason: match code {
+                    403 => "Forbidden",
+                    400 => "BadRequest",
+                    _ => "InternalError",
+                },
+                message,
+            }),
+            patch: None,
+            warnings: Vec::new(),
+            outcome: Outcome::Denied(reason),
+        }
+    }
+}
+
+/// Answer one `AdmissionReview` (JSON bytes). Dry-run requests are answered exactly like others.
+///
+/// Errors are for bodies that are not an `AdmissionReview` with a `request` (HTTP 400); a
+/// request that is well-formed but refused is an `Ok` answer with `allowed: false`.
+pub fn answer(body: &[u8], config: &Config) -> Result<Answer, Error> {
+    let review: ReviewIn<'_> =
+        serde_json::from_slice(body).map_err(|e| Error::DecodeReview(e.to_string()))?;
+    let request = review
+        .request
+        .ok_or_else(|| Error::DecodeReview("the AdmissionReview has no request".to_owned()))?;
+    let verdict = judge(&request, config);
+    let out = ReviewOut {
+        api_version: review.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION),
+        kind: review.kind.as_deref().unwrap_or(DEFAULT_KIND),
+        response: ResponseOut {
+            uid: &request.uid,
+            allowed: verdict.allowed,
+            status: verdict.status,
+            patch_type: verdict.patch.as_ref().map(|_| "JSONPatch"),
+            patch: verdict.patch,
+            warnings: verdict.warnings,
+        },
+    };
+    let body = serde_json::to_vec(&out).map_err(Error::EncodeReview)?;
+    Ok(Answer {
+        body,
+        outcome: verdict.outcome,
+    })
+}
+
+fn judge(request: &RequestIn<'_>, config: &Config) -> Verdict {
+    let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
+    let is_subresource = request
+        .sub_resource
+        .as_deref()
+        .is_some_and(|s| !s.is_empty());
+    if !is_pod || is_subresource || request.operation != "CREATE" {
+        return Verdict::allow(Outcome::Ignored);
+    }
+    let Some(object) = request.object else {
+        return Verdict::deny(
+            "undecodable_pod",
+            400,
+            "the admission request for a Pod CREATE carries no object".to_owned(),
+        );
+    };
+    let pod: Pod = match serde_json::from_str(object.get()) {
+        Ok(pod) => pod,
+        Err(e) => {
+            return Verdict::deny(
+                "undecodable_pod",
+                400,
+                format!("wg-injector could not decode the Pod: {e}"),
+            )
+        }
+    };
+    let namespace = request
+        .namespace
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .or(pod.metadata.namespace.as_deref())
+        .unwrap_or_default();
+    if namespace.is_empty() {
+        return Verdict::deny(
+            "no_namespace",
+            400,
+            "the admission request names no namespace for the Pod".to_owned(),
+        );
+    }
+    match decide(&pod, namespace, config) {
+        Decision::Patch { patch, warnings } if patch.0.is_empty() => Verdict {
+            warnings,
+            ..Verdict::allow(Outcome::AlreadyInjected)
+        },
+        Decision::Patch { patch, warnings } => match serde_json::to_vec(&patch) {
+            Ok(json) => Verdict {
+                patch: Some(base64::engine::general_purpose::STANDARD.encode(json)),
+                warnings,
+                ..Verdict::allow(Outcome::Injected)
+            },
+            Err(e) => Verdict::deny(
+                "internal",
+                500,
+                format!("wg-injector could not encode its patch: {e}"),
+            ),
+        },
+        Decision::Skip(reason) => Verdict::allow(Outcome::Skipped(reason.as_str())),
+        Decision::Deny(denial) => Verdict::deny(denial.reason, 403, denial.message),
+    }
+}

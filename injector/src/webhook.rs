@@ -1,10 +1,186 @@
-//! The HTTPS admission webhook server. OWNED BY: webhook helper.
+//! The webhook's HTTP surface: `POST /mutate`, `GET /healthz`, `GET /readyz`, `GET /metrics`.
+//!
+//! Owns HTTP concerns only: content type (415), body size (413, refused from Content-Length
+//! before reading and enforced while reading), undecodable reviews (400), status codes and
+//! metrics recording. The admission wire format lives in [`crate::review`], the decision in
+//! [`crate::admission`], sockets and TLS in [`crate::server`]. Never logs per request at info.
 
-/// Arguments of `wg-injector serve`.
-#[derive(Debug, clap::Args)]
-pub struct ServeArgs {}
+use std::sync::Arc;
+use std::time::Instant;
 
-/// Run the webhook until SIGTERM.
-pub async fn run(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("serve is not implemented yet")
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use wg_certs::ReloadingResolver;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Largest accepted `AdmissionReview` body (the API server caps objects well below this).
+pub const MAX_BODY_BYTES: usize = 6 * 1024 * 1024;
+
+/// Everything the handlers share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The injector configuration handed to [`crate::admission::decide`].
+    pub config: Arc<Config>,
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// The serving certificate; `/readyz` is ready only once one is loaded.
+    pub certificate: Option<Arc<ReloadingResolver>>,
+}
+
+impl AppState {
+    /// State with fresh metrics.
+    #[must_use]
+    pub fn new(config: Config, certificate: Option<Arc<ReloadingResolver>>) -> Self {
+        Self {
+            config: Arc::new(config),
+            metrics: Arc::new(Metrics::new()),
+            certificate,
+        }
+    }
+}
+
+/// The webhook's routes. Drive it with `tower::ServiceExt::oneshot` in tests, or serve it with
+/// [`crate::server::serve`].
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        // `mutate` enforces MAX_BODY_BYTES itself so it can check Content-Type first.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+fn plain(status: StatusCode, message: impl Into<String>) -> Response {
+    let mut text = message.into();
+    text.push('\n');
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn is_length_limit(error: axum::Error) -> bool {
+    let inner = error.into_inner();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+async fn mutate(State(state): State<AppState>, request: Request) -> Response {
+    let started = Instant::now();
+    let headers = request.headers();
+    if !is_json(headers) {
+        state.metrics.record_invalid();
+        return plain(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "expected Content-Type: application/json",
+        );
+    }
+    let too_large = || {
+        plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("AdmissionReview bodies are limited to {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    if declared_length(headers).is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        state.metrics.record_invalid();
+        return too_large();
+    }
+    let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(e) => {
+            state.metrics.record_invalid();
+            if is_length_limit(e) {
+                return too_large();
+            }
+            return plain(StatusCode::BAD_REQUEST, "failed to read the request body");
+        }
+    };
+    match crate::review::answer(&body, &state.config) {
+        Ok(answer) => {
+            state.metrics.record(&answer.outcome, started.elapsed());
+            tracing::debug!(
+                outcome = answer.outcome.label(),
+                "answered admission review"
+            );
+            (
+                StatusCode::OK,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                answer.body,
+            )
+                .into_response()
+        }
+        Err(e) => {
+            state.metrics.record_invalid();
+            plain(StatusCode::BAD_REQUEST, e.to_string())
+        }
+    }
+}
+
+async fn healthz() -> Response {
+    plain(StatusCode::OK, "ok")
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.certificate.is_some() {
+        plain(StatusCode::OK, "ready")
+    } else {
+        plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no serving certificate loaded",
+        )
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    if let Some(certificate) = &state.certificate {
+        state
+            .metrics
+            .set_certificate_expiry(certificate.expiry_unix_seconds());
+    }
+    Response::builder()
+        .header(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+        .body(Body::from(state.metrics.encode()))
+        .unwrap_or_else(|_| {
+            plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "failed to encode metrics",
+            )
+        })
 }
