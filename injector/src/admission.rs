@@ -65,7 +65,7 @@ pub struct Denial {
 #[derive(Debug, Clone)]
 pub enum Verdict {
     /// The injected Pod (equal to the input when it was already injected).
-    Inject(Outcome),
+    Inject(Box<Outcome>),
     /// Leave the Pod untouched.
     Skip(SkipReason),
     /// Refuse the Pod.
@@ -110,7 +110,7 @@ pub fn evaluate(pod: &Pod, config: &Config) -> Verdict {
         Err(denial) => return Verdict::Deny(denial),
     };
     match inject::inject(pod, &spec, config) {
-        Ok(outcome) => Verdict::Inject(outcome),
+        Ok(outcome) => Verdict::Inject(Box::new(outcome)),
         Err(denial) => Verdict::Deny(denial),
     }
 }

@@ -291,6 +291,8 @@ fn parse_bool(key: &str, value: &str) -> Result<bool, Denial> {
 }
 
 /// Parse and validate every annotation of the contract (after [`screen`]).
+// One flat list of annotations reads better than the same list split over helpers.
+#[allow(clippy::too_many_lines)]
 pub fn parse(annotations: &BTreeMap<String, String>) -> Result<InjectionSpec, Denial> {
     let get = |key: &str| annotations.get(key).map(String::as_str);
     let gateway = get(GATEWAY)

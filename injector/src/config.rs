@@ -166,10 +166,7 @@ impl Default for Config {
 impl Default for Images {
     fn default() -> Self {
         Self {
-            sidecar: format!(
-                "ghcr.io/wg-injector/wg-sidecar:{}",
-                env!("CARGO_PKG_VERSION")
-            ),
+            sidecar: format!("localhost/wg-sidecar:{}", env!("CARGO_PKG_VERSION")),
             pull_policy: "IfNotPresent".to_owned(),
         }
     }

@@ -108,6 +108,8 @@ fn deny(reason: &'static str, message: String) -> Denial {
 }
 
 /// Inject the sidecar into `pod`. Pure: no IO. An already injected Pod comes back unchanged.
+// The injected spec reads top to bottom in one place, in the order of DESIGN.md.
+#[allow(clippy::too_many_lines)]
 pub fn inject(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Outcome, Denial> {
     let mut pod = uninject(pod);
     check_conflicts(&pod)?;
@@ -148,14 +150,13 @@ pub fn inject(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Outcom
     let mut warnings = vec![PRIVILEGED_WARNING.to_owned()];
     let mode = match spec.sidecar_mode.unwrap_or(config.defaults.sidecar_mode) {
         SidecarMode::Auto if config.native_sidecars => SidecarMode::Native,
-        SidecarMode::Auto => SidecarMode::Classic,
+        SidecarMode::Auto | SidecarMode::Classic => SidecarMode::Classic,
         SidecarMode::Native => {
             if !config.native_sidecars {
                 warnings.push("wg-injector: sidecar-mode native was requested but the injector config says this cluster has no native sidecars (Kubernetes < 1.29): the Pod may never start".to_owned());
             }
             SidecarMode::Native
         }
-        SidecarMode::Classic => SidecarMode::Classic,
     };
     let resources = resources(spec, config)?;
 
@@ -601,13 +602,12 @@ pub fn expand_kubelet_vars(arg: &str, vars: &BTreeMap<String, String>) -> String
             out.push('$');
             rest = stripped;
         } else if let Some((name, tail)) = after.strip_prefix('(').and_then(|a| a.split_once(')')) {
-            match vars.get(name) {
-                Some(value) => out.push_str(value),
-                None => {
-                    out.push_str("$(");
-                    out.push_str(name);
-                    out.push(')');
-                }
+            if let Some(value) = vars.get(name) {
+                out.push_str(value);
+            } else {
+                out.push_str("$(");
+                out.push_str(name);
+                out.push(')');
             }
             rest = tail;
         } else {

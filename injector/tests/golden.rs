@@ -1,0 +1,141 @@
+//! Golden tests of the injection core: every Pod in `testdata/golden/*.yaml` is decided with
+//! `testdata/golden-config.yaml`, and the result (injected Pod, skip reason or denial message)
+//! is compared with its insta snapshot in `testdata/snapshots/`. Each injected case also checks
+//! that the patch applied to the input gives the injected Pod, that injecting twice equals
+//! injecting once (empty patch), and that uninject gives the input back.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{json, Value};
+use wg_injector::admission::{decide, evaluate, Decision, Verdict};
+use wg_injector::annotations::STATUS;
+use wg_injector::config::Config;
+use wg_injector::inject::{is_injected_pod, uninject};
+
+fn testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata")
+}
+
+fn golden_config() -> Config {
+    Config::from_yaml_file(&testdata().join("golden-config.yaml")).unwrap()
+}
+
+/// Decide `pod`, check every invariant, and return what the snapshot records.
+fn check(name: &str, pod: &Pod, config: &Config) -> Value {
+    let decision = decide(pod, "shop", config);
+    match evaluate(pod, config) {
+        Verdict::Inject(outcome) => {
+            let Decision::Patch { patch, warnings } = decision else {
+                panic!("{name}: evaluate injected but decide said {decision:?}")
+            };
+            assert_eq!(warnings, outcome.warnings, "{name}");
+
+            let mut patched = serde_json::to_value(pod).unwrap();
+            json_patch::patch(&mut patched, &patch).unwrap();
+            assert_eq!(
+                patched,
+                serde_json::to_value(&outcome.pod).unwrap(),
+                "{name}: the patch applied to the input is exactly the injected Pod"
+            );
+
+            let Decision::Patch { patch: again, .. } = decide(&outcome.pod, "shop", config) else {
+                panic!("{name}: the injected Pod was not injectable again")
+            };
+            assert!(
+                again.0.is_empty(),
+                "{name}: injecting twice must equal once: {again:?}"
+            );
+
+            assert_eq!(
+                uninject(&outcome.pod),
+                uninject(pod),
+                "{name}: uninject(inject(p)) == uninject(p)"
+            );
+            let carries_our_marks = is_injected_pod(pod)
+                || pod
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key(STATUS));
+            if !carries_our_marks {
+                assert_eq!(
+                    &uninject(&outcome.pod),
+                    pod,
+                    "{name}: uninject(inject(p)) == p"
+                );
+            }
+            json!({
+                "decision": "inject",
+                "mode": outcome.mode.as_str(),
+                "warnings": outcome.warnings,
+                "pod": outcome.pod,
+            })
+        }
+        Verdict::Skip(reason) => {
+            assert!(
+                matches!(decision, Decision::Skip(r) if r == reason),
+                "{name}: {decision:?}"
+            );
+            json!({ "decision": "skip", "reason": reason.as_str() })
+        }
+        Verdict::Deny(denial) => {
+            assert!(
+                matches!(&decision, Decision::Deny(d) if *d == denial),
+                "{name}: {decision:?}"
+            );
+            json!({ "decision": "deny", "reason": denial.reason, "message": denial.message })
+        }
+    }
+}
+
+#[test]
+fn every_golden_pod_is_injected_skipped_or_denied_as_its_snapshot_says() {
+    let config = golden_config();
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path(testdata().join("snapshots"));
+    settings.set_prepend_module_to_snapshot(false);
+    settings.bind(|| {
+        insta::glob!("testdata/golden/*.yaml", |path| {
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            let pod: Pod = serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let recorded = check(&name, &pod, &config);
+            if name.starts_with("deny-") {
+                assert_eq!(recorded["decision"], "deny", "{name} must be denied");
+            }
+            insta::assert_yaml_snapshot!("golden", recorded);
+        });
+    });
+}
+
+#[test]
+fn there_are_at_least_25_golden_pods() {
+    let count = std::fs::read_dir(testdata().join("golden"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "yaml")
+        })
+        .count();
+    assert!(count >= 25, "only {count} golden Pods");
+}
+
+#[test]
+fn an_injected_pod_used_as_input_comes_back_unchanged() {
+    let config = golden_config();
+    for entry in std::fs::read_dir(testdata().join("golden")).unwrap() {
+        let path = entry.unwrap().path();
+        let pod: Pod = serde_yaml_ng::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        if let Verdict::Inject(outcome) = evaluate(&pod, &config) {
+            let Verdict::Inject(again) = evaluate(&outcome.pod, &config) else {
+                panic!("{}: re-injection was not an injection", path.display())
+            };
+            assert_eq!(again.pod, outcome.pod, "{}", path.display());
+        }
+    }
+}
