@@ -500,10 +500,7 @@ fn self_managed_mode_rbac_is_scoped_by_resource_names_and_other_modes_get_none()
     assert_eq!(rules[0]["resources"], json!(["secrets"]));
     assert_eq!(rules[0]["resourceNames"], json!([name(secret)]));
     assert_eq!(rules[0]["verbs"], json!(["get", "update"]));
-    assert_eq!(rules[1]["resources"], json!(["leases"]));
-    assert_eq!(rules[1]["verbs"], json!(["get", "update"]));
-    assert_eq!(rules[1]["resourceNames"].as_array().unwrap().len(), 1);
-    assert_eq!(rules[2]["verbs"], json!(["create"]));
+    assert_eq!(rules.len(), 1, "only the Secret: no Lease, no create");
     assert_eq!(
         cluster_role["rules"],
         json!([{"apiGroups": ["admissionregistration.k8s.io"],
@@ -695,4 +692,82 @@ fn existing_secret_mode_without_a_ca_bundle_is_refused() {
         .unwrap(),
     );
     assert!(stderr.contains("caBundle"), "{stderr}");
+}
+
+/// The args of the injector container and the `config.yaml` of its ConfigMap.
+fn injector_args_and_config(objects: &[Value]) -> (Vec<String>, String) {
+    let container = &of_kind(objects, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0];
+    let args = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    let config = of_kind(objects, "ConfigMap")
+        .into_iter()
+        .find(|c| name(c).ends_with("-config"))
+        .expect("the injector's config ConfigMap");
+    (
+        args,
+        config["data"]["config.yaml"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn the_rendered_injector_config_is_accepted_by_the_injectors_own_parser() {
+    let dir = lab::scratch_dir("charts-config").unwrap();
+    for scenario in scenarios().iter().filter(|s| s.chart == "wg-injector") {
+        let file = values_file(dir.path(), scenario);
+        let (_, config) = injector_args_and_config(&render3(scenario, &file, "1.33.0"));
+        let parsed = wg_injector::config::Config::from_yaml_str(&config)
+            .unwrap_or_else(|e| panic!("scenario {}: {e}\n{config}", scenario.name));
+        assert!(parsed.gateway(&parsed.default_gateway).is_some());
+        assert_eq!(
+            parsed.inject_by_default,
+            scenario.values["webhook"]["injectByDefault"] == json!(true),
+            "scenario {}",
+            scenario.name
+        );
+    }
+    // Values a user sets reach the binary's config: a routed corporate profile.
+    let objects = render_defaults(
+        "wg-injector",
+        "1.33.0",
+        &[
+            "config.gateways.corp.endpoints[0]=vpn.example.com:51820",
+            "config.gateways.corp.routes[0]=10.20.0.0/16",
+            "config.defaultGateway=corp",
+        ],
+    );
+    let (_, config) = injector_args_and_config(&objects);
+    let parsed = wg_injector::config::Config::from_yaml_str(&config).unwrap();
+    assert_eq!(parsed.default_gateway, "corp");
+    assert_eq!(
+        parsed.gateway("corp").unwrap().routes[0].to_string(),
+        "10.20.0.0/16"
+    );
+}
+
+fn assert_serve_args_parse(sets: &[&str]) {
+    use clap::Parser as _;
+    let (args, _) = injector_args_and_config(&render_defaults("wg-injector", "1.33.0", sets));
+    let argv = std::iter::once("wg-injector".to_owned()).chain(args.iter().cloned());
+    if let Err(e) = wg_injector::cli::Cli::try_parse_from(argv) {
+        panic!("wg-injector rejects the chart's args {args:?}:\n{e}");
+    }
+}
+
+#[test]
+fn the_injector_binary_parses_the_serve_args_of_the_file_certificate_modes() {
+    assert_serve_args_parse(&["certificates.mode=certManager"]);
+    assert_serve_args_parse(&[
+        "certificates.mode=existingSecret",
+        "certificates.existingSecret.name=tls",
+        &format!("certificates.existingSecret.caBundle={CA_BUNDLE}"),
+    ]);
+}
+
+#[test]
+fn the_injector_binary_parses_the_serve_args_of_the_self_managed_mode() {
+    assert_serve_args_parse(&[]);
 }

@@ -75,10 +75,6 @@ wg-injector.io/role: injector
 {{- end }}
 {{- end }}
 
-{{- define "wg-injector.leaseName" -}}
-{{- default (printf "%s-cert" (include "wg-injector.fullname" .)) .Values.certificates.selfManaged.leaseName }}
-{{- end }}
-
 {{/* DNS names of the serving certificate. */}}
 {{- define "wg-injector.dnsNames" -}}
 {{- $svc := include "wg-injector.serviceName" . }}
@@ -139,8 +135,8 @@ policy/v1beta1
 {{- end }}
 
 {{/*
-The `wg-injector serve` argument list. ONE place: align with ServeArgs in
-injector/src/webhook.rs. Every flag also has a WG_INJECTOR_* env var in the binary; the chart
+The `wg-injector serve` argument list. ONE place: align with ServeArgs (injector/src/cli.rs)
+and ClusterArgs (injector/src/cluster.rs). Every flag also has a WG_INJECTOR_* env var in the binary; the chart
 passes flags so `kubectl describe pod` shows the whole configuration.
 */}}
 {{- define "wg-injector.serveArgs" -}}
@@ -152,7 +148,6 @@ passes flags so `kubectl describe pod` shows the whole configuration.
 - --cert-mode=self-managed
 - --cert-secret={{ include "wg-injector.tlsSecretName" . }}
 - --webhook-config={{ include "wg-injector.webhookConfigName" . }}
-- --lease={{ include "wg-injector.leaseName" . }}
 - --service={{ include "wg-injector.serviceName" . }}
 {{- else }}
 - --tls-cert=/etc/wg-injector/tls/tls.crt
@@ -160,12 +155,8 @@ passes flags so `kubectl describe pod` shows the whole configuration.
 {{- end }}
 {{- end }}
 
-{{/* Environment of the injector container (identity for leader election, no secrets). */}}
+{{/* Environment of the injector container (no secrets): its namespace (--namespace). */}}
 {{- define "wg-injector.env" -}}
-- name: WG_INJECTOR_POD_NAME
-  valueFrom:
-    fieldRef:
-      fieldPath: metadata.name
 - name: WG_INJECTOR_NAMESPACE
   valueFrom:
     fieldRef:
