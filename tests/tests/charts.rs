@@ -751,8 +751,8 @@ fn the_rendered_injector_config_is_accepted_by_the_injectors_own_parser() {
 fn assert_serve_args_parse(sets: &[&str]) {
     use clap::Parser as _;
     let (args, _) = injector_args_and_config(&render_defaults("wg-injector", "1.33.0", sets));
-    let argv = std::iter::once("wg-injector".to_owned()).chain(args.iter().cloned());
-    if let Err(e) = wg_injector::cli::Cli::try_parse_from(argv) {
+    let command_line = std::iter::once("wg-injector".to_owned()).chain(args.iter().cloned());
+    if let Err(e) = wg_injector::cli::Cli::try_parse_from(command_line) {
         panic!("wg-injector rejects the chart's args {args:?}:\n{e}");
     }
 }
