@@ -218,10 +218,16 @@ fn visit(doc: &mut Value, config: &Config, direction: Direction) -> Result<(), V
     let to_yaml = |v: Result<Value, serde_yaml_ng::Error>| {
         v.map_err(|e| VisitError::Input(format!("{name}: {e}")))
     };
-    map.insert(
-        Value::from("metadata"),
-        to_yaml(serde_yaml_ng::to_value(&new_pod.metadata))?,
-    );
+    let metadata = to_yaml(serde_yaml_ng::to_value(&new_pod.metadata))?;
+    if metadata
+        .as_mapping()
+        .is_some_and(serde_yaml_ng::Mapping::is_empty)
+    {
+        // uninject of a template that had no metadata: do not leave `metadata: {}` behind.
+        map.remove("metadata");
+    } else {
+        map.insert(Value::from("metadata"), metadata);
+    }
     map.insert(
         Value::from("spec"),
         to_yaml(serde_yaml_ng::to_value(&new_pod.spec))?,
