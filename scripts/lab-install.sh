@@ -46,7 +46,7 @@ if [ ! -x "$bin/helm" ]; then
 fi
 
 # Python tools: kubernetes-validate (offline schemas) and the Helm 4 engine.
-if [ ! -x "$cache/venv/bin/kubernetes-validate" ] || ! "$cache/venv/bin/python" -c 'import helm' 2>/dev/null; then
+if [ ! -x "$cache/venv/bin/kubernetes-validate" ] || ! "$cache/venv/bin/python" -c 'import helm_python' 2>/dev/null; then
   log "python: kubernetes-validate and helm-python-sdk into $cache/venv"
   python3 -m venv "$cache/venv"
   "$cache/venv/bin/pip" install -q kubernetes-validate helm-python-sdk
