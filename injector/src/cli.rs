@@ -114,6 +114,9 @@ pub struct ServeArgs {
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `wg_injector=debug`).
     #[arg(long, env = "WG_INJECTOR_LOG", default_value = "info")]
     pub log_filter: String,
+    /// Self-managed certificates and apiserver version discovery (see [`crate::cluster`]).
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
 }
 
 /// Where the serving certificate comes from.
@@ -133,6 +136,9 @@ pub enum CertificateSource {
         /// `--self-signed-names`.
         names: Vec<String>,
     },
+    /// Generated, stored in a Secret, renewed and published by the injector
+    /// (`--cert-mode self-managed`, see [`crate::cluster::SelfManaged`]).
+    SelfManaged,
 }
 
 /// Validated settings of `serve`; tests build this directly.
@@ -150,6 +156,8 @@ pub struct ServeSettings {
     pub log_format: LogFormat,
     /// `--log-filter`.
     pub log_filter: String,
+    /// Self-managed certificates and version discovery flags.
+    pub cluster: crate::cluster::ClusterArgs,
 }
 
 fn seconds(flag: &'static str, value: u64) -> Result<Duration, Error> {
@@ -165,7 +173,18 @@ fn seconds(flag: &'static str, value: u64) -> Result<Duration, Error> {
 impl ServeArgs {
     /// Check the flags together and build the settings.
     pub fn into_settings(self) -> Result<ServeSettings, Error> {
-        let certificate =
+        let self_managed = self.cluster.cert_mode == crate::cluster::CertMode::SelfManaged;
+        if self_managed && (self.self_signed || self.tls_cert.is_some() || self.tls_key.is_some()) {
+            return Err(Error::InvalidFlag {
+                flag: "--cert-mode",
+                reason:
+                    "self-managed cannot be combined with --tls-cert, --tls-key or --self-signed"
+                        .to_owned(),
+            });
+        }
+        let certificate = if self_managed {
+            CertificateSource::SelfManaged
+        } else {
             match (self.self_signed, self.tls_cert, self.tls_key) {
                 (true, Some(_), _) => {
                     return Err(Error::InvalidFlag {
@@ -217,7 +236,8 @@ impl ServeArgs {
                         "--tls-cert and --tls-key are required (or --self-signed for local runs)"
                             .to_owned(),
                 }),
-            };
+            }
+        };
         if self.max_connections == 0 {
             return Err(Error::InvalidFlag {
                 flag: "--max-connections",
@@ -238,6 +258,7 @@ impl ServeArgs {
             limits,
             log_format: self.log_format,
             log_filter: self.log_filter,
+            cluster: self.cluster,
         })
     }
 }

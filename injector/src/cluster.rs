@@ -50,7 +50,7 @@ pub enum CertMode {
 }
 
 /// Flags for self-managed certificates and version discovery (flattened into `serve`).
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct ClusterArgs {
     /// `files` (provided certificates, no cluster permissions) or `self-managed`.
     #[arg(

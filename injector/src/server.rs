@@ -214,14 +214,53 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// A Kubernetes client (in-cluster, or `KUBECONFIG`) when one is needed: required for
+/// self-managed certificates, optional for version discovery (reading `/version` needs no RBAC
+/// grant; without a client `sidecar-mode: auto` follows the config file).
+async fn cluster_client(
+    discover_version: bool,
+    self_managed: bool,
+) -> Result<Option<kube::Client>, Error> {
+    if !discover_version && !self_managed {
+        return Ok(None);
+    }
+    // kube's TLS needs a process-level rustls provider; this workspace uses ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match kube::Client::try_default().await {
+        Ok(client) => Ok(Some(client)),
+        Err(source) if self_managed => Err(Error::Kube {
+            action:
+                "build a Kubernetes client (in-cluster or KUBECONFIG) for --cert-mode self-managed"
+                    .to_owned(),
+            source,
+        }),
+        Err(error) => {
+            tracing::warn!(%error, "no Kubernetes client; cannot discover the apiserver version");
+            Ok(None)
+        }
+    }
+}
+
 /// Run `wg-injector serve`: load the config and the certificate, print the caBundle when
 /// self-signed, serve until SIGTERM.
 pub async fn run(settings: crate::cli::ServeSettings) -> Result<(), Error> {
     use base64::Engine as _;
-    let config = match &settings.config {
+    let mut config = match &settings.config {
         Some(path) => crate::config::Config::from_yaml_file(path)?,
         None => crate::config::Config::default(),
     };
+    let self_managed = settings.certificate == crate::cli::CertificateSource::SelfManaged;
+    let client = cluster_client(settings.cluster.discover_version, self_managed).await?;
+    if let (true, Some(client)) = (settings.cluster.discover_version, &client) {
+        match crate::cluster::discover_native_sidecars(client).await {
+            Ok(native) => config.native_sidecars = native,
+            Err(error) => tracing::warn!(
+                %error,
+                native_sidecars = config.native_sidecars,
+                "apiserver version unknown; sidecar-mode auto follows the config file"
+            ),
+        }
+    }
     let resolver = match &settings.certificate {
         crate::cli::CertificateSource::Files {
             cert,
@@ -230,6 +269,19 @@ pub async fn run(settings: crate::cli::ServeSettings) -> Result<(), Error> {
         } => {
             let resolver = Arc::new(wg_certs::ReloadingResolver::from_files(cert, key)?);
             Arc::clone(&resolver).spawn_watcher(*reload_interval);
+            resolver
+        }
+        crate::cli::CertificateSource::SelfManaged => {
+            let client = client.clone().ok_or(Error::InvalidFlag {
+                flag: "--cert-mode",
+                reason: "self-managed needs a Kubernetes client".to_owned(),
+            })?;
+            let cluster_settings = settings
+                .cluster
+                .self_managed_settings(client.default_namespace())?;
+            let manager = crate::cluster::SelfManaged::new(client, cluster_settings);
+            let (resolver, material) = manager.bootstrap().await?;
+            manager.spawn(Arc::clone(&resolver), material);
             resolver
         }
         crate::cli::CertificateSource::SelfSigned { names } => {

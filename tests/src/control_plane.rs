@@ -212,6 +212,8 @@ impl ControlPlane {
 
     /// A client authenticated with `token`.
     pub async fn client_with_token(&self, token: &str) -> anyhow::Result<kube::Client> {
+        // Several crates enable rustls features; pick ring (the workspace's provider) once.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let kubeconfig = Kubeconfig::from_yaml(&self.kubeconfig_yaml(token))?;
         let config =
             kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;

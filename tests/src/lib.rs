@@ -6,5 +6,7 @@
 
 pub mod charts;
 pub mod control_plane;
+pub mod injector;
 pub mod lab;
 pub mod process;
+pub mod second_webhook;
