@@ -272,9 +272,13 @@ struct CertInfo {
 }
 
 impl CertInfo {
-    /// Unix time after which the certificate is due for renewal (two thirds of its lifetime).
-    fn renew_at(&self) -> i64 {
-        self.not_before + (self.not_after - self.not_before) * 2 / 3
+    /// Unix time after which the certificate is due for renewal: when a third of its intended
+    /// `lifetime` is left. (Its validity starts a few minutes early against clock skew, so the
+    /// validity window is longer than the lifetime; short lifetimes must not renew at once.)
+    fn renew_at(&self, lifetime: Duration) -> i64 {
+        let lifetime = i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX);
+        let span = lifetime.min(self.not_after - self.not_before);
+        self.not_after - span / 3
     }
 }
 
@@ -331,7 +335,7 @@ pub fn plan(
     let mut next = stored.clone();
     let mut rotated = false;
     let (signing_info, signing) = match current {
-        Some((info, ca)) if now < info.renew_at() => (info, ca),
+        Some((info, ca)) if now < info.renew_at(lifetimes.ca) => (info, ca),
         previous => {
             // Subjects tell CAs apart (a leaf is trusted when its issuer is in the bundle), so
             // each CA gets a unique one: the generation time in nanoseconds.
@@ -364,7 +368,7 @@ pub fn plan(
     let reissue = match &leaf {
         None => true,
         Some(leaf) if !usable(leaf) => true,
-        Some(leaf) if now >= leaf.renew_at() => !rotated,
+        Some(leaf) if now >= leaf.renew_at(lifetimes.serving) => !rotated,
         Some(_) => false,
     };
     if reissue {
@@ -683,16 +687,31 @@ mod tests {
     }
 
     #[test]
+    fn short_lifetimes_are_not_renewed_at_once_despite_the_backdated_validity() {
+        let short = Lifetimes {
+            ca: Duration::from_secs(90),
+            serving: Duration::from_secs(30),
+        };
+        let material = plan(&Material::default(), now(), &names(), short)
+            .unwrap()
+            .unwrap();
+        assert!(plan(&material, now() + 5, &names(), short).unwrap().is_none());
+        assert!(plan(&material, now() + 25, &names(), short).unwrap().is_some());
+    }
+
+    #[test]
     fn the_serving_certificate_is_renewed_at_two_thirds_of_its_lifetime_with_the_same_ca() {
         let t0 = now();
         let material = plan(&Material::default(), t0, &names(), LIFETIMES)
             .unwrap()
             .unwrap();
         let leaf = &parse_certs(&material.tls_cert)[0];
-        assert!(plan(&material, leaf.renew_at() - 1, &names(), LIFETIMES)
+        let renew_at = leaf.renew_at(LIFETIMES.serving);
+        assert_eq!(renew_at, leaf.not_after - 300, "a third of 900 s left");
+        assert!(plan(&material, renew_at - 1, &names(), LIFETIMES)
             .unwrap()
             .is_none());
-        let renewed = plan(&material, leaf.renew_at(), &names(), LIFETIMES)
+        let renewed = plan(&material, renew_at, &names(), LIFETIMES)
             .unwrap()
             .unwrap();
         assert_eq!(renewed.ca_bundle, material.ca_bundle);
@@ -701,8 +720,8 @@ mod tests {
 
     #[test]
     fn a_ca_due_for_renewal_is_published_before_any_certificate_it_signs() {
-        // Certificates start 5 minutes in the past (clock skew), so a 60 s CA and a 20 s leaf
-        // are both past two thirds of their lifetime right now, and still valid.
+        // Material made with short lifetimes (60 s CA, 20 s leaf) is, under the normal
+        // lifetimes, already due for renewal right now, and still valid.
         let short = Lifetimes {
             ca: Duration::from_secs(60),
             serving: Duration::from_secs(20),
