@@ -66,10 +66,6 @@ pub struct ClusterArgs {
     /// self-managed: the `MutatingWebhookConfiguration` whose `caBundle` the injector keeps.
     #[arg(long, env = "WG_INJECTOR_WEBHOOK_CONFIG")]
     pub webhook_config: Option<String>,
-    /// Accepted for chart compatibility and ignored: replicas coordinate through the Secret's
-    /// `resourceVersion`, not a Lease.
-    #[arg(long, env = "WG_INJECTOR_LEASE")]
-    pub lease: Option<String>,
     /// self-managed: the Service name; the certificate names `NAME`, `NAME.NS`, `NAME.NS.svc`
     /// and `NAME.NS.svc.cluster.local`.
     #[arg(long, env = "WG_INJECTOR_SERVICE")]
@@ -695,8 +691,12 @@ mod tests {
         let material = plan(&Material::default(), now(), &names(), short)
             .unwrap()
             .unwrap();
-        assert!(plan(&material, now() + 5, &names(), short).unwrap().is_none());
-        assert!(plan(&material, now() + 25, &names(), short).unwrap().is_some());
+        assert!(plan(&material, now() + 5, &names(), short)
+            .unwrap()
+            .is_none());
+        assert!(plan(&material, now() + 25, &names(), short)
+            .unwrap()
+            .is_some());
     }
 
     #[test]

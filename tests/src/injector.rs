@@ -46,11 +46,20 @@ impl InjectorProcess {
         kubeconfig: Option<&Path>,
         certs: &Certificates,
     ) -> anyhow::Result<Self> {
+        Self::start_on(free_port()?, config_yaml, kubeconfig, certs)
+    }
+
+    /// [`Self::start`] on a given port (when the webhook registration must name it first).
+    pub fn start_on(
+        port: u16,
+        config_yaml: &str,
+        kubeconfig: Option<&Path>,
+        certs: &Certificates,
+    ) -> anyhow::Result<Self> {
         let bin = cargo_binary("wg-injector")?;
         let dir = scratch_dir("wg-e2e-injector-")?;
         let config = dir.path().join("config.yaml");
         std::fs::write(&config, config_yaml)?;
-        let port = free_port()?;
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .arg(format!("--listen=127.0.0.1:{port}"))

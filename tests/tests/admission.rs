@@ -44,7 +44,9 @@ fn pod(name: &str, annotations: &[(&str, &str)]) -> Pod {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": { "name": name, "labels": { "app": "shop" }, "annotations": annotations },
-        "spec": { "containers": [
+        // serviceAccountName is set explicitly: in a normal cluster the ServiceAccount
+        // admission plugin sets it before webhooks run; this lab apiserver runs without it.
+        "spec": { "serviceAccountName": "web", "containers": [
             { "name": "app", "image": "nginx:1.27", "ports": [{ "containerPort": 8080, "name": "http" }] },
         ]},
     }))
@@ -322,7 +324,10 @@ async fn deployment_pods_created_by_the_controller_manager_come_out_injected() {
                     "labels": { "app": "web" },
                     "annotations": { "wg-injector.io/inject": "true" },
                 },
-                "spec": { "containers": [{ "name": "app", "image": "nginx:1.27" }] },
+                "spec": {
+                    "serviceAccountName": "web",
+                    "containers": [{ "name": "app", "image": "nginx:1.27" }],
+                },
             },
         },
     }))
