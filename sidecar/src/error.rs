@@ -98,6 +98,28 @@ pub enum SidecarError {
         /// What went wrong.
         reason: String,
     },
+    /// An address pool has no free address left.
+    #[error("address pool {pool} is exhausted")]
+    PoolExhausted {
+        /// The pool.
+        pool: String,
+    },
+    /// A concurrent writer won a KV v2 check-and-set race too many times.
+    #[error("failed to {op}: {reason}")]
+    Conflict {
+        /// What was attempted.
+        op: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Installing or removing the gateway's NAT (masquerade) rules failed.
+    #[error("failed to {op} NAT rules: {reason}")]
+    Nat {
+        /// What was attempted.
+        op: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// Result alias for the crate.

@@ -10,10 +10,14 @@
 pub mod backoff;
 pub mod cli;
 pub mod error;
+pub mod gateway;
 pub mod health;
 pub mod init;
+pub mod keys;
 pub mod keysource;
 pub mod metrics;
+pub mod nat;
+pub mod pool;
 pub mod rotation;
 pub mod routes;
 pub mod run;
