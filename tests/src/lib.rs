@@ -8,5 +8,6 @@ pub mod charts;
 pub mod control_plane;
 pub mod injector;
 pub mod lab;
+pub mod podman;
 pub mod process;
 pub mod second_webhook;
