@@ -50,5 +50,14 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("wg-sidecar run failed")
         }
+        Command::Gateway(args) => {
+            let cfg = args.into_config().context("invalid flags")?;
+            wg_sidecar::gateway::run(cfg, shutdown_signal())
+                .await
+                .context("wg-sidecar gateway failed")
+        }
+        Command::Keys(args) => wg_sidecar::keys::run(*args)
+            .await
+            .context("wg-sidecar keys failed"),
     }
 }

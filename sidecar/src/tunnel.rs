@@ -88,6 +88,17 @@ pub trait Tunnel: Send {
     fn remove_peer(&mut self, public_key: &str) -> Result<()>;
     /// Per-peer statistics.
     fn peer_stats(&self) -> Result<Vec<PeerStats>>;
+    /// Removes the peers `remove`, then adds the peers `add` (none of which may exist), as one
+    /// batch where the implementation allows it (the gateway applies thousands this way).
+    fn apply_peer_changes(&mut self, remove: &[String], add: &[PeerSpec]) -> Result<()> {
+        for key in remove {
+            self.remove_peer(key)?;
+        }
+        for peer in add {
+            self.set_peer(peer)?;
+        }
+        Ok(())
+    }
     /// Removes the interface.
     fn remove(&mut self) -> Result<()>;
 }
@@ -118,6 +129,7 @@ pub struct WgTunnel {
     api: Api,
     mtu: u32,
     addresses: Vec<IpNet>,
+    listen_port: u16,
     removed: bool,
 }
 
@@ -162,6 +174,17 @@ pub fn is_dns_backend_error(e: &WireguardInterfaceError) -> bool {
 impl WgTunnel {
     /// Creates `name`: kernel WireGuard if available, else userspace; sets MTU, addresses and key.
     pub fn create(name: &str, mtu: u32, addresses: &[IpNet], private_key: &Secret) -> Result<Self> {
+        Self::create_listening(name, mtu, addresses, private_key, 0)
+    }
+
+    /// Like [`WgTunnel::create`], listening on UDP `listen_port` (0: any; the gateway's server side).
+    pub fn create_listening(
+        name: &str,
+        mtu: u32,
+        addresses: &[IpNet],
+        private_key: &Secret,
+        listen_port: u16,
+    ) -> Result<Self> {
         let err = |op: &'static str| {
             move |e: WireguardInterfaceError| SidecarError::Tunnel {
                 op,
@@ -191,6 +214,7 @@ impl WgTunnel {
             api,
             mtu,
             addresses: addresses.to_vec(),
+            listen_port,
             removed: false,
         };
         if let Err(e) = t.configure(private_key, &[]) {
@@ -228,7 +252,7 @@ impl WgTunnel {
             name: self.name.clone(),
             prvkey: private_key.expose().to_owned(),
             addresses: self.addresses.iter().map(to_mask).collect(),
-            port: 0,
+            port: self.listen_port,
             peers: peers.to_vec(),
             mtu: Some(self.mtu),
             fwmark: None,
@@ -306,6 +330,39 @@ impl Tunnel for WgTunnel {
             .map_err(self.tunnel_err("configure peer on"))
     }
 
+    fn apply_peer_changes(&mut self, remove: &[String], add: &[PeerSpec]) -> Result<()> {
+        if matches!(self.api, Api::Kernel(_)) {
+            for key in remove {
+                self.remove_peer(key)?;
+            }
+            for peer in add {
+                self.iface()
+                    .configure_peer(&to_peer(peer)?)
+                    .map_err(self.tunnel_err("configure peer on"))?;
+            }
+            return Ok(());
+        }
+        if remove.is_empty() && add.is_empty() {
+            return Ok(());
+        }
+        // One UAPI request for the whole batch: removals first, so a new key can take over the
+        // allowed IPs of the key it replaces.
+        let mut body = String::new();
+        for key in remove {
+            body.push_str(&Peer::new(wg_key("public_key", key)?).as_uapi_remove());
+        }
+        for peer in add {
+            body.push_str(&to_peer(peer)?.as_uapi_update());
+        }
+        let res = self.uapi_set(&body);
+        zeroize::Zeroize::zeroize(&mut body);
+        res.map_err(|e| SidecarError::Tunnel {
+            op: "apply peer changes on",
+            interface: self.name.clone(),
+            reason: e.to_string(),
+        })
+    }
+
     fn remove_peer(&mut self, public_key: &str) -> Result<()> {
         let k = wg_key("public_key", public_key)?;
         self.iface()
@@ -373,6 +430,7 @@ mod tests {
         fn mode(&self) -> Mode {
             Mode::Userspace
         }
+        #[allow(clippy::unnecessary_literal_bound)]
         fn name(&self) -> &str {
             "fake0"
         }

@@ -330,6 +330,32 @@ impl Vault {
         first
     }
 
+    /// Deletes a KV v2 secret with all its versions and metadata (an allocation rolled back, an
+    /// identity removed), logging in again once on 403.
+    pub async fn delete_all(&self, mount: &str, path: &str) -> Result<()> {
+        let once = || async {
+            let client = self.client.read().await;
+            vaultrs::kv2::delete_metadata(&*client, mount, path)
+                .await
+                .map_err(|e| {
+                    let (reason, status) = client_error_reason(&e);
+                    SidecarError::VaultKv {
+                        op: "delete",
+                        mount: mount.to_owned(),
+                        path: path.to_owned(),
+                        reason,
+                        status,
+                    }
+                })
+        };
+        let first = once().await;
+        if Self::needs_relogin(&first) {
+            self.login().await?;
+            return once().await;
+        }
+        first
+    }
+
     async fn list_once(&self, mount: &str, path: &str) -> Result<Vec<String>> {
         let client = self.client.read().await;
         let client = &*client;
