@@ -1,0 +1,140 @@
+//! The sidecar command-line contract (docs/sidecar-cli.md): every argument list the injector
+//! writes into a Pod parses with `wg-sidecar`'s own clap definition, as the kubelet would run
+//! it (image ENTRYPOINT `wg-sidecar`, `$(VAR)` references expanded from the container's env).
+//!
+//! Inputs: every golden Pod of the injection core (`injector/tests/testdata/golden`) under the
+//! golden config, plus annotation combinations that exercise every flag the injector writes.
+#![allow(clippy::unwrap_used)]
+
+use clap::Parser as _;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use wg_injector::admission::{evaluate, Verdict};
+use wg_injector::config::Config;
+use wg_injector::inject::expand_kubelet_vars;
+use wg_sidecar::cli::{Cli, Command};
+
+fn golden_dir() -> PathBuf {
+    wg_e2e::lab::workspace_root().join("injector/tests/testdata")
+}
+
+fn golden_config() -> Config {
+    Config::from_yaml_file(&golden_dir().join("golden-config.yaml")).unwrap()
+}
+
+/// What the kubelet would pass: `$(VAR)` from the container's env (fieldRef values stand in
+/// as a namespace and a service account name).
+fn argv(container: &Container) -> Vec<String> {
+    let mut vars = BTreeMap::new();
+    for env in container.env.iter().flatten() {
+        let value = match (&env.value, &env.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                Some("metadata.namespace") => "shop".to_owned(),
+                Some("spec.serviceAccountName") => "web".to_owned(),
+                Some("metadata.name") => "web-0".to_owned(),
+                _ => "x".to_owned(),
+            },
+            (None, None) => String::new(),
+        };
+        vars.insert(env.name.clone(), value);
+    }
+    let mut argv = container
+        .command
+        .clone()
+        .unwrap_or_else(|| vec!["wg-sidecar".to_owned()]);
+    argv.extend(
+        container
+            .args
+            .iter()
+            .flatten()
+            .map(|a| expand_kubelet_vars(a, &vars)),
+    );
+    argv
+}
+
+/// Check every injected container of `pod`; returns how many argument lists were checked.
+fn check(pod: &Pod, origin: &str) -> usize {
+    let spec = pod.spec.as_ref().unwrap();
+    let mut checked = 0;
+    let injected = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .filter(|c| c.name == "wg-init" || c.name == "wg-sidecar");
+    for container in injected {
+        let argv = argv(container);
+        assert_eq!(argv[0], "wg-sidecar", "{origin}: {argv:?}");
+        let parsed = Cli::try_parse_from(&argv)
+            .unwrap_or_else(|e| panic!("{origin}: {} does not parse: {e}\n{argv:?}", container.name));
+        match (container.name.as_str(), &parsed.command) {
+            ("wg-init", Command::Init(_)) | ("wg-sidecar", Command::Run(_)) => {}
+            (name, command) => panic!("{origin}: {name} runs {command:?}"),
+        }
+        checked += 1;
+    }
+    checked
+}
+
+#[test]
+fn every_argument_list_the_injector_writes_for_the_golden_pods_parses_with_the_sidecar_cli() {
+    let config = golden_config();
+    let mut checked = 0;
+    let mut injected = 0;
+    for entry in std::fs::read_dir(golden_dir().join("golden")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let pod: Pod = serde_yaml_ng::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        if let Verdict::Inject(outcome) = evaluate(&pod, &config) {
+            injected += 1;
+            checked += check(&outcome.pod, &path.display().to_string());
+        }
+    }
+    assert!(injected >= 5, "only {injected} golden Pods were injected");
+    assert_eq!(checked, injected * 2, "each injected Pod has wg-init and wg-sidecar");
+}
+
+#[test]
+fn every_flag_combination_from_the_annotations_parses_with_the_sidecar_cli() {
+    let config = golden_config();
+    let cases: &[&[(&str, &str)]] = &[
+        &[],
+        &[("wg-injector.io/gateway", "corp")],
+        &[("wg-injector.io/gateway", "v6only"), ("wg-injector.io/kill-switch", "false")],
+        &[
+            ("wg-injector.io/routes", "10.1.0.0/16,fd00:1::/64"),
+            ("wg-injector.io/dns", "10.1.0.53,fd00:1::53"),
+            ("wg-injector.io/mtu", "1280"),
+            ("wg-injector.io/keepalive", "0"),
+        ],
+        &[("wg-injector.io/key-source", "secret:web-wg-keys")],
+        &[
+            ("wg-injector.io/vault-role", "shop-web"),
+            ("wg-injector.io/vault-path", "wg/keys/shop/custom"),
+        ],
+        &[("wg-injector.io/sidecar-mode", "native")],
+        &[("wg-injector.io/sidecar-mode", "classic")],
+    ];
+    for (i, annotations) in cases.iter().enumerate() {
+        let mut all: serde_json::Map<String, serde_json::Value> = annotations
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+            .collect();
+        all.insert("wg-injector.io/inject".into(), "true".into());
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": format!("case-{i}"), "annotations": all },
+            "spec": { "serviceAccountName": "web", "containers": [{ "name": "app", "image": "app:1" }] },
+        }))
+        .unwrap();
+        match evaluate(&pod, &config) {
+            Verdict::Inject(outcome) => {
+                assert_eq!(check(&outcome.pod, &format!("{annotations:?}")), 2);
+            }
+            other => panic!("{annotations:?} was not injected: {other:?}"),
+        }
+    }
+}
