@@ -4,6 +4,9 @@ use anyhow::Context;
 use clap::Parser;
 use wg_sidecar::cli::{Cli, Command, LogFormat};
 
+/// Exit no later than this after SIGTERM.
+const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_millis(900);
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WG_SIDECAR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -46,9 +49,24 @@ async fn main() -> anyhow::Result<()> {
             .context("wg-sidecar init failed"),
         Command::Run(args) => {
             let cfg = args.into_config().context("invalid flags")?;
-            wg_sidecar::run::run(cfg, shutdown_signal())
-                .await
-                .context("wg-sidecar run failed")
+            // The signal is watched by its own task, so a busy control loop cannot delay it;
+            // a watchdog guarantees exit 0 within a second even if cleanup hangs (the TUN
+            // device disappears with the process anyway).
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                std::thread::spawn(|| {
+                    std::thread::sleep(SHUTDOWN_DEADLINE);
+                    tracing::warn!("cleanup exceeded the shutdown deadline; exiting now");
+                    std::process::exit(0);
+                });
+                let _ = tx.send(());
+            });
+            wg_sidecar::run::run(cfg, async {
+                let _ = rx.await;
+            })
+            .await
+            .context("wg-sidecar run failed")
         }
         Command::Gateway(args) => {
             let cfg = args.into_config().context("invalid flags")?;

@@ -177,23 +177,57 @@ impl<S: KeySource> Controller<S> {
         tracing::info!(peer = %spec.public_key, endpoint = ?spec.endpoint, "gateway peer configured");
         replace_peers(&mut self.tunnel, std::slice::from_ref(&spec))?;
         self.switched_at = Instant::now();
+        self.kick_handshake();
         Ok(())
     }
 
-    /// One tick: statistics, readiness, failover. Returns whether the sidecar is ready.
-    async fn tick(&mut self) -> bool {
+    /// BoringTun starts a handshake only when a packet needs the tunnel (or after the first
+    /// persistent-keepalive interval). One empty UDP datagram to the discard port of the first
+    /// tunnelled network makes the handshake start now, so `/ready` follows within milliseconds.
+    fn kick_handshake(&self) {
+        let Some(net) = self.cfg.routes.first() else {
+            return;
+        };
+        let dst = SocketAddr::new(net.network(), 9);
+        let bind: SocketAddr = if dst.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sent = std::net::UdpSocket::bind(bind).and_then(|s| s.send_to(&[], dst));
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, %dst, "handshake kick not sent");
+        }
+    }
+
+    /// One tick: statistics, readiness, failover. Returns whether the sidecar is ready, or
+    /// `None` when the userspace device has stopped.
+    ///
+    /// The embedded BoringTun device reads SIGTERM/SIGINT through its own signalfd and exits its
+    /// event loop; whichever of it and our handler dequeues the signal first wins. A device that
+    /// answers no UAPI request twice in a row has stopped, so the sidecar shuts down as if it had
+    /// seen the signal itself.
+    async fn tick(&mut self) -> Option<bool> {
         self.health.tick();
         let now = SystemTime::now();
-        let stats = match self.tunnel.peer_stats() {
+        let stats = match self
+            .tunnel
+            .peer_stats()
+            .or_else(|_| self.tunnel.peer_stats())
+        {
             Ok(s) => s,
             Err(e) => {
+                if self.tunnel.mode() == crate::tunnel::Mode::Userspace {
+                    tracing::warn!(error = %e, "the userspace WireGuard device stopped answering (it exits on SIGTERM); shutting down");
+                    return None;
+                }
                 if self
                     .health
                     .set_readiness(Readiness::NotReady(e.to_string()))
                 {
                     tracing::warn!(error = %e, "interface unreadable; not ready");
                 }
-                return false;
+                return Some(false);
             }
         };
         self.health.metrics.record_peers(&stats, now);
@@ -226,7 +260,7 @@ impl<S: KeySource> Controller<S> {
                 tracing::error!(error = %e, "failed to apply the next endpoint");
             }
         }
-        ready
+        Some(ready)
     }
 
     /// One KV poll: apply a new private key and/or peer set in place.
@@ -341,10 +375,10 @@ async fn run_with<S: KeySource>(
             "no gateway endpoint configured (flag or record); waiting for the gateway to connect"
         );
     }
-    ctl.apply_peer().await?;
     routes
         .add_tunnel_routes(&ctl.cfg.interface, &ctl.cfg.routes)
         .await?;
+    ctl.apply_peer().await?;
     tracing::info!(interface = %ctl.cfg.interface, mode = ctl.tunnel.mode().as_str(), routes = ?ctl.cfg.routes, "tunnel up");
 
     let mut next_poll = Instant::now() + jittered(ctl.cfg.poll_interval, unit());
@@ -354,7 +388,10 @@ async fn run_with<S: KeySource>(
         tokio::select! {
             () = &mut shutdown => break,
             () = sleep(tick) => {
-                ready = ctl.tick().await;
+                match ctl.tick().await {
+                    Some(r) => ready = r,
+                    None => break,
+                }
                 if Instant::now() >= next_poll {
                     let polled = tokio::select! {
                         r = load_both(&ctl.source) => r,

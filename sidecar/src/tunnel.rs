@@ -82,7 +82,8 @@ pub trait Tunnel: Send {
     fn name(&self) -> &str;
     /// Replaces the private key in place.
     fn set_private_key(&mut self, key: &Secret) -> Result<()>;
-    /// Adds a peer or updates it (endpoint, allowed IPs, keepalive, preshared key).
+    /// Adds a peer or updates it (endpoint, allowed IPs, keepalive, preshared key). In userspace
+    /// mode an update re-creates the peer, so its session restarts with a new handshake.
     fn set_peer(&mut self, peer: &PeerSpec) -> Result<()>;
     /// Removes a peer by base64 public key.
     fn remove_peer(&mut self, public_key: &str) -> Result<()>;
@@ -117,6 +118,9 @@ pub fn replace_peers(tunnel: &mut impl Tunnel, desired: &[PeerSpec]) -> Result<(
     }
     Ok(())
 }
+
+/// Bound on one UAPI exchange with the userspace device.
+const UAPI_TIMEOUT: Duration = Duration::from_millis(250);
 
 enum Api {
     Kernel(WGApi<Kernel>),
@@ -263,11 +267,83 @@ impl WgTunnel {
         res.map_err(self.tunnel_err("configure"))
     }
 
+    /// Reads peer statistics over UAPI with a short timeout. (The library's reader retries a
+    /// timed-out read forever; a stuck device must not stall the control loop.)
+    fn uapi_get(&self) -> std::io::Result<Vec<PeerStats>> {
+        let path = format!("/var/run/wireguard/{}.sock", self.name);
+        let mut s = UnixStream::connect(path)?;
+        s.set_read_timeout(Some(UAPI_TIMEOUT))?;
+        s.set_write_timeout(Some(UAPI_TIMEOUT))?;
+        s.write_all(b"get=1\n\n")?;
+        let mut peers: Vec<PeerStats> = Vec::new();
+        let (mut secs, mut nanos) = (0u64, 0u64);
+        let finish = |peers: &mut Vec<PeerStats>, secs: u64, nanos: u64| {
+            if let Some(p) = peers.last_mut() {
+                if secs > 0 || nanos > 0 {
+                    p.last_handshake = Some(
+                        SystemTime::UNIX_EPOCH
+                            + Duration::from_secs(secs)
+                            + Duration::from_nanos(nanos),
+                    );
+                }
+            }
+        };
+        for line in BufReader::new(s).lines() {
+            let line = line?;
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
+            match k {
+                "public_key" => {
+                    finish(&mut peers, secs, nanos);
+                    (secs, nanos) = (0, 0);
+                    let key = Key::decode(v)
+                        .map_err(|_| std::io::Error::other("bad public_key in UAPI answer"))?;
+                    peers.push(PeerStats {
+                        public_key: key.to_string(),
+                        endpoint: None,
+                        rx_bytes: 0,
+                        tx_bytes: 0,
+                        last_handshake: None,
+                    });
+                }
+                "endpoint" => {
+                    if let Some(p) = peers.last_mut() {
+                        p.endpoint = v.parse().ok();
+                    }
+                }
+                "rx_bytes" => {
+                    if let Some(p) = peers.last_mut() {
+                        p.rx_bytes = v.parse().unwrap_or_default();
+                    }
+                }
+                "tx_bytes" => {
+                    if let Some(p) = peers.last_mut() {
+                        p.tx_bytes = v.parse().unwrap_or_default();
+                    }
+                }
+                "last_handshake_time_sec" => secs = v.parse().unwrap_or_default(),
+                "last_handshake_time_nsec" => nanos = v.parse().unwrap_or_default(),
+                "errno" => {
+                    finish(&mut peers, secs, nanos);
+                    return if v.trim() == "0" {
+                        Ok(peers)
+                    } else {
+                        Err(std::io::Error::other(format!("UAPI errno {v}")))
+                    };
+                }
+                _ => {}
+            }
+        }
+        Err(std::io::Error::other("UAPI closed without errno"))
+    }
+
     /// Sends one `set=1` UAPI request to the userspace device.
     fn uapi_set(&self, body: &str) -> std::io::Result<()> {
         let path = format!("/var/run/wireguard/{}.sock", self.name);
         let mut s = UnixStream::connect(path)?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.set_read_timeout(Some(UAPI_TIMEOUT))?;
+        s.set_write_timeout(Some(UAPI_TIMEOUT))?;
         s.write_all(b"set=1\n")?;
         s.write_all(body.as_bytes())?;
         s.write_all(b"\n")?;
@@ -325,6 +401,15 @@ impl Tunnel for WgTunnel {
 
     fn set_peer(&mut self, peer: &PeerSpec) -> Result<()> {
         let p = to_peer(peer)?;
+        // BoringTun cannot modify an existing peer (it asserts); remove it and add it again.
+        if matches!(self.api, Api::Userspace(_))
+            && self
+                .peer_stats()?
+                .iter()
+                .any(|s| s.public_key == peer.public_key)
+        {
+            self.remove_peer(&peer.public_key)?;
+        }
         self.iface()
             .configure_peer(&p)
             .map_err(self.tunnel_err("configure peer on"))
@@ -371,6 +456,13 @@ impl Tunnel for WgTunnel {
     }
 
     fn peer_stats(&self) -> Result<Vec<PeerStats>> {
+        if matches!(self.api, Api::Userspace(_)) {
+            return self.uapi_get().map_err(|e| SidecarError::Tunnel {
+                op: "read statistics of",
+                interface: self.name.clone(),
+                reason: e.to_string(),
+            });
+        }
         let host = self
             .iface()
             .read_interface_data()

@@ -1,0 +1,586 @@
+//! Data-plane tests as root in network namespaces made by the test: the real `wg-sidecar`
+//! binary, a real OpenBao dev server, and Debian's `wireguard-go` + `wg` as the gateway peer.
+//!
+//! Topology (per test, names unique): `pod` netns ⟷ veth ⟷ `gw` netns. OpenBao listens on the
+//! pod namespace's loopback (the pod reaches it like a Vault on the node network would be).
+#![allow(clippy::unwrap_used, clippy::too_many_lines)]
+
+mod lab;
+
+use std::{
+    fs,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use lab::{
+    key_hex, keypair, metric, require_root, scratch, spawn_sidecar, tcp_client, tcp_echo_server,
+    veth, wait_for, write_secret_file, Netns, OpenBao, WgGoPeer,
+};
+use serde_json::json;
+
+const ROUTE: &str = "10.77.0.0/24";
+const POD_TUN: &str = "10.77.0.2/32";
+const GW_TUN: &str = "10.77.0.1/24";
+const GW_TUN_IP: &str = "10.77.0.1";
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// pod + gw namespaces joined by a veth: pod 192.168.77.2, gw 192.168.77.1; pod default via gw.
+fn topology() -> (Netns, Netns, String) {
+    let pod = Netns::new("pod").unwrap();
+    let gw = Netns::new("gw").unwrap();
+    let (vp, _vg) = veth(&pod, "192.168.77.2/24", &gw, "192.168.77.1/24").unwrap();
+    pod.ip(&["route", "add", "default", "via", "192.168.77.1"])
+        .unwrap();
+    (pod, gw, vp)
+}
+
+fn get_ready(pod: &Netns) -> u16 {
+    pod.http_get("http://127.0.0.1:9901/ready").unwrap().0
+}
+
+fn get_metrics(pod: &Netns) -> String {
+    pod.http_get("http://127.0.0.1:9901/metrics").unwrap().1
+}
+
+fn log_of(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_default()
+}
+
+#[test]
+fn kill_switch_fails_tunnelled_connections_at_once_and_nothing_leaves_by_the_veth() {
+    require_root();
+    let (pod, _gw, vp) = topology();
+    // Count what would leak: packets for the tunnelled CIDR leaving by the pod's veth.
+    pod.run("nft", &["add", "table", "inet", "leak"]).unwrap();
+    pod.run(
+        "nft",
+        &[
+            "add",
+            "chain",
+            "inet",
+            "leak",
+            "out",
+            "{ type filter hook postrouting priority 0; }",
+        ],
+    )
+    .unwrap();
+    pod.run(
+        "nft",
+        &[
+            "add", "rule", "inet", "leak", "out", "oifname", &vp, "ip", "daddr", ROUTE, "counter",
+        ],
+    )
+    .unwrap();
+    let bin = lab::sidecar_bin();
+    for _ in 0..2 {
+        let out = pod
+            .command(&bin)
+            .args([
+                "init",
+                "--routes",
+                &format!("{ROUTE},fd77::/64"),
+                "--log-format",
+                "text",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v4 = pod.ip(&["route", "show", ROUTE]).unwrap();
+    assert_eq!(v4.lines().count(), 1, "init must be idempotent: {v4}");
+    assert!(
+        v4.contains("unreachable") && v4.contains("metric 9999"),
+        "{v4}"
+    );
+    let v6 = pod.ip(&["-6", "route", "show", "fd77::/64"]).unwrap();
+    assert!(v6.contains("unreachable"), "{v6}");
+
+    let connect = "import socket,sys\ntry:\n  socket.create_connection(('10.77.0.1',80),timeout=3)\n  sys.exit('connected')\nexcept OSError as e:\n  print(e.errno)\n";
+    let start = Instant::now();
+    let out = pod.run("python3", &["-c", connect]).unwrap();
+    let took = start.elapsed();
+    assert_eq!(out.trim(), "113", "expected EHOSTUNREACH, got {out}");
+    assert!(
+        took < Duration::from_secs(1),
+        "connection should fail at once, took {took:?}"
+    );
+    assert!(pod.run("ping", &["-c1", "-W1", GW_TUN_IP]).is_err());
+    let counters = pod
+        .run("nft", &["list", "chain", "inet", "leak", "out"])
+        .unwrap();
+    assert!(
+        counters.contains("packets 0 bytes 0"),
+        "traffic leaked: {counters}"
+    );
+    // Non-tunnelled traffic is untouched.
+    pod.run("ping", &["-c1", "-W2", "192.168.77.1"]).unwrap();
+
+    // Control: without the kill switch the same connection does leave by the veth.
+    pod.ip(&["route", "del", "unreachable", ROUTE, "metric", "9999"])
+        .unwrap();
+    let _ = pod.run(
+        "python3",
+        &["-c", "import socket\ntry: socket.create_connection(('10.77.0.1',80),timeout=0.5)\nexcept OSError: pass\n"],
+    );
+    let counters = pod
+        .run("nft", &["list", "chain", "inet", "leak", "out"])
+        .unwrap();
+    assert!(
+        !counters.contains("packets 0 bytes 0"),
+        "the leak counter must see the control packet: {counters}"
+    );
+}
+
+#[test]
+fn sidecar_with_openbao_keys_tunnels_ping_and_tcp_goes_ready_hides_keys_and_stops_on_sigterm() {
+    require_root();
+    let (pod, gw, _vp) = topology();
+    let dir = scratch();
+    let bao = OpenBao::start(&pod).unwrap();
+    let (pod_priv, pod_pub) = keypair();
+    let (gw_priv, gw_pub) = keypair();
+    let (psk, _) = keypair();
+    bao.put(
+        "wg/keys/shop/web",
+        &json!({"private_key": pod_priv, "address": POD_TUN, "preshared_key": psk}),
+    )
+    .unwrap();
+    bao.put(
+        "wg/gateways/corp",
+        &json!({"public_key": gw_pub, "endpoints": "192.168.77.1:51820", "allowed_ips": ROUTE}),
+    )
+    .unwrap();
+    // The gateway does not know the pod yet: the sidecar must come up but stay not ready.
+    let gwpeer = WgGoPeer::start_with_key(&gw, GW_TUN, 51820, &(gw_priv, gw_pub.clone())).unwrap();
+    let token = dir.path().join("token");
+    write_secret_file(&token, "devroot\n");
+    let ifname = lab::unique("ws");
+    let log = dir.path().join("sidecar.log");
+    let out = pod
+        .command(lab::sidecar_bin())
+        .args(["init", "--routes", ROUTE])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut sidecar = spawn_sidecar(
+        &pod,
+        &strings(&[
+            "run",
+            "--interface",
+            &ifname,
+            "--gateway",
+            "corp",
+            "--routes",
+            ROUTE,
+            "--vault-addr",
+            &bao.addr,
+            "--vault-auth",
+            "token",
+            "--vault-token-file",
+            token.to_str().unwrap(),
+            "--vault-key-path",
+            "wg/keys/shop/web",
+            "--health-addr",
+            "127.0.0.1:9901",
+            "--poll-interval",
+            "2",
+        ]),
+        &log,
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || pod
+            .ip(&["link", "show", &ifname])
+            .is_ok()),
+        "interface never appeared: {}",
+        log_of(&log)
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || get_ready(&pod) == 503),
+        "{}",
+        log_of(&log)
+    );
+    let (code, body) = pod.http_get("http://127.0.0.1:9901/ready").unwrap();
+    assert_eq!(code, 503);
+    assert!(body.contains("handshake"), "{body}");
+
+    gwpeer.set_peer(&pod_pub, POD_TUN, Some(&psk)).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || get_ready(&pod) == 200),
+        "never ready: {}",
+        log_of(&log)
+    );
+    pod.run("ping", &["-c3", "-i0.2", "-W2", GW_TUN_IP])
+        .unwrap();
+    let _server = tcp_echo_server(&gw, GW_TUN_IP, 7000).unwrap();
+    let mut client = tcp_client(&pod, GW_TUN_IP, 7000, 1).unwrap();
+    let (ok, stdout, stderr) = client.wait_output().unwrap();
+    assert!(ok, "tcp: {stderr}");
+    assert!(stdout.starts_with("OK"), "{stdout}");
+
+    // Interop: the standard `wg` reads the sidecar's interface over UAPI.
+    let show = pod.run("wg", &["show", &ifname, "peers"]).unwrap();
+    assert_eq!(show.trim(), gw_pub);
+    let route = pod.ip(&["route", "show", ROUTE]).unwrap();
+    assert!(
+        route.contains(&format!("dev {ifname}")) && route.contains("metric 100"),
+        "{route}"
+    );
+    assert!(
+        route.contains("unreachable"),
+        "kill switch stays under the tunnel route: {route}"
+    );
+
+    let m = get_metrics(&pod);
+    assert_eq!(
+        metric(&m, "wg_sidecar_mode{mode=\"userspace\"}"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "wg_sidecar_key_version"), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "wg_sidecar_ready"), Some(1.0), "{m}");
+    let rx = metric(
+        &m,
+        &format!("wg_sidecar_peer_receive_bytes_total{{public_key=\"{gw_pub}\"}}"),
+    );
+    assert!(rx.unwrap_or(0.0) > 0.0, "{m}");
+    let age = metric(
+        &m,
+        &format!("wg_sidecar_peer_last_handshake_age_seconds{{public_key=\"{gw_pub}\"}}"),
+    );
+    assert!(age.is_some_and(|a| (0.0..180.0).contains(&a)), "{m}");
+
+    // Secrets: not in argv, environment, log or metrics.
+    let pid = sidecar.pid();
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let environ = fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    assert!(
+        cmdline.contains("wg-sidecar"),
+        "pid {pid} is not the sidecar: {cmdline}"
+    );
+    let environ = String::from_utf8_lossy(&environ);
+    let logtext = log_of(&log);
+    for secret in [
+        pod_priv.clone(),
+        key_hex(&pod_priv),
+        psk.clone(),
+        key_hex(&psk),
+        "devroot".into(),
+    ] {
+        assert!(!cmdline.contains(&secret), "secret in argv");
+        assert!(!environ.contains(&secret), "secret in environment");
+        assert!(!logtext.contains(&secret), "secret in log");
+        assert!(!m.contains(&secret), "secret in metrics");
+    }
+    assert!(logtext.contains("keys loaded"), "{logtext}");
+
+    // SIGTERM: exit 0 within a second, interface removed, kill switch kept.
+    let (code, took) = sidecar.terminate(Duration::from_secs(1)).unwrap();
+    assert_eq!(code, Some(0), "{}", log_of(&log));
+    assert!(took < Duration::from_secs(1));
+    assert!(
+        pod.ip(&["link", "show", &ifname]).is_err(),
+        "interface still there"
+    );
+    let route = pod.ip(&["route", "show", ROUTE]).unwrap();
+    assert!(
+        route.contains("unreachable") && !route.contains(&ifname),
+        "{route}"
+    );
+    assert!(pod.run("ping", &["-c1", "-W1", GW_TUN_IP]).is_err());
+}
+
+fn file_keys(dir: &Path, private: &str, gw_pub: &str, endpoints: &str) {
+    let k = dir.join("keys");
+    fs::create_dir_all(&k).unwrap();
+    write_secret_file(&k.join("private_key"), private);
+    write_secret_file(&k.join("address"), POD_TUN);
+    write_secret_file(&k.join("peer_public_key"), gw_pub);
+    write_secret_file(&k.join("peer_endpoints"), endpoints);
+}
+
+#[test]
+fn ready_returns_to_503_when_the_gateway_goes_away() {
+    require_root();
+    let (pod, gw, _vp) = topology();
+    let dir = scratch();
+    let (pod_priv, pod_pub) = keypair();
+    let gwkey = keypair();
+    file_keys(dir.path(), &pod_priv, &gwkey.1, "192.168.77.1:51820");
+    let gwpeer = WgGoPeer::start_with_key(&gw, GW_TUN, 51820, &gwkey).unwrap();
+    gwpeer.set_peer(&pod_pub, POD_TUN, None).unwrap();
+    let log = dir.path().join("sidecar.log");
+    let ifname = lab::unique("ws");
+    let _sidecar = spawn_sidecar(
+        &pod,
+        &strings(&[
+            "run",
+            "--interface",
+            &ifname,
+            "--gateway",
+            "corp",
+            "--routes",
+            ROUTE,
+            "--key-source",
+            "file",
+            "--key-dir",
+            dir.path().join("keys").to_str().unwrap(),
+            "--health-addr",
+            "127.0.0.1:9901",
+        ]),
+        &log,
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || get_ready(&pod) == 200),
+        "{}",
+        log_of(&log)
+    );
+    drop(gwpeer);
+    // WireGuard's session lives 180 s after the last handshake; readiness follows that rule.
+    assert!(
+        wait_for(Duration::from_secs(200), || get_ready(&pod) == 503),
+        "still ready long after the gateway went away: {}",
+        log_of(&log)
+    );
+}
+
+#[test]
+fn keys_rotate_in_place_from_openbao_approle_and_a_tcp_connection_survives() {
+    require_root();
+    let (pod, gw, _vp) = topology();
+    let dir = scratch();
+    let bao = OpenBao::start(&pod).unwrap();
+    bao.cli(&["auth", "enable", "approle"], None).unwrap();
+    bao.cli(
+        &["policy", "write", "wg-shop-web", "-"],
+        Some("path \"secret/data/wg/keys/shop/web\" { capabilities = [\"read\"] }\npath \"secret/data/wg/gateways/corp\" { capabilities = [\"read\"] }\n"),
+    )
+    .unwrap();
+    bao.cli(
+        &[
+            "write",
+            "auth/approle/role/wg-shop-web",
+            "token_policies=wg-shop-web",
+            "token_ttl=10m",
+        ],
+        None,
+    )
+    .unwrap();
+    let role_id = bao
+        .cli(
+            &[
+                "read",
+                "-field=role_id",
+                "auth/approle/role/wg-shop-web/role-id",
+            ],
+            None,
+        )
+        .unwrap();
+    let secret_id = bao
+        .cli(
+            &[
+                "write",
+                "-f",
+                "-field=secret_id",
+                "auth/approle/role/wg-shop-web/secret-id",
+            ],
+            None,
+        )
+        .unwrap();
+    write_secret_file(&dir.path().join("role_id"), &role_id);
+    write_secret_file(&dir.path().join("secret_id"), &secret_id);
+
+    let (p1, p1_pub) = keypair();
+    let (g1, g1_pub) = keypair();
+    bao.put(
+        "wg/keys/shop/web",
+        &json!({"private_key": p1, "address": POD_TUN}),
+    )
+    .unwrap();
+    bao.put(
+        "wg/gateways/corp",
+        &json!({"public_key": g1_pub, "endpoints": "192.168.77.1:51820"}),
+    )
+    .unwrap();
+    let gwpeer = WgGoPeer::start_with_key(&gw, GW_TUN, 51820, &(g1, g1_pub.clone())).unwrap();
+    gwpeer.set_peer(&p1_pub, POD_TUN, None).unwrap();
+    let log = dir.path().join("sidecar.log");
+    let ifname = lab::unique("ws");
+    let _sidecar = spawn_sidecar(
+        &pod,
+        &strings(&[
+            "run",
+            "--interface",
+            &ifname,
+            "--gateway",
+            "corp",
+            "--routes",
+            ROUTE,
+            "--vault-addr",
+            &bao.addr,
+            "--vault-auth",
+            "approle",
+            "--vault-role-id-file",
+            dir.path().join("role_id").to_str().unwrap(),
+            "--vault-secret-id-file",
+            dir.path().join("secret_id").to_str().unwrap(),
+            "--vault-key-path",
+            "wg/keys/shop/web",
+            "--health-addr",
+            "127.0.0.1:9901",
+            "--poll-interval",
+            "1",
+        ]),
+        &log,
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || get_ready(&pod) == 200),
+        "{}",
+        log_of(&log)
+    );
+    let _server = tcp_echo_server(&gw, GW_TUN_IP, 7000).unwrap();
+    let mut client = tcp_client(&pod, GW_TUN_IP, 7000, 20).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+
+    // 1. The Pod's key rotates: the gateway learns the new public key, then Vault gets version 2.
+    let (p2, p2_pub) = keypair();
+    gwpeer.remove_peer(&p1_pub).unwrap();
+    gwpeer.set_peer(&p2_pub, POD_TUN, None).unwrap();
+    bao.put(
+        "wg/keys/shop/web",
+        &json!({"private_key": p2, "address": POD_TUN}),
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || metric(
+            &get_metrics(&pod),
+            "wg_sidecar_key_version"
+        ) == Some(2.0)),
+        "{}",
+        log_of(&log)
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || gwpeer
+            .handshake_age(&p2_pub)
+            .unwrap()
+            .is_some()),
+        "no handshake with the new pod key: {}",
+        log_of(&log)
+    );
+
+    // 2. The gateway's key rotates: new private key on wireguard-go, new record in Vault.
+    let (g2, g2_pub) = keypair();
+    gwpeer.set_private_key(&g2).unwrap();
+    bao.put(
+        "wg/gateways/corp",
+        &json!({"public_key": g2_pub, "endpoints": "192.168.77.1:51820"}),
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            metric(&get_metrics(&pod), "wg_sidecar_gateway_record_version") == Some(2.0)
+        }),
+        "{}",
+        log_of(&log)
+    );
+    let show = pod.run("wg", &["show", &ifname, "peers"]).unwrap();
+    assert_eq!(show.trim(), g2_pub, "peer set not replaced in place");
+
+    let (ok, stdout, stderr) = client.wait_output().unwrap();
+    assert!(
+        ok,
+        "TCP connection did not survive rotation: {stderr} {}",
+        log_of(&log)
+    );
+    assert!(stdout.starts_with("OK"), "{stdout}");
+    let m = get_metrics(&pod);
+    assert_eq!(
+        metric(&m, "wg_sidecar_key_rotations_total"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "wg_sidecar_ready"), Some(1.0), "{m}");
+    let logtext = log_of(&log);
+    assert!(logtext.contains("rotated in place"), "{logtext}");
+    for s in [&p1, &p2, &g2] {
+        assert!(!logtext.contains(s.as_str()), "secret in log");
+    }
+    assert!(pod.ip(&["link", "show", &ifname]).is_ok());
+}
+
+#[test]
+fn a_dead_first_endpoint_fails_over_to_the_second_gateway() {
+    require_root();
+    let pod = Netns::new("pod").unwrap();
+    let gw1 = Netns::new("gwa").unwrap();
+    let gw2 = Netns::new("gwb").unwrap();
+    veth(&pod, "192.168.77.2/24", &gw1, "192.168.77.1/24").unwrap();
+    veth(&pod, "192.168.78.2/24", &gw2, "192.168.78.1/24").unwrap();
+    let dir = scratch();
+    let (pod_priv, pod_pub) = keypair();
+    let gwkey = keypair();
+    // Both replicas share the gateway key; only the second runs.
+    file_keys(
+        dir.path(),
+        &pod_priv,
+        &gwkey.1,
+        "192.168.77.1:51820,192.168.78.1:51820",
+    );
+    let gwpeer = WgGoPeer::start_with_key(&gw2, GW_TUN, 51820, &gwkey).unwrap();
+    gwpeer.set_peer(&pod_pub, POD_TUN, None).unwrap();
+    let log = dir.path().join("sidecar.log");
+    let ifname = lab::unique("ws");
+    let _sidecar = spawn_sidecar(
+        &pod,
+        &strings(&[
+            "run",
+            "--interface",
+            &ifname,
+            "--gateway",
+            "corp",
+            "--routes",
+            ROUTE,
+            "--key-source",
+            "file",
+            "--key-dir",
+            dir.path().join("keys").to_str().unwrap(),
+            "--health-addr",
+            "127.0.0.1:9901",
+            "--failover-after",
+            "2",
+        ]),
+        &log,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        get_ready(&pod),
+        503,
+        "must not be ready via a dead endpoint"
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || get_ready(&pod) == 200),
+        "{}",
+        log_of(&log)
+    );
+    let m = get_metrics(&pod);
+    assert!(
+        metric(&m, "wg_sidecar_endpoint_failovers_total").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+    let ep = pod.run("wg", &["show", &ifname, "endpoints"]).unwrap();
+    assert!(ep.contains("192.168.78.1:51820"), "{ep}");
+    pod.run("ping", &["-c2", "-i0.2", "-W2", GW_TUN_IP])
+        .unwrap();
+}
