@@ -341,6 +341,11 @@ fn provisioned_pod_reaches_the_private_network_through_the_gateway_and_loses_it_
     // Without the gateway's masquerading the private side has no route back to the pool.
     assert!(lab.private.ip(&["route", "get", "10.99.0.2"]).is_err());
 
+    // Statistics are sampled every second.
+    assert!(wait_for(Duration::from_secs(3), || metric(
+        &lab.gateway_metrics(&lab.gwa),
+        "wg_gateway_active_peers"
+    ) == Some(1.0)));
     let m = lab.gateway_metrics(&lab.gwa);
     assert_eq!(metric(&m, "wg_gateway_peers"), Some(2.0), "{m}");
     assert_eq!(metric(&m, "wg_gateway_active_peers"), Some(1.0), "{m}");
