@@ -22,20 +22,17 @@ fn init_logging(format: LogFormat) {
 /// Completes on SIGTERM or SIGINT (also as PID 1, where default dispositions do nothing).
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
+    if let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
         }
-        _ => {
-            tracing::error!("cannot install signal handlers; running until killed");
-            std::future::pending::<()>().await;
-        }
+    } else {
+        tracing::error!("cannot install signal handlers; running until killed");
+        std::future::pending::<()>().await;
     }
 }
 

@@ -145,8 +145,11 @@ pub fn key_hex(b64: &str) -> String {
         .decode(b64)
         .unwrap()
         .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+        .fold(String::new(), |mut acc, b| {
+            use std::fmt::Write as _;
+            let _ = write!(acc, "{b:02x}");
+            acc
+        })
 }
 
 /// A network namespace, deleted on drop (with everything inside it).
