@@ -430,22 +430,43 @@ impl Tunnel for WgTunnel {
         if remove.is_empty() && add.is_empty() {
             return Ok(());
         }
-        // One UAPI request for the whole batch: removals first, so a new key can take over the
-        // allowed IPs of the key it replaces.
-        let mut body = String::new();
-        for key in remove {
-            body.push_str(&Peer::new(wg_key("public_key", key)?).as_uapi_remove());
+        // BoringTun's UAPI parser does not reset `remove`, `endpoint`, `persistent_keepalive_interval`
+        // or `preshared_key` between the peer sections of one request: a section inherits what
+        // the previous one set. So removals go in their own request (first, so a new key can take
+        // over the allowed IPs of the key it replaces), and additions share one request only
+        // when none of them sets any of those fields; otherwise each gets its own.
+        let mut requests: Vec<String> = Vec::new();
+        if !remove.is_empty() {
+            let mut body = String::new();
+            for key in remove {
+                body.push_str(&Peer::new(wg_key("public_key", key)?).as_uapi_remove());
+            }
+            requests.push(body);
         }
-        for peer in add {
-            body.push_str(&to_peer(peer)?.as_uapi_update());
+        let plain = add
+            .iter()
+            .all(|p| p.preshared_key.is_none() && p.endpoint.is_none() && p.keepalive.is_none());
+        if plain && !add.is_empty() {
+            let mut body = String::new();
+            for peer in add {
+                body.push_str(&to_peer(peer)?.as_uapi_update());
+            }
+            requests.push(body);
+        } else {
+            for peer in add {
+                requests.push(to_peer(peer)?.as_uapi_update());
+            }
         }
-        let res = self.uapi_set(&body);
-        zeroize::Zeroize::zeroize(&mut body);
-        res.map_err(|e| SidecarError::Tunnel {
-            op: "apply peer changes on",
-            interface: self.name.clone(),
-            reason: e.to_string(),
-        })
+        for mut body in requests {
+            let res = self.uapi_set(&body);
+            zeroize::Zeroize::zeroize(&mut body);
+            res.map_err(|e| SidecarError::Tunnel {
+                op: "apply peer changes on",
+                interface: self.name.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(())
     }
 
     fn remove_peer(&mut self, public_key: &str) -> Result<()> {
