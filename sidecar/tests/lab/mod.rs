@@ -580,3 +580,241 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         (name == series).then(|| value.parse().ok())?
     })
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real etcd + kube-apiserver on loopback, with a static admin token `admintoken`.
+pub struct Kube {
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    /// The apiserver's self-signed serving certificate (PEM file).
+    pub ca_file: PathBuf,
+    apiserver: ChildGuard,
+    etcd: ChildGuard,
+    dir: tempfile::TempDir,
+}
+
+impl Kube {
+    /// Starts etcd and kube-apiserver and waits for `/readyz`.
+    pub fn start() -> Result<Self> {
+        let dir = scratch();
+        let d = dir.path();
+        let (ec, ep, port) = (free_port(), free_port(), free_port());
+        run(Command::new(find_binary("openssl")?)
+            .args(["genrsa", "-out"])
+            .arg(d.join("sa.key"))
+            .arg("2048"))?;
+        run(Command::new(find_binary("openssl")?)
+            .args(["rsa", "-in"])
+            .arg(d.join("sa.key"))
+            .args(["-pubout", "-out"])
+            .arg(d.join("sa.pub")))?;
+        fs::write(
+            d.join("tokens.csv"),
+            "admintoken,admin,admin,system:masters\n",
+        )?;
+        let client = format!("http://127.0.0.1:{ec}");
+        let peer = format!("http://127.0.0.1:{ep}");
+        let etcd_log = fs::File::create(d.join("etcd.log"))?;
+        let etcd = Command::new(find_binary("etcd")?)
+            .args(["--name", "t", "--data-dir"])
+            .arg(d.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("t={peer}"),
+                "--unsafe-no-fsync",
+            ])
+            .stdout(etcd_log.try_clone()?)
+            .stderr(etcd_log)
+            .spawn()?;
+        let etcd = ChildGuard {
+            child: etcd,
+            what: "etcd".into(),
+        };
+        let api_log = fs::File::create(d.join("apiserver.log"))?;
+        let apiserver = Command::new(find_binary("kube-apiserver")?)
+            .arg(format!("--etcd-servers={client}"))
+            .arg(format!("--cert-dir={}", d.join("certs").display()))
+            .arg(format!("--secure-port={port}"))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--authorization-mode=RBAC",
+                "--disable-admission-plugins=ServiceAccount",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                "--insecure-port=0",
+            ])
+            .arg(format!(
+                "--service-account-key-file={}",
+                d.join("sa.pub").display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                d.join("sa.key").display()
+            ))
+            .arg(format!(
+                "--token-auth-file={}",
+                d.join("tokens.csv").display()
+            ))
+            .stdout(api_log.try_clone()?)
+            .stderr(api_log)
+            .spawn()?;
+        let me = Self {
+            url: format!("https://127.0.0.1:{port}"),
+            ca_file: d.join("certs/apiserver.crt"),
+            apiserver: ChildGuard {
+                child: apiserver,
+                what: "kube-apiserver".into(),
+            },
+            etcd,
+            dir,
+        };
+        if !wait_for(Duration::from_secs(60), || {
+            me.request("GET", "/readyz", None)
+                .is_ok_and(|b| b.trim() == "ok")
+        }) {
+            bail!(
+                "kube-apiserver not ready: {}",
+                fs::read_to_string(me.dir.path().join("apiserver.log")).unwrap_or_default()
+            );
+        }
+        Ok(me)
+    }
+
+    /// An authenticated request as admin (curl); returns the body or fails on HTTP ≥ 400.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<String> {
+        let mut c = Command::new(find_binary("curl")?);
+        c.args(["-sS", "--fail-with-body", "-m", "5", "--cacert"])
+            .arg(&self.ca_file)
+            .args(["-H", "Authorization: Bearer admintoken", "-X", method])
+            .arg(format!("{}{path}", self.url));
+        if let Some(b) = body {
+            c.args(["-H", "Content-Type: application/json", "-d", &b.to_string()]);
+        }
+        run(&mut c)
+    }
+
+    /// Creates namespace `ns` and service account `sa`, and returns a token for it with `audience`.
+    pub fn service_account_token(&self, ns: &str, sa: &str, audience: &str) -> Result<String> {
+        self.request(
+            "POST",
+            "/api/v1/namespaces",
+            Some(&serde_json::json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":ns}})),
+        )?;
+        self.request(
+            "POST",
+            &format!("/api/v1/namespaces/{ns}/serviceaccounts"),
+            Some(&serde_json::json!({"apiVersion":"v1","kind":"ServiceAccount","metadata":{"name":sa}})),
+        )?;
+        let out = self.request(
+            "POST",
+            &format!("/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token"),
+            Some(
+                &serde_json::json!({"apiVersion":"authentication.k8s.io/v1","kind":"TokenRequest",
+                "spec":{"audiences":[audience],"expirationSeconds":600}}),
+            ),
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(v["status"]["token"]
+            .as_str()
+            .context("no token in TokenRequest answer")?
+            .to_owned())
+    }
+}
+
+/// A real OpenBao dev server on loopback with TLS (`-dev-tls`), root token `devroot`.
+pub struct OpenBaoTls {
+    /// `https://127.0.0.1:PORT`.
+    pub addr: String,
+    /// The dev CA that signed the server certificate.
+    pub ca_file: PathBuf,
+    process: ChildGuard,
+    home: tempfile::TempDir,
+}
+
+impl OpenBaoTls {
+    /// Starts the server and waits until it answers.
+    pub fn start() -> Result<Self> {
+        let home = scratch();
+        let port = free_port();
+        let certs = home.path().join("tls");
+        fs::create_dir_all(&certs)?;
+        let log = fs::File::create(home.path().join("bao.log"))?;
+        let child = Command::new(find_binary("bao")?)
+            .args(["server", "-dev", "-dev-root-token-id=devroot", "-dev-tls"])
+            .arg(format!("-dev-tls-cert-dir={}", certs.display()))
+            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+            .env_clear()
+            .env("HOME", home.path())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let me = Self {
+            addr: format!("https://127.0.0.1:{port}"),
+            ca_file: certs.join("vault-ca.pem"),
+            process: ChildGuard {
+                child,
+                what: "OpenBao".into(),
+            },
+            home,
+        };
+        if !wait_for(Duration::from_secs(15), || {
+            me.cli(&["status"], None).is_ok()
+        }) {
+            bail!(
+                "OpenBao (TLS) not ready: {}",
+                fs::read_to_string(me.home.path().join("bao.log")).unwrap_or_default()
+            );
+        }
+        Ok(me)
+    }
+
+    /// Runs the `bao` CLI as root against this server.
+    pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        let mut c = Command::new(find_binary("bao")?);
+        c.args(args)
+            .env_clear()
+            .env("HOME", self.home.path())
+            .env("BAO_ADDR", &self.addr)
+            .env("BAO_CACERT", &self.ca_file)
+            .env("BAO_TOKEN", "devroot")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn()?;
+        {
+            let mut si = child.stdin.take().unwrap();
+            if let Some(s) = stdin {
+                si.write_all(s.as_bytes())?;
+            }
+        }
+        let out = child.wait_with_output()?;
+        check(&c, &out)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
