@@ -30,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the mutating admission webhook over HTTPS.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Inject the sidecar into the Pods and Pod templates of YAML/JSON files (like `istioctl kube-inject`).
     Inject(crate::offline::FileArgs),
     /// Remove exactly what `inject` added.

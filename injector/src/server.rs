@@ -297,7 +297,20 @@ pub async fn run(settings: crate::cli::ServeSettings) -> Result<(), Error> {
         }
     };
     let tls = tls_config(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>)?;
+    let native_sidecars = config.native_sidecars;
     let state = crate::webhook::AppState::new(config, Some(resolver));
+    if let (true, Some(client)) = (settings.cluster.discover_version, client) {
+        let refreshed = state.clone();
+        crate::cluster::spawn_version_refresh(
+            client,
+            Duration::from_secs(settings.cluster.version_refresh_seconds.max(1)),
+            native_sidecars,
+            move |native| {
+                tracing::info!(native_sidecars = native, "apiserver version changed");
+                refreshed.set_native_sidecars(native);
+            },
+        );
+    }
     let listener = bind(settings.listen).await?;
     tracing::info!(
         listen = %settings.listen,

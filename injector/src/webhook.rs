@@ -25,8 +25,9 @@ pub const MAX_BODY_BYTES: usize = 6 * 1024 * 1024;
 /// Everything the handlers share.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    /// The injector configuration handed to [`crate::admission::decide`].
-    pub config: Arc<Config>,
+    /// The injector configuration handed to [`crate::admission::decide`]; replaced whole when
+    /// version discovery changes `native_sidecars` (see [`AppState::set_native_sidecars`]).
+    pub config: Arc<std::sync::RwLock<Arc<Config>>>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
     /// The serving certificate; `/readyz` is ready only once one is loaded.
@@ -38,10 +39,35 @@ impl AppState {
     #[must_use]
     pub fn new(config: Config, certificate: Option<Arc<ReloadingResolver>>) -> Self {
         Self {
-            config: Arc::new(config),
+            config: Arc::new(std::sync::RwLock::new(Arc::new(config))),
             metrics: Arc::new(Metrics::new()),
             certificate,
         }
+    }
+}
+
+impl AppState {
+    /// The configuration one request is decided with.
+    #[must_use]
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(
+            &self
+                .config
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Record what version discovery found (`sidecar-mode: auto` resolves from it); requests
+    /// already running keep the configuration they started with.
+    pub fn set_native_sidecars(&self, native: bool) {
+        let mut current = self
+            .config
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = Config::clone(&current);
+        next.native_sidecars = native;
+        *current = Arc::new(next);
     }
 }
 
@@ -126,7 +152,7 @@ async fn mutate(State(state): State<AppState>, request: Request) -> Response {
             return plain(StatusCode::BAD_REQUEST, "failed to read the request body");
         }
     };
-    match crate::review::answer(&body, &state.config) {
+    match crate::review::answer(&body, &state.config()) {
         Ok(answer) => {
             state.metrics.record(&answer.outcome, started.elapsed());
             tracing::debug!(

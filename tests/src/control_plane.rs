@@ -230,7 +230,7 @@ impl ControlPlane {
         self.write_kubeconfig("admin", &self.admin_token.clone())
     }
 
-    /// Start kube-controller-manager (Deployments → ReplicaSets → Pods) against this apiserver.
+    /// Start `kube-controller-manager` (Deployments → `ReplicaSets` → Pods) against this apiserver.
     pub fn start_controller_manager(&mut self) -> anyhow::Result<()> {
         let bin = find_binary("kube-controller-manager")?;
         let kubeconfig = self.admin_kubeconfig()?;
@@ -296,7 +296,7 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Create a ServiceAccount (if missing) and return a token for it from the TokenRequest API
+    /// Create a ServiceAccount (if missing) and return a token for it from the `TokenRequest` API
     /// with `audience` and a lifetime of one hour.
     pub async fn service_account_token(
         &self,
@@ -352,6 +352,7 @@ fn run_checked(command: &mut Command) -> anyhow::Result<()> {
 /// its scratch folder).
 #[must_use]
 pub fn random_token(prefix: &str) -> String {
+    use std::fmt::Write as _;
     use std::hash::{BuildHasher as _, Hasher as _};
     let mut out = String::from(prefix);
     for _ in 0..4 {
@@ -361,7 +362,7 @@ pub fn random_token(prefix: &str) -> String {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos()),
         );
-        out.push_str(&format!("{:016x}", hasher.finish()));
+        let _ = write!(out, "{:016x}", hasher.finish());
     }
     out
 }

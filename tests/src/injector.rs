@@ -85,7 +85,7 @@ impl InjectorProcess {
                 write_private(&key, serving.key_pem.as_bytes())?;
                 cmd.arg(format!("--tls-cert={}", cert.display()))
                     .arg(format!("--tls-key={}", key.display()));
-                ca_pem = ca.cert_pem().to_owned();
+                ca.cert_pem().clone_into(&mut ca_pem);
             }
             Certificates::SelfManaged(flags) => {
                 cmd.arg("--cert-mode=self-managed").args(flags);

@@ -22,7 +22,7 @@ pub struct SecondWebhook {
     pub port: u16,
     /// PEM of the CA that signed its certificate.
     pub ca_pem: String,
-    /// How many AdmissionReviews it answered.
+    /// How many `AdmissionReview`s it answered.
     pub calls: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }

@@ -40,11 +40,14 @@ async fn grant_chart_rbac(plane: &ControlPlane) {
     let client = plane.admin_client().await.unwrap();
     let pp = PostParams::default();
     Api::<Role>::namespaced(client.clone(), NS)
-        .create(&pp, &object(serde_json::json!({
-            "metadata": { "name": "wg-injector" },
-            "rules": [{ "apiGroups": [""], "resources": ["secrets"],
-                        "resourceNames": [SECRET], "verbs": ["get", "update"] }],
-        })))
+        .create(
+            &pp,
+            &object(serde_json::json!({
+                "metadata": { "name": "wg-injector" },
+                "rules": [{ "apiGroups": [""], "resources": ["secrets"],
+                            "resourceNames": [SECRET], "verbs": ["get", "update"] }],
+            })),
+        )
         .await
         .unwrap();
     Api::<RoleBinding>::namespaced(client.clone(), NS)
@@ -56,12 +59,15 @@ async fn grant_chart_rbac(plane: &ControlPlane) {
         .await
         .unwrap();
     Api::<ClusterRole>::all(client.clone())
-        .create(&pp, &object(serde_json::json!({
-            "metadata": { "name": "wg-injector-webhook" },
-            "rules": [{ "apiGroups": ["admissionregistration.k8s.io"],
-                        "resources": ["mutatingwebhookconfigurations"],
-                        "resourceNames": [WEBHOOK_CONFIG], "verbs": ["get", "patch"] }],
-        })))
+        .create(
+            &pp,
+            &object(serde_json::json!({
+                "metadata": { "name": "wg-injector-webhook" },
+                "rules": [{ "apiGroups": ["admissionregistration.k8s.io"],
+                            "resources": ["mutatingwebhookconfigurations"],
+                            "resourceNames": [WEBHOOK_CONFIG], "verbs": ["get", "patch"] }],
+            })),
+        )
         .await
         .unwrap();
     Api::<ClusterRoleBinding>::all(client.clone())
@@ -74,11 +80,14 @@ async fn grant_chart_rbac(plane: &ControlPlane) {
         .unwrap();
     // Pre-created empty, as the chart does (so no create permission is needed).
     Api::<Secret>::namespaced(client, NS)
-        .create(&pp, &object(serde_json::json!({
-            "metadata": { "name": SECRET },
-            "type": "kubernetes.io/tls",
-            "data": { "tls.crt": "", "tls.key": "", "ca.crt": "" },
-        })))
+        .create(
+            &pp,
+            &object(serde_json::json!({
+                "metadata": { "name": SECRET },
+                "type": "kubernetes.io/tls",
+                "data": { "tls.crt": "", "tls.key": "", "ca.crt": "" },
+            })),
+        )
         .await
         .unwrap();
 }
@@ -125,8 +134,12 @@ async fn two_self_managed_replicas_share_one_ca_and_pods_keep_being_injected_acr
     configs
         .create(
             &PostParams::default(),
-            &webhook_configuration(WEBHOOK_CONFIG, &format!("https://127.0.0.1:{port_a}/mutate"), "")
-                .unwrap(),
+            &webhook_configuration(
+                WEBHOOK_CONFIG,
+                &format!("https://127.0.0.1:{port_a}/mutate"),
+                "",
+            )
+            .unwrap(),
         )
         .await
         .unwrap();
@@ -169,7 +182,10 @@ async fn two_self_managed_replicas_share_one_ca_and_pods_keep_being_injected_acr
         if let Some(ca) = data.get("ca.crt").filter(|b| !b.0.is_empty()) {
             cas.insert(first_cert(&ca.0));
         }
-        match pods.create(&PostParams::default(), &pod(&format!("web-{i}"))).await {
+        match pods
+            .create(&PostParams::default(), &pod(&format!("web-{i}")))
+            .await
+        {
             Ok(p) if is_injected(&p) => {
                 warmed_up = true;
                 created += 1;
@@ -182,9 +198,16 @@ async fn two_self_managed_replicas_share_one_ca_and_pods_keep_being_injected_acr
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let logs = format!("--- replica a ---\n{}\n--- replica b ---\n{}", a.log(), b.log());
+    let logs = format!(
+        "--- replica a ---\n{}\n--- replica b ---\n{}",
+        a.log(),
+        b.log()
+    );
     assert!(warmed_up, "no Pod was ever injected\n{logs}");
-    assert!(failures.is_empty(), "failed admissions: {failures:#?}\n{logs}");
+    assert!(
+        failures.is_empty(),
+        "failed admissions: {failures:#?}\n{logs}"
+    );
     assert!(created > 100, "only {created} Pods created");
     assert!(
         leaves.len() >= 3,
@@ -194,7 +217,9 @@ async fn two_self_managed_replicas_share_one_ca_and_pods_keep_being_injected_acr
     assert!(cas.len() >= 2, "the 90 s CA was never rotated\n{logs}");
     // Both replicas served what the Secret holds: each logged the renewals it swapped in.
     for (name, log) in [("a", a.log()), ("b", b.log())] {
-        let swaps = log.matches("serving renewed self-managed certificate").count();
+        let swaps = log
+            .matches("serving renewed self-managed certificate")
+            .count();
         assert!(swaps >= 2, "replica {name} swapped {swaps} times\n{log}");
     }
     // One CA in the end: the webhook's caBundle equals the Secret's bundle.
@@ -235,6 +260,9 @@ async fn self_managed_mode_without_its_secret_permission_fails_at_start_naming_t
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("get Secret wg-injector/wg-injector-tls"), "{err}");
+    assert!(
+        err.contains("get Secret wg-injector/wg-injector-tls"),
+        "{err}"
+    );
     assert!(err.contains("forbidden"), "{err}");
 }

@@ -67,8 +67,9 @@ fn check(pod: &Pod, origin: &str) -> usize {
     for container in injected {
         let argv = argv(container);
         assert_eq!(argv[0], "wg-sidecar", "{origin}: {argv:?}");
-        let parsed = Cli::try_parse_from(&argv)
-            .unwrap_or_else(|e| panic!("{origin}: {} does not parse: {e}\n{argv:?}", container.name));
+        let parsed = Cli::try_parse_from(&argv).unwrap_or_else(|e| {
+            panic!("{origin}: {} does not parse: {e}\n{argv:?}", container.name)
+        });
         match (container.name.as_str(), &parsed.command) {
             ("wg-init", Command::Init(_)) | ("wg-sidecar", Command::Run(_)) => {}
             (name, command) => panic!("{origin}: {name} runs {command:?}"),
@@ -95,7 +96,11 @@ fn every_argument_list_the_injector_writes_for_the_golden_pods_parses_with_the_s
         }
     }
     assert!(injected >= 5, "only {injected} golden Pods were injected");
-    assert_eq!(checked, injected * 2, "each injected Pod has wg-init and wg-sidecar");
+    assert_eq!(
+        checked,
+        injected * 2,
+        "each injected Pod has wg-init and wg-sidecar"
+    );
 }
 
 #[test]
@@ -104,7 +109,10 @@ fn every_flag_combination_from_the_annotations_parses_with_the_sidecar_cli() {
     let cases: &[&[(&str, &str)]] = &[
         &[],
         &[("wg-injector.io/gateway", "corp")],
-        &[("wg-injector.io/gateway", "v6only"), ("wg-injector.io/kill-switch", "false")],
+        &[
+            ("wg-injector.io/gateway", "v6only"),
+            ("wg-injector.io/kill-switch", "false"),
+        ],
         &[
             ("wg-injector.io/routes", "10.1.0.0/16,fd00:1::/64"),
             ("wg-injector.io/dns", "10.1.0.53,fd00:1::53"),
