@@ -66,6 +66,10 @@ pub struct GatewayArgs {
     /// Seconds between reconciles with Vault (a removed peer loses access within one).
     #[arg(long, env = "WG_SIDECAR_POLL_INTERVAL", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub poll_interval: u64,
+    /// Keepalive the gateway sends to every connected peer, in seconds (0 = off). Sidecars treat
+    /// silence longer than their `--failover-after` as a dead gateway, so keep this well below it.
+    #[arg(long, env = "WG_SIDECAR_PEER_KEEPALIVE", default_value_t = 5)]
+    pub peer_keepalive: u16,
     /// Masquerade tunnel traffic leaving to the private network (needs `nft`).
     #[arg(long, env = "WG_SIDECAR_MASQUERADE", action = clap::ArgAction::Set, default_value_t = true)]
     pub masquerade: bool,
@@ -100,6 +104,8 @@ pub struct GatewayConfig {
     pub health_addr: SocketAddr,
     /// Reconcile period.
     pub poll_interval: Duration,
+    /// Keepalive sent to peers (None = off).
+    pub peer_keepalive: Option<u16>,
     /// `nft` program when masquerading.
     pub masquerade: Option<PathBuf>,
 }
@@ -139,6 +145,7 @@ impl GatewayArgs {
             peers_path: self.vault_peers_path.trim_end_matches('/').to_owned(),
             health_addr: self.health_addr,
             poll_interval: Duration::from_secs(self.poll_interval),
+            peer_keepalive: (self.peer_keepalive > 0).then_some(self.peer_keepalive),
             masquerade: self.masquerade.then_some(self.nft),
         })
     }
@@ -237,24 +244,29 @@ pub fn diff(running: &PeerTable, desired: &PeerTable) -> PeerDiff {
     d
 }
 
-fn spec(public_key: &str, ips: &[IpNet]) -> PeerSpec {
+fn spec(public_key: &str, ips: &[IpNet], keepalive: Option<u16>) -> PeerSpec {
     PeerSpec {
         public_key: public_key.to_owned(),
         preshared_key: None,
         endpoint: None,
         allowed_ips: ips.to_vec(),
-        keepalive: None,
+        keepalive,
     }
 }
 
-/// Applies `d` to `tunnel` as one batch and, on success, to `running`.
-pub fn apply_diff(tunnel: &mut impl Tunnel, running: &mut PeerTable, d: &PeerDiff) -> Result<()> {
+/// Applies `d` to `tunnel` as one batch (peers get `keepalive`) and, on success, to `running`.
+pub fn apply_diff(
+    tunnel: &mut impl Tunnel,
+    running: &mut PeerTable,
+    d: &PeerDiff,
+    keepalive: Option<u16>,
+) -> Result<()> {
     let remove: Vec<String> = d.remove.iter().chain(d.update.keys()).cloned().collect();
     let add: Vec<PeerSpec> = d
         .add
         .iter()
         .chain(d.update.iter())
-        .map(|(k, ips)| spec(k, ips))
+        .map(|(k, ips)| spec(k, ips, keepalive))
         .collect();
     tunnel.apply_peer_changes(&remove, &add)?;
     for k in &d.remove {
@@ -622,7 +634,8 @@ impl Gateway {
             .set(i64::try_from(desired.conflicts.len() + errors.len()).unwrap_or(i64::MAX));
         let d = diff(&self.running, &desired.peers);
         if !d.is_empty() {
-            if let Err(e) = apply_diff(&mut self.tunnel, &mut self.running, &d) {
+            let keepalive = self.cfg.peer_keepalive;
+            if let Err(e) = apply_diff(&mut self.tunnel, &mut self.running, &d, keepalive) {
                 // The interface's state is unknown now: rebuild the table from what it reports.
                 self.running = self
                     .tunnel
@@ -920,7 +933,7 @@ mod tests {
         let mut running = table(&[("a", "10.99.0.2/32"), ("b", "10.99.0.3/32")]);
         let desired = table(&[("b", "10.99.0.7/32"), ("c", "10.99.0.4/32")]);
         let d = diff(&running, &desired);
-        apply_diff(&mut t, &mut running, &d).unwrap();
+        apply_diff(&mut t, &mut running, &d, Some(5)).unwrap();
         assert_eq!(t.batches.len(), 1);
         assert_eq!(t.batches[0].0, vec!["a", "b"]);
         assert_eq!(t.batches[0].1, vec!["c", "b"]);

@@ -65,11 +65,46 @@ pub fn should_fail_over(
     }
 }
 
+/// Whether an established session went silent: something was sent since the last byte came
+/// back, and nothing has come back for `failover_after` (on this endpoint). `wg-sidecar gateway`
+/// sends every peer a keepalive each `--peer-keepalive` seconds, so silence means it is gone —
+/// found in seconds, where the handshake age alone takes minutes.
+#[must_use]
+pub fn session_silent(
+    had_handshake: bool,
+    sent_since_rx: bool,
+    since_rx: Duration,
+    since_switch: Duration,
+    failover_after: Duration,
+) -> bool {
+    had_handshake && sent_since_rx && since_rx >= failover_after && since_switch >= failover_after
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, SystemTime};
 
-    use super::{plan, should_fail_over, Applied};
+    use super::{plan, session_silent, should_fail_over, Applied};
+
+    #[test]
+    fn a_session_is_silent_only_when_sent_traffic_got_nothing_back_for_the_deadline() {
+        let f = Duration::from_secs(3);
+        let long = Duration::from_secs(10);
+        assert!(session_silent(true, true, f, long, f));
+        assert!(
+            !session_silent(true, false, long, long, f),
+            "idle is not dead"
+        );
+        assert!(!session_silent(true, true, Duration::from_secs(2), long, f));
+        assert!(
+            !session_silent(false, true, long, long, f),
+            "no session yet: handshake rule"
+        );
+        assert!(
+            !session_silent(true, true, long, Duration::from_secs(2), f),
+            "just switched"
+        );
+    }
 
     const A: Applied = Applied {
         key_version: 1,

@@ -22,7 +22,7 @@ use crate::{
     health::{self, readiness, HealthState, Readiness},
     keysource::{FileKeySource, GatewayRecord, KeySource, PrivateRecord, VaultKeySource},
     metrics::{set_version, Metrics},
-    rotation::{plan, should_fail_over, Applied},
+    rotation::{plan, session_silent, should_fail_over, Applied},
     routes::Routes,
     tunnel::{replace_peers, PeerSpec, Tunnel, WgTunnel},
     vault::Vault,
@@ -140,6 +140,8 @@ struct Controller<S> {
     applied: Applied,
     endpoint_index: usize,
     switched_at: Instant,
+    /// Gateway peer's (rx bytes, tx bytes) when rx last advanced, and when.
+    rx_seen: (u64, u64, Instant),
     waiting_logged: u64,
 }
 
@@ -177,6 +179,7 @@ impl<S: KeySource> Controller<S> {
         tracing::info!(peer = %spec.public_key, endpoint = ?spec.endpoint, "gateway peer configured");
         replace_peers(&mut self.tunnel, std::slice::from_ref(&spec))?;
         self.switched_at = Instant::now();
+        self.rx_seen = (0, 0, Instant::now());
         self.kick_handshake();
         Ok(())
     }
@@ -231,10 +234,17 @@ impl<S: KeySource> Controller<S> {
             }
         };
         self.health.metrics.record_peers(&stats, now);
-        let last_hs = stats
+        let gw_stats = stats
             .iter()
-            .find(|p| p.public_key == self.gateway.public_key)
-            .and_then(|p| p.last_handshake);
+            .find(|p| p.public_key == self.gateway.public_key);
+        let last_hs = gw_stats.and_then(|p| p.last_handshake);
+        let mut sent_since_rx = false;
+        if let Some(p) = gw_stats {
+            if p.rx_bytes != self.rx_seen.0 {
+                self.rx_seen = (p.rx_bytes, p.tx_bytes, Instant::now());
+            }
+            sent_since_rx = p.tx_bytes > self.rx_seen.1;
+        }
         let r = readiness(true, last_hs, now);
         let ready = r == Readiness::Ready;
         if self.health.set_readiness(r.clone()) {
@@ -248,6 +258,12 @@ impl<S: KeySource> Controller<S> {
             self.switched_at.elapsed(),
             self.cfg.failover_after,
             now,
+        ) || session_silent(
+            last_hs.is_some(),
+            sent_since_rx,
+            self.rx_seen.2.elapsed(),
+            self.switched_at.elapsed(),
+            self.cfg.failover_after,
         ) {
             let n = self.endpoints().len().max(1);
             self.endpoint_index = (self.endpoint_index + 1) % n;
@@ -368,6 +384,7 @@ async fn run_with<S: KeySource>(
         gateway,
         endpoint_index: 0,
         switched_at: Instant::now(),
+        rx_seen: (0, 0, Instant::now()),
         waiting_logged: 0,
     };
     if ctl.endpoints().is_empty() {

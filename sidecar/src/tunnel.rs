@@ -434,7 +434,8 @@ impl Tunnel for WgTunnel {
         // or `preshared_key` between the peer sections of one request: a section inherits what
         // the previous one set. So removals go in their own request (first, so a new key can take
         // over the allowed IPs of the key it replaces), and additions share one request only
-        // when none of them sets any of those fields; otherwise each gets its own.
+        // when none sets an endpoint or preshared key and all share one keepalive (which every
+        // section then sets explicitly); otherwise each gets its own.
         let mut requests: Vec<String> = Vec::new();
         if !remove.is_empty() {
             let mut body = String::new();
@@ -443,9 +444,9 @@ impl Tunnel for WgTunnel {
             }
             requests.push(body);
         }
-        let plain = add
-            .iter()
-            .all(|p| p.preshared_key.is_none() && p.endpoint.is_none() && p.keepalive.is_none());
+        let plain = add.iter().all(|p| {
+            p.preshared_key.is_none() && p.endpoint.is_none() && p.keepalive == add[0].keepalive
+        });
         if plain && !add.is_empty() {
             let mut body = String::new();
             for peer in add {

@@ -208,7 +208,13 @@ impl Lab {
     }
 
     /// Starts the gateway in `ns`, reaching OpenBao at `vault`.
-    fn gateway(&self, ns: &Netns, vault: &str, name: &str) -> (ChildGuard, PathBuf) {
+    fn gateway(
+        &self,
+        ns: &Netns,
+        vault: &str,
+        name: &str,
+        extra: &[&str],
+    ) -> (ChildGuard, PathBuf) {
         let log = self.dir.path().join(format!("gateway-{name}.log"));
         let mut args = s(&[
             "--log-format",
@@ -225,6 +231,7 @@ impl Lab {
             "--poll-interval",
             "1",
         ]);
+        args.extend(s(extra));
         args.extend(self.vault_flags(vault));
         let g = spawn_sidecar(ns, &args, &log).unwrap();
         assert!(
@@ -325,7 +332,7 @@ fn provisioned_pod_reaches_the_private_network_through_the_gateway_and_loses_it_
         .unwrap();
     assert!(!web.to_string().contains(private.trim()));
 
-    let (_gw, gwlog) = lab.gateway(&lab.gwa, "http://192.168.77.2:8200", "a");
+    let (_gw, gwlog) = lab.gateway(&lab.gwa, "http://192.168.77.2:8200", "a", &[]);
     let (_sc, sclog, _ifname) = lab.sidecar("web", &[]);
     assert!(
         wait_for(Duration::from_secs(15), || lab.pod_fetch().0 == 200),
@@ -437,7 +444,7 @@ fn keys_rotate_switches_pod_and_gateway_together_under_a_long_tcp_stream() {
     lab.provision_gateway("192.168.77.1:51820");
     let web = lab.provision("shop", "web");
     let old_key = web["public_key"].as_str().unwrap().to_owned();
-    let (_gw, gwlog) = lab.gateway(&lab.gwa, "http://192.168.77.2:8200", "a");
+    let (_gw, gwlog) = lab.gateway(&lab.gwa, "http://192.168.77.2:8200", "a", &[]);
     let (_sc, sclog, ifname) = lab.sidecar("web", &[]);
     assert!(
         wait_for(Duration::from_secs(15), || lab.pod_fetch().0 == 200),
@@ -510,8 +517,10 @@ fn when_gateway_a_dies_traffic_resumes_through_gateway_b_within_ten_seconds() {
     let gwb = lab.gwb.as_ref().unwrap();
     lab.provision_gateway("192.168.77.1:51820,192.168.78.1:51820");
     lab.provision("shop", "web");
-    let (mut gw_a, _loga) = lab.gateway(&lab.gwa, "http://192.168.77.2:8200", "a");
-    let (_gw_b, _logb) = lab.gateway(gwb, "http://192.168.78.2:8200", "b");
+    // Gateways send keepalives every second, so 3 s of silence means a dead gateway.
+    let ka = ["--peer-keepalive", "1"];
+    let (mut gw_a, _loga) = lab.gateway(&lab.gwa, "http://192.168.77.2:8200", "a", &ka);
+    let (_gw_b, _logb) = lab.gateway(gwb, "http://192.168.78.2:8200", "b", &ka);
     let (_sc, sclog, ifname) = lab.sidecar("web", &["--failover-after", "3", "--keepalive", "1"]);
     assert!(
         wait_for(Duration::from_secs(15), || lab.pod_fetch().0 == 200),
