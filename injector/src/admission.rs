@@ -134,7 +134,7 @@ pub fn decide(pod: &Pod, _namespace: &str, config: &Config) -> Decision {
                 });
             };
             Decision::Patch {
-                patch: json_patch::diff(&before, &after),
+                patch: crate::patch::diff(&before, &after),
                 warnings: outcome.warnings,
             }
         }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod inject;
 pub mod metrics;
 pub mod offline;
+pub mod patch;
 pub mod review;
 pub mod server;
 pub mod webhook;
