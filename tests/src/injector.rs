@@ -191,3 +191,64 @@ pub fn webhook_configuration(
     }))
     .context("webhook configuration does not parse")
 }
+
+/// Start the injector with provided certificates (its token has no RBAC grant), register it
+/// with `failurePolicy: Fail` and wait until the apiserver calls it: a dry-run Pod in a labelled
+/// namespace `probe` comes back injected.
+pub async fn start_registered(
+    plane: &crate::control_plane::ControlPlane,
+    config_yaml: &str,
+) -> anyhow::Result<InjectorProcess> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, PostParams};
+    plane.create_namespace("wg-injector", &[]).await?;
+    let token = plane
+        .service_account_token(
+            "wg-injector",
+            "wg-injector",
+            "https://kubernetes.default.svc",
+        )
+        .await?;
+    let kubeconfig = plane.write_kubeconfig("injector", &token)?;
+    let injector = InjectorProcess::start(config_yaml, Some(&kubeconfig), &Certificates::Files)?;
+    let client = plane.admin_client().await?;
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &webhook_configuration("wg-injector", &injector.url(), &injector.ca_pem)?,
+        )
+        .await?;
+    plane
+        .create_namespace("probe", &[("wg-injector.io/injection", "enabled")])
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(client, "probe");
+    let probe: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "probe", "annotations": { "wg-injector.io/inject": "true" } },
+        "spec": { "serviceAccountName": "probe", "containers": [{ "name": "app", "image": "app:1" }] },
+    }))?;
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match pods.create(&dry, &probe).await {
+            Ok(p)
+                if p.spec
+                    .iter()
+                    .flat_map(|s| &s.containers)
+                    .any(|c| c.name == "wg-sidecar") =>
+            {
+                return Ok(injector);
+            }
+            Ok(_) => last = "created without sidecar".into(),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bail!(
+        "the apiserver never called the injector: {last}\n{}",
+        injector.log()
+    )
+}

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
 use std::time::{Duration, Instant};
 use wg_e2e::control_plane::ControlPlane;
-use wg_e2e::injector::{webhook_configuration, Certificates, InjectorProcess};
+use wg_e2e::injector::{start_registered, webhook_configuration, InjectorProcess};
 use wg_e2e::second_webhook::{SecondWebhook, LATE_CONTAINER};
 
 /// The injector config of these tests: opt-in per Pod, and `nativeSidecars: true` so that only
@@ -64,60 +64,8 @@ fn container_names(pod: &Pod) -> (Vec<String>, Vec<String>) {
     )
 }
 
-/// A token for the injector's own service account: authenticated, with no RBAC grant at all
-/// (provided certificates need none; reading `/version` is open to every authenticated user).
-async fn injector_kubeconfig(plane: &ControlPlane) -> std::path::PathBuf {
-    plane.create_namespace("wg-injector", &[]).await.unwrap();
-    let token = plane
-        .service_account_token(
-            "wg-injector",
-            "wg-injector",
-            "https://kubernetes.default.svc",
-        )
-        .await
-        .unwrap();
-    plane.write_kubeconfig("injector", &token).unwrap()
-}
-
-/// Start the injector with provided certificates and register it; wait until the apiserver
-/// actually calls it (a dry-run Pod comes back injected).
 async fn start_injector(plane: &ControlPlane) -> InjectorProcess {
-    let kubeconfig = injector_kubeconfig(plane).await;
-    let injector = InjectorProcess::start(CONFIG, Some(&kubeconfig), &Certificates::Files).unwrap();
-    let client = plane.admin_client().await.unwrap();
-    let configs: Api<MutatingWebhookConfiguration> = Api::all(client);
-    configs
-        .create(
-            &PostParams::default(),
-            &webhook_configuration("wg-injector", &injector.url(), &injector.ca_pem).unwrap(),
-        )
-        .await
-        .unwrap();
-    plane.create_namespace("probe", &[LABEL]).await.unwrap();
-    wait_until_injecting(plane, "probe", &injector.log()).await;
-    injector
-}
-
-async fn wait_until_injecting(plane: &ControlPlane, namespace: &str, context: &str) {
-    let pods: Api<Pod> = Api::namespaced(plane.admin_client().await.unwrap(), namespace);
-    let dry = PostParams {
-        dry_run: true,
-        ..PostParams::default()
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        match pods
-            .create(&dry, &pod("probe", &[("wg-injector.io/inject", "true")]))
-            .await
-        {
-            Ok(p) if container_names(&p).1.contains(&"wg-sidecar".to_owned()) => return,
-            Ok(_) => last = "created without sidecar".into(),
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("the apiserver never called the injector: {last}\n{context}");
+    start_registered(plane, CONFIG).await.unwrap()
 }
 
 /// The spec, labels and annotations of a stored Pod (what the comparison looks at).
