@@ -1,6 +1,6 @@
 # wg-injector: the few commands a contributor needs. `make test` is what CI runs.
 SHELL := /bin/bash
-.PHONY: demo lab test test-unit lint bench
+.PHONY: demo lab test test-unit lint bench fuzz
 
 ## Inject the sidecar into the bundled example Pod (needs nothing but cargo).
 demo:
@@ -25,3 +25,8 @@ lint:
 
 bench:
 	bash scripts/bench.sh
+
+## Run each fuzz target (fuzz/, nightly toolchain) for FUZZ_SECONDS seconds; a crash fails.
+FUZZ_SECONDS ?= 60
+fuzz:
+	bash scripts/fuzz.sh $(FUZZ_SECONDS)

@@ -82,5 +82,18 @@ if [ ! -x "$bin/kube-apiserver" ] || [ ! -x "$bin/kube-controller-manager" ]; th
     fi
   done
 fi
+# Cargo tools for CI: licence/ban/source checks and the fuzzers (nightly toolchain).
+if ! command -v cargo-deny >/dev/null; then
+  log "cargo-deny: cargo install --locked cargo-deny"
+  cargo install -q --locked cargo-deny
+fi
+if ! command -v cargo-fuzz >/dev/null; then
+  log "cargo-fuzz: cargo install --locked cargo-fuzz"
+  cargo install -q --locked cargo-fuzz
+fi
+if ! rustup toolchain list | grep -q '^nightly'; then
+  log "rust: installing the nightly toolchain for cargo-fuzz"
+  rustup toolchain install nightly --profile minimal
+fi
 for t in etcd wireguard-go wg iperf3 nft podman runc; do command -v "$t" >/dev/null || { log "missing $t"; exit 1; }; done
 log "ready: $(ls "$bin" | tr '\n' ' ')"
