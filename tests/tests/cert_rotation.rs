@@ -198,6 +198,12 @@ async fn two_self_managed_replicas_share_one_ca_and_pods_keep_being_injected_acr
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    eprintln!(
+        "{created} Pods injected in 80 s, {} serving certificates, {} CAs, {} failed admissions",
+        leaves.len(),
+        cas.len(),
+        failures.len()
+    );
     let logs = format!(
         "--- replica a ---\n{}\n--- replica b ---\n{}",
         a.log(),
