@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Installs every real component the test suite needs, idempotently, caching the expensive
-# builds under .cache/lab (git-ignored). Recipes: ../shared/LAB.md.
+# builds outside the checkout ($WG_LAB_CACHE, default ~/.cache/wg-injector/lab) so a fresh clone
+# on a warm machine skips them, and links them in as .cache/lab (git-ignored).
+# Recipes: ../shared/LAB.md.
 #   bash scripts/lab-install.sh          # everything
-# Prints the tool paths it provides; tests find them through .cache/lab/bin.
+# Tests find the tools through .cache/lab/bin (or $WG_LAB_BIN).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-cache="$root/.cache/lab"
+cache="${WG_LAB_CACHE:-$HOME/.cache/wg-injector/lab}"
 bin="$cache/bin"
-mkdir -p "$bin"
+mkdir -p "$bin" "$root/.cache"
+# Adopt a cache an older version of this script left inside the checkout.
+if [ -d "$root/.cache/lab" ] && [ ! -L "$root/.cache/lab" ] && [ ! -x "$bin/kube-apiserver" ]; then
+  rm -rf "$cache" && mv "$root/.cache/lab" "$cache"
+fi
+[ -L "$root/.cache/lab" ] || [ ! -e "$root/.cache/lab" ] || rm -rf "$root/.cache/lab"
+ln -sfn "$cache" "$root/.cache/lab"
 log() { printf '[lab-install] %s\n' "$*" >&2; }
 
 apt_pkgs=(wireguard-go wireguard-tools iperf3 iputils-ping iproute2 nftables tcpdump
