@@ -1,0 +1,475 @@
+//! Secret hygiene of `wg-sidecar gateway` and `wg-sidecar keys provision|provision-gateway|rotate`
+//! against a real OpenBao dev server, as root, in a network namespace made by the test.
+//! (`sidecar/tests/dataplane.rs` already checks the Pod sidecar's argv, environment, log and
+//! metrics; this suite covers the other two roles of the same binary.)
+//!
+//! Every private key, in base64 and in the hex form the UAPI uses, and the Vault token must be
+//! absent from: the processes' argv (`/proc/PID/cmdline`) and environment (`/proc/PID/environ`),
+//! their stdout/stderr, `/metrics`, and every file they leave in their working directory. The
+//! token file the test hands them is 0600 on memory-backed storage (`/dev/shm`), and so is every
+//! regular file the gateway holds open. Needs root, `ip`, `curl` and `bao` (scripts/lab-install.sh).
+#![allow(
+    clippy::unwrap_used,
+    clippy::missing_panics_doc,
+    clippy::too_many_lines
+)]
+
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use wg_e2e::lab::find_binary;
+
+const TOKEN: &str = "devroot-hygiene-3f9a1c";
+
+fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}{}",
+        std::process::id() % 100_000,
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A network namespace, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Self {
+        let name = unique("hyg");
+        assert!(Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap()
+            .success());
+        let ns = Self(name);
+        assert!(Command::new("ip")
+            .args(["-n", &ns.0, "link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success());
+        ns
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).arg(program);
+        c
+    }
+
+    fn http_get(&self, url: &str) -> (u16, String) {
+        let out = self
+            .command(&find_binary("curl").unwrap())
+            .args(["-s", "-m", "2", "-w", "\n%{http_code}", url])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "000"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+/// A child process killed by its PID on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The PID of the program itself (the child of `ip netns exec`, which execs it: same PID).
+fn pid(guard: &Guard) -> u32 {
+    guard.0.id()
+}
+
+fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+fn sidecar_bin() -> PathBuf {
+    let bin = wg_e2e::lab::workspace_root().join("target/debug/wg-sidecar");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build -p wg-sidecar` (make test builds it)",
+        bin.display()
+    );
+    bin
+}
+
+fn key_hex(b64: &str) -> String {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+        .iter()
+        .fold(String::new(), |mut acc, b| {
+            let _ = write!(acc, "{b:02x}");
+            acc
+        })
+}
+
+struct Lab {
+    ns: Netns,
+    _bao: Guard,
+    bao_bin: PathBuf,
+    shm: tempfile::TempDir,
+    token_file: PathBuf,
+    work: tempfile::TempDir,
+}
+
+impl Lab {
+    fn new() -> Self {
+        assert!(
+            fs::read_to_string("/proc/self/status")
+                .unwrap()
+                .lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")),
+            "the secret-hygiene suite must run as root (network namespaces, TUN devices)"
+        );
+        let ns = Netns::new();
+        let bao_bin = find_binary("bao").unwrap();
+        let home = tempfile::tempdir().unwrap();
+        let bao = ns
+            .command(&bao_bin)
+            .args(["server", "-dev", "-dev-listen-address=127.0.0.1:8200"])
+            .arg(format!("-dev-root-token-id={TOKEN}"))
+            .env_clear()
+            .env("HOME", home.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Memory-backed, 0600: where a token file belongs.
+        let shm = tempfile::Builder::new()
+            .prefix("wg-hygiene")
+            .tempdir_in("/dev/shm")
+            .unwrap();
+        let token_file = shm.path().join("token");
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&token_file)
+            .unwrap();
+        fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        let lab = Self {
+            ns,
+            _bao: Guard(bao),
+            bao_bin,
+            shm,
+            token_file,
+            work: tempfile::tempdir().unwrap(),
+        };
+        assert!(
+            wait_for(Duration::from_secs(15), || lab.bao(&["status"]).is_some()),
+            "OpenBao did not start"
+        );
+        lab
+    }
+
+    fn bao(&self, args: &[&str]) -> Option<String> {
+        let out = self
+            .ns
+            .command(&self.bao_bin)
+            .args(args)
+            .env_clear()
+            .env("BAO_ADDR", "http://127.0.0.1:8200")
+            .env("BAO_TOKEN", TOKEN)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn field(&self, path: &str, field: &str) -> String {
+        self.bao(&[
+            "kv",
+            "get",
+            &format!("-field={field}"),
+            &format!("secret/{path}"),
+        ])
+        .unwrap_or_else(|| panic!("no {field} at secret/{path}"))
+        .trim()
+        .to_owned()
+    }
+
+    fn vault_flags(&self) -> Vec<String> {
+        [
+            "--vault-addr",
+            "http://127.0.0.1:8200",
+            "--vault-auth",
+            "token",
+            "--vault-token-file",
+            self.token_file.to_str().unwrap(),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// Runs `wg-sidecar keys ARGS…` with an empty environment in the working dir; returns
+    /// (argv as the process saw it, stdout + stderr).
+    fn keys(&self, args: &[&str]) -> (String, String) {
+        let mut command = self.ns.command(&sidecar_bin());
+        command
+            .args(["--log-format", "json", "keys"])
+            .args(args)
+            .args(self.vault_flags())
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .current_dir(self.work.path());
+        let command_line = format!("{command:?}");
+        let out = command.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "keys {args:?} failed: {text}");
+        (command_line, text)
+    }
+}
+
+fn assert_clean(what: &str, text: &str, secrets: &[String]) {
+    for secret in secrets {
+        assert!(
+            !text.contains(secret.as_str()),
+            "{what} contains a secret ({}…)",
+            &secret[..6]
+        );
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Whether `path` lives on a tmpfs (memory-backed) mount, from /proc/self/mounts.
+fn on_tmpfs(path: &Path) -> bool {
+    let path = fs::canonicalize(path).unwrap();
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, point, kind) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(point)
+                .then(|| (point.len(), kind == "tmpfs"))
+        })
+        .max_by_key(|(len, _)| *len)
+        .is_some_and(|(_, tmpfs)| tmpfs)
+}
+
+#[test]
+fn gateway_and_keys_never_expose_private_keys_or_the_vault_token() {
+    let lab = Lab::new();
+    assert!(
+        on_tmpfs(&lab.token_file),
+        "/dev/shm is not memory-backed here"
+    );
+    assert_eq!(
+        fs::metadata(&lab.token_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let mut outputs = Vec::new();
+    outputs.push(lab.keys(&[
+        "provision-gateway",
+        "corp",
+        "--endpoints",
+        "127.0.0.1:51820",
+        "--allowed-ips",
+        "10.20.0.0/24",
+        "--pool",
+        "10.99.0.0/16",
+    ]));
+    for sa in ["web", "api"] {
+        outputs.push(lab.keys(&[
+            "provision",
+            "--namespace",
+            "shop",
+            "--service-account",
+            sa,
+            "--pool",
+            "10.99.0.0/16",
+        ]));
+    }
+
+    let iface = unique("wgh");
+    let log_path = lab.work.path().join("gateway.log");
+    let log = fs::File::create(&log_path).unwrap();
+    let gateway = Guard(
+        lab.ns
+            .command(&sidecar_bin())
+            .args(["--log-format", "json", "gateway", "--interface", &iface])
+            .args([
+                "--listen-port",
+                "51820",
+                "--vault-gateway-path",
+                "wg/gateways/corp",
+            ])
+            .args(["--health-addr", "127.0.0.1:9901", "--poll-interval", "1"])
+            .args(lab.vault_flags())
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .current_dir(lab.work.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || lab
+            .ns
+            .http_get("http://127.0.0.1:9901/ready")
+            .0
+            == 200),
+        "gateway never ready: {}",
+        fs::read_to_string(&log_path).unwrap_or_default()
+    );
+
+    // Rotate one identity while the gateway runs (it must pick up the new public key, and
+    // the new private key must not show up anywhere either).
+    outputs.push(lab.keys(&[
+        "rotate",
+        "--namespace",
+        "shop",
+        "--service-account",
+        "web",
+        "--activate-after",
+        "1",
+    ]));
+    std::thread::sleep(Duration::from_secs(3));
+
+    // Every secret that now exists or existed during the test.
+    let mut secrets = vec![TOKEN.to_owned()];
+    for path in [
+        "wg/gateway-keys/corp",
+        "wg/keys/shop/web",
+        "wg/keys/shop/api",
+    ] {
+        let versions = lab
+            .bao(&[
+                "kv",
+                "metadata",
+                "get",
+                "-format=json",
+                &format!("secret/{path}"),
+            ])
+            .unwrap();
+        let versions: serde_json::Value = serde_json::from_str(&versions).unwrap();
+        let count = versions["data"]["versions"].as_object().unwrap().len();
+        for v in 1..=count {
+            if let Some(key) = lab
+                .bao(&[
+                    "kv",
+                    "get",
+                    &format!("-version={v}"),
+                    "-field=private_key",
+                    &format!("secret/{path}"),
+                ])
+                .map(|k| k.trim().to_owned())
+                .filter(|k| !k.is_empty())
+            {
+                secrets.push(key_hex(&key));
+                secrets.push(key);
+            }
+        }
+    }
+    assert!(
+        secrets.len() > 2 * 4,
+        "expected the gateway key and three web/api versions: {} secrets",
+        secrets.len()
+    );
+    let _ = lab.field("wg/keys/shop/web", "address");
+
+    // The gateway process: argv, environment, log, metrics, open files.
+    let gw_pid = pid(&gateway);
+    let cmdline = fs::read(format!("/proc/{gw_pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains("gateway"),
+        "pid {gw_pid} is not the gateway: {cmdline}"
+    );
+    assert_clean("gateway argv", &cmdline, &secrets);
+    let environ = fs::read(format!("/proc/{gw_pid}/environ")).unwrap();
+    assert_clean(
+        "gateway environment",
+        &String::from_utf8_lossy(&environ),
+        &secrets,
+    );
+    let (status, metrics) = lab.ns.http_get("http://127.0.0.1:9901/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("wg_"), "no metrics: {metrics}");
+    assert_clean("gateway metrics", &metrics, &secrets);
+    for fd in fs::read_dir(format!("/proc/{gw_pid}/fd")).unwrap() {
+        let Ok(target) = fs::read_link(fd.unwrap().path()) else {
+            continue;
+        };
+        if target.is_file() && target != log_path {
+            let mode = fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+            let text = fs::read(&target).map(|b| String::from_utf8_lossy(&b).into_owned());
+            let holds_secret = text
+                .as_ref()
+                .is_ok_and(|t| secrets.iter().any(|s| t.contains(s.as_str())));
+            if holds_secret {
+                assert!(
+                    mode & 0o777 == 0o600 && on_tmpfs(&target),
+                    "{} holds a secret with mode {mode:o} (want 600) or off tmpfs",
+                    target.display()
+                );
+            }
+        }
+    }
+
+    // keys: argv as run, and everything printed (JSON lines on stdout, logs on stderr).
+    for (argv, text) in &outputs {
+        assert_clean("keys argv", argv, &secrets);
+        assert_clean("keys output", text, &secrets);
+    }
+    drop(gateway);
+    let log = fs::read_to_string(&log_path).unwrap();
+    assert!(!log.is_empty(), "the gateway logged nothing");
+    assert_clean("gateway log", &log, &secrets);
+
+    // Nothing left behind in the working directory but the log the test created.
+    for file in files_under(lab.work.path()) {
+        assert_eq!(
+            file,
+            log_path,
+            "unexpected file written: {}",
+            file.display()
+        );
+    }
+    assert!(lab.shm.path().exists());
+}
