@@ -11,7 +11,6 @@ use std::{
     collections::{BTreeMap, HashMap},
     future::Future,
     net::SocketAddr,
-    path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU64},
         Arc, Mutex,
@@ -70,12 +69,9 @@ pub struct GatewayArgs {
     /// silence longer than their `--failover-after` as a dead gateway, so keep this well below it.
     #[arg(long, env = "WG_SIDECAR_PEER_KEEPALIVE", default_value_t = 5)]
     pub peer_keepalive: u16,
-    /// Masquerade tunnel traffic leaving to the private network (needs `nft`).
+    /// Masquerade tunnel traffic leaving to the private network (an nftables table of our own).
     #[arg(long, env = "WG_SIDECAR_MASQUERADE", action = clap::ArgAction::Set, default_value_t = true)]
     pub masquerade: bool,
-    /// The `nft` program used for masquerading.
-    #[arg(long, env = "WG_SIDECAR_NFT", default_value = "nft")]
-    pub nft: PathBuf,
     /// Vault connection.
     #[command(flatten)]
     pub vault: VaultArgs,
@@ -106,8 +102,8 @@ pub struct GatewayConfig {
     pub poll_interval: Duration,
     /// Keepalive sent to peers (None = off).
     pub peer_keepalive: Option<u16>,
-    /// `nft` program when masquerading.
-    pub masquerade: Option<PathBuf>,
+    /// Masquerade tunnel sources leaving by other interfaces.
+    pub masquerade: bool,
 }
 
 impl GatewayArgs {
@@ -146,7 +142,7 @@ impl GatewayArgs {
             health_addr: self.health_addr,
             poll_interval: Duration::from_secs(self.poll_interval),
             peer_keepalive: (self.peer_keepalive > 0).then_some(self.peer_keepalive),
-            masquerade: self.masquerade.then_some(self.nft),
+            masquerade: self.masquerade,
         })
     }
 }
@@ -744,9 +740,12 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
     if let Err(e) = nat::enable_forwarding(ipv6) {
         tracing::warn!(error = %e, "IP forwarding is off: tunnel traffic will not reach the private network");
     }
-    let nat = match &cfg.masquerade {
-        Some(nft) => Some(Nat::install(nft, &cfg.interface, &private.addresses)?),
-        None => None,
+    let nat = if cfg.masquerade {
+        let n = Nat::install(&cfg.interface, &private.addresses)?;
+        tracing::info!(table = %nat::table_name(&cfg.interface), "masquerading tunnel traffic");
+        Some(n)
+    } else {
+        None
     };
     let mut gw = Gateway {
         cfg,

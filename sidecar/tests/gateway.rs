@@ -283,10 +283,10 @@ impl Lab {
             .http_get(&format!("http://{SERVER}:8080/hello.txt"))
             .unwrap()
     }
+}
 
-    fn gateway_metrics(&self, ns: &Netns) -> String {
-        ns.http_get("http://127.0.0.1:9901/metrics").unwrap().1
-    }
+fn gateway_metrics(ns: &Netns) -> String {
+    ns.http_get("http://127.0.0.1:9901/metrics").unwrap().1
 }
 
 #[test]
@@ -332,7 +332,7 @@ fn provisioned_pod_reaches_the_private_network_through_the_gateway_and_loses_it_
         .unwrap();
     assert!(!web.to_string().contains(private.trim()));
 
-    let (_gw, gwlog) = lab.gateway(&lab.gwa, "http://192.168.77.2:8200", "a", &[]);
+    let (mut gateway, gwlog) = lab.gateway(&lab.gwa, "http://192.168.77.2:8200", "a", &[]);
     let (_sc, sclog, _ifname) = lab.sidecar("web", &[]);
     assert!(
         wait_for(Duration::from_secs(15), || lab.pod_fetch().0 == 200),
@@ -345,15 +345,21 @@ fn provisioned_pod_reaches_the_private_network_through_the_gateway_and_loses_it_
         (code, body.as_str()),
         (200, "hello from the private network\n")
     );
-    // Without the gateway's masquerading the private side has no route back to the pool.
+    // Without the gateway's masquerading the private side has no route back to the pool; the
+    // rule is the gateway's own netlink-written table, as the real `nft` reads it.
     assert!(lab.private.ip(&["route", "get", "10.99.0.2"]).is_err());
+    let rules = lab.gwa.run("nft", &["list", "ruleset"]).unwrap();
+    assert!(
+        rules.contains("ip saddr 10.99.0.0/16 oifname != \"wgw") && rules.contains("masquerade"),
+        "{rules}"
+    );
 
     // Statistics are sampled every second.
     assert!(wait_for(Duration::from_secs(3), || metric(
-        &lab.gateway_metrics(&lab.gwa),
+        &gateway_metrics(&lab.gwa),
         "wg_gateway_active_peers"
     ) == Some(1.0)));
-    let m = lab.gateway_metrics(&lab.gwa);
+    let m = gateway_metrics(&lab.gwa);
     assert_eq!(metric(&m, "wg_gateway_peers"), Some(2.0), "{m}");
     assert_eq!(metric(&m, "wg_gateway_active_peers"), Some(1.0), "{m}");
     let web_key = web["public_key"].as_str().unwrap();
@@ -426,16 +432,23 @@ fn provisioned_pod_reaches_the_private_network_through_the_gateway_and_loses_it_
     let took = removed.elapsed();
     assert!(took < Duration::from_secs(4), "removal took {took:?}");
     assert!(wait_for(Duration::from_secs(3), || metric(
-        &lab.gateway_metrics(&lab.gwa),
+        &gateway_metrics(&lab.gwa),
         "wg_gateway_peers"
     ) == Some(1.0)));
-    let m = lab.gateway_metrics(&lab.gwa);
+    let m = gateway_metrics(&lab.gwa);
     assert_eq!(
         metric(&m, "wg_gateway_peer_changes_total{op=\"remove\"}"),
         Some(1.0),
         "{m}"
     );
     assert_eq!(metric(&m, "wg_gateway_ready"), Some(1.0), "{m}");
+
+    // SIGTERM: clean exit, NAT table and interface gone.
+    let (code, _) = gateway.terminate(Duration::from_secs(5)).unwrap();
+    assert_eq!(code, Some(0), "{}", log_of(&gwlog));
+    let rules = lab.gwa.run("nft", &["list", "ruleset"]).unwrap();
+    assert!(!rules.contains("wg_gateway"), "{rules}");
+    assert!(!lab.gwa.ip(&["link"]).unwrap().contains("wgw"));
 }
 
 #[test]
@@ -506,7 +519,7 @@ fn keys_rotate_switches_pod_and_gateway_together_under_a_long_tcp_stream() {
         log_of(&sclog),
         log_of(&gwlog)
     );
-    let m = lab.gateway_metrics(&lab.gwa);
+    let m = gateway_metrics(&lab.gwa);
     assert_eq!(metric(&m, "wg_gateway_peers"), Some(1.0), "{m}");
     assert!(m.contains(&format!("public_key=\"{new_key}\"")), "{m}");
 }
