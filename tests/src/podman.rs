@@ -44,6 +44,15 @@ pub const GLOBAL_FLAGS: &[&str] = &[
     "file",
 ];
 
+/// `podman run` flags every container needs here (LAB.md): the machine's default rlimits are
+/// above what runc may set for a container.
+pub const ULIMIT_FLAGS: &[&str] = &[
+    "--ulimit",
+    "nofile=20000:20000",
+    "--ulimit",
+    "nproc=4096:4096",
+];
+
 /// A `podman` command with [`GLOBAL_FLAGS`].
 pub fn podman() -> anyhow::Result<Command> {
     let mut command = Command::new(crate::lab::find_binary("podman")?);
@@ -350,12 +359,8 @@ pub fn run_args(
         sandbox.container_name(&c.name),
         "--network".to_owned(),
         format!("ns:{}", sandbox.netns.display()),
-        // LAB.md: this machine's default limits are too high for runc's rlimit setup.
-        "--ulimit".to_owned(),
-        "nofile=20000:20000".to_owned(),
-        "--ulimit".to_owned(),
-        "nproc=4096:4096".to_owned(),
     ];
+    args.extend(ULIMIT_FLAGS.iter().map(|f| (*f).to_owned()));
     if detach {
         args.push("-d".to_owned());
     }
@@ -505,8 +510,13 @@ pub fn image_version() -> &'static str {
     env!("CARGO_PKG_VERSION")
 }
 
-/// Runs `scripts/build-images.sh` (static release build + podman build, incremental).
+/// Runs `scripts/build-images.sh` (static release build + podman build, incremental), unless
+/// `WG_E2E_USE_BUILT_IMAGES=1` says the images in local storage are current (for iterating on a
+/// test; the images must then exist, which the caller checks).
 pub fn build_images(root: &Path) -> anyhow::Result<()> {
+    if std::env::var_os("WG_E2E_USE_BUILT_IMAGES").is_some_and(|v| v == "1") {
+        return Ok(());
+    }
     let status = Command::new("bash")
         .arg(root.join("scripts/build-images.sh"))
         .current_dir(root)
