@@ -143,6 +143,9 @@ struct Controller<S> {
     /// Gateway peer's (rx bytes, tx bytes) when rx last advanced, and when.
     rx_seen: (u64, u64, Instant),
     waiting_logged: u64,
+    /// `not_before` of a held-back key: poll again then, so the switch lands within a tick of
+    /// the gateway's (which switches exactly at that instant).
+    key_due: Option<SystemTime>,
 }
 
 impl<S: KeySource> Controller<S> {
@@ -297,6 +300,11 @@ impl<S: KeySource> Controller<S> {
             gateway.version,
             now,
         );
+        self.key_due = if p.key_waiting {
+            private.not_before.map(SystemTime::from)
+        } else {
+            None
+        };
         if p.key_waiting && self.waiting_logged != private.version {
             self.waiting_logged = private.version;
             tracing::info!(version = private.version, not_before = ?private.not_before, "new private key waits for its not_before");
@@ -386,6 +394,7 @@ async fn run_with<S: KeySource>(
         switched_at: Instant::now(),
         rx_seen: (0, 0, Instant::now()),
         waiting_logged: 0,
+        key_due: None,
     };
     if ctl.endpoints().is_empty() {
         tracing::warn!(
@@ -416,6 +425,10 @@ async fn run_with<S: KeySource>(
                     };
                     ctl.poll(polled).await;
                     next_poll = Instant::now() + jittered(ctl.cfg.poll_interval, unit());
+                    let due = ctl.key_due.and_then(|t| t.duration_since(SystemTime::now()).ok());
+                    if let Some(due) = due {
+                        next_poll = next_poll.min(Instant::now() + due);
+                    }
                 }
             }
         }
