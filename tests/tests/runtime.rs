@@ -175,6 +175,15 @@ impl Drop for Netns {
     }
 }
 
+/// A file removed on drop (wireguard-go's UAPI socket survives a SIGKILL).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Joins `a` and `b` with a veth pair; returns the name of `a`'s end.
 fn veth(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> String {
     let (ia, ib) = (unique("rva"), unique("rvb"));
@@ -444,6 +453,7 @@ fn injected_pod_runs_under_podman_with_only_its_declared_privileges_and_never_le
     wggo.args(["-f", &gw_if]).env("LOG_LEVEL", "error");
     let _wggo = ChildGuard::spawn("wireguard-go", wggo, &logs).unwrap();
     let sock = PathBuf::from(format!("/var/run/wireguard/{gw_if}.sock"));
+    let _sock_cleanup = RemoveOnDrop(sock.clone());
     assert!(
         wait_for(Duration::from_secs(5), || sock.exists()),
         "wireguard-go did not start"
