@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# `make bench`: every benchmark of the project in one go, then the "## Webhook under load"
+# section of docs/benchmarks.md rewritten from the printed figures (other sections are kept).
+#
+#  1. wg-bench run: `wg-injector serve` vs the floor server on the same TLS + HTTP stack,
+#     2/10/64 KiB Pods, HTTP/1.1 and HTTP/2 at 100/s, 1 000/s and max, plus a new TLS
+#     connection per request (about 3-4 minutes; loopback only).
+#  2. the core criterion bench (cargo bench -p wg-injector --bench inject), when it exists.
+#  3. the sidecar/gateway bench programs (sidecar/benches/*.rs, sidecar/examples/*bench*.rs),
+#     when they exist (some need root for network namespaces).
+# This is a measuring tool, not a test: a missing bench is reported and skipped; a failing one
+# is reported, the others still run, and the script exits 1 at the end.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+target_dir=${CARGO_TARGET_DIR:-target}
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+failed=()
+
+echo "== building release binaries (wg-injector, wg-bench)"
+cargo build --release -p wg-injector -p wg-bench || exit 1
+
+echo "== webhook under load (wg-bench run)"
+if ! "$target_dir/release/wg-bench" run --injector "$target_dir/release/wg-injector" \
+    --command "make bench" --markdown "$out/load.md" ${WG_BENCH_ARGS:-} | tee "$out/load.txt"; then
+  failed+=("wg-bench run")
+fi
+
+# Criterion summary lines: the bench name, then its "time:" (and "thrpt:") line.
+criterion_summary() {
+  awk '/^Benchmarking/ {next} /^[^ \t]/ {name=$0} /^[ \t]+(time|thrpt):/ {sub(/^[ \t]+/, ""); print name "  " $0}' "$1"
+}
+
+others="$out/others.md"
+: >"$others"
+echo "== core criterion bench (cargo bench -p wg-injector --bench inject)"
+if [[ -f injector/benches/inject.rs ]]; then
+  if cargo bench -p wg-injector --bench inject 2>&1 | tee "$out/inject.txt"; then
+    { echo "Core injection (\`cargo bench -p wg-injector --bench inject\`, criterion):"; echo
+      echo '```'; criterion_summary "$out/inject.txt"; echo '```'; echo; } >>"$others"
+  else
+    failed+=("cargo bench -p wg-injector --bench inject")
+  fi
+else
+  echo "skip: injector/benches/inject.rs does not exist yet"
+  echo "Core injection bench: not run (injector/benches/inject.rs does not exist yet)." >>"$others"; echo >>"$others"
+fi
+
+echo "== sidecar/gateway benches"
+found=0
+for bench in sidecar/benches/*.rs; do
+  [[ -e $bench ]] || continue
+  found=1
+  name=$(basename "$bench" .rs)
+  echo "-- cargo bench -p wg-sidecar --bench $name"
+  if cargo bench -p wg-sidecar --bench "$name" 2>&1 | tee "$out/sidecar-$name.txt"; then
+    { echo "\`cargo bench -p wg-sidecar --bench $name\`:"; echo; echo '```'
+      criterion_summary "$out/sidecar-$name.txt" | tail -n 20; echo '```'; echo; } >>"$others"
+  else
+    failed+=("cargo bench -p wg-sidecar --bench $name")
+  fi
+done
+for example in sidecar/examples/*bench*.rs; do
+  [[ -e $example ]] || continue
+  found=1
+  name=$(basename "$example" .rs)
+  echo "-- cargo run --release -p wg-sidecar --example $name"
+  if cargo run --release -p wg-sidecar --example "$name" 2>&1 | tee "$out/sidecar-$name.txt"; then
+    { echo "\`cargo run --release -p wg-sidecar --example $name\` (last lines):"; echo; echo '```'
+      tail -n 20 "$out/sidecar-$name.txt"; echo '```'; echo; } >>"$others"
+  else
+    failed+=("cargo run --release -p wg-sidecar --example $name")
+  fi
+done
+if [[ $found == 0 ]]; then
+  echo "skip: no sidecar/benches/*.rs or sidecar/examples/*bench*.rs yet"
+  echo "Sidecar/gateway benches: none found (sidecar/benches/*.rs, sidecar/examples/*bench*.rs)." >>"$others"
+fi
+
+if [[ -s "$out/load.md" ]]; then
+  { cat "$out/load.md"; echo; echo "### Other benchmarks run by \`make bench\`"; echo; cat "$others"; } >"$out/section.md"
+  "$target_dir/release/wg-bench" write-section --file docs/benchmarks.md \
+    --title "Webhook under load" --body "$out/section.md" && echo "== wrote docs/benchmarks.md"
+fi
+
+if ((${#failed[@]})); then
+  printf 'failed: %s\n' "${failed[@]}"
+  exit 1
+fi
