@@ -557,3 +557,76 @@ fn when_gateway_a_dies_traffic_resumes_through_gateway_b_within_ten_seconds() {
         "recovery took {took:?} (target ≤ 10 s)"
     );
 }
+
+#[test]
+fn concurrent_provisioning_never_hands_out_one_address_twice() {
+    require_root();
+    let ns = Netns::new("kv").unwrap();
+    let bao = start_openbao(&ns);
+    let dir = scratch();
+    let token = dir.path().join("token");
+    write_secret_file(&token, "devroot\n");
+    // Eight provisions race for the lowest free addresses of the same pool.
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            ns.command(lab::sidecar_bin())
+                .args([
+                    "--log-format",
+                    "text",
+                    "keys",
+                    "provision",
+                    "--namespace",
+                    "race",
+                ])
+                .args([
+                    "--service-account",
+                    &format!("sa{i}"),
+                    "--pool",
+                    "10.98.0.0/24",
+                ])
+                .args([
+                    "--vault-addr",
+                    "http://127.0.0.1:8200",
+                    "--vault-auth",
+                    "token",
+                ])
+                .arg("--vault-token-file")
+                .arg(&token)
+                .env_clear()
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut addresses = Vec::new();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        addresses.push(v["address"].as_str().unwrap().to_owned());
+    }
+    addresses.sort();
+    let mut unique = addresses.clone();
+    unique.dedup();
+    assert_eq!(unique, addresses, "an address was handed out twice");
+    let expected: Vec<String> = (2..10).map(|h| format!("10.98.0.{h}/32")).collect();
+    let mut expected_sorted = expected.clone();
+    expected_sorted.sort();
+    assert_eq!(
+        addresses, expected_sorted,
+        "the lowest free addresses are used"
+    );
+    let listed = bao
+        .cli(&["kv", "list", "-mount=secret", "wg/allocations"], None)
+        .unwrap();
+    assert_eq!(
+        listed.lines().filter(|l| l.starts_with("10.98.0.")).count(),
+        8,
+        "{listed}"
+    );
+}
