@@ -889,6 +889,103 @@ mod tests {
         assert_eq!(left_out, vec!["b/two", "c/three"]);
     }
 
+    fn gateway_args(extra: &[&str]) -> super::GatewayArgs {
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            g: super::GatewayArgs,
+        }
+        let mut argv = vec![
+            "gateway",
+            "--vault-addr=http://v",
+            "--vault-role=wg-gateway",
+            "--vault-gateway-path=wg/gateways/corp",
+        ];
+        argv.extend_from_slice(extra);
+        <T as clap::Parser>::try_parse_from(argv).unwrap().g
+    }
+
+    #[test]
+    fn the_chart_flags_parse_and_the_private_record_path_is_derived() {
+        let cfg = gateway_args(&["--listen-port=51820", "--health-addr=0.0.0.0:9901"])
+            .into_config()
+            .unwrap();
+        assert_eq!(cfg.gateway_key_path, "wg/gateway-keys/corp");
+        assert_eq!(cfg.peers_path, "wg/peers");
+        assert_eq!(cfg.peer_keepalive, Some(5));
+        assert!(cfg.masquerade);
+        let cfg = gateway_args(&["--peer-keepalive=0", "--masquerade=false"])
+            .into_config()
+            .unwrap();
+        assert_eq!(cfg.peer_keepalive, None);
+        assert!(!cfg.masquerade);
+    }
+
+    #[test]
+    fn a_gateway_path_without_gateways_segment_needs_an_explicit_key_path() {
+        let mut a = gateway_args(&[]);
+        a.vault_gateway_path = "custom/corp".into();
+        let err = a.clone().into_config().unwrap_err().to_string();
+        assert!(err.contains("--vault-gateway-key-path"), "{err}");
+        a.vault_gateway_key_path = Some("custom/corp-key".into());
+        assert_eq!(a.into_config().unwrap().gateway_key_path, "custom/corp-key");
+    }
+
+    #[tokio::test]
+    async fn ready_needs_the_interface_and_one_reconcile_and_metrics_show_active_peers() {
+        use axum::{body::Body, http::Request};
+        use tower::ServiceExt;
+        let h = super::GatewayHealth::new();
+        let get = |p: &'static str| Request::get(p).body(Body::empty()).unwrap();
+        let r = super::router(h.clone())
+            .oneshot(get("/ready"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        h.set(true, Some(Err("vault down".into())));
+        let r = super::router(h.clone())
+            .oneshot(get("/ready"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        h.set(true, Some(Ok(())));
+        let r = super::router(h.clone())
+            .oneshot(get("/ready"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // A later failure keeps serving the last table: still ready.
+        h.set(true, Some(Err("vault down".into())));
+        let r = super::router(h.clone())
+            .oneshot(get("/ready"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let now = std::time::SystemTime::now();
+        let peer = |k: &str, age: Option<u64>| PeerStats {
+            public_key: k.into(),
+            endpoint: None,
+            rx_bytes: 10,
+            tx_bytes: 20,
+            last_handshake: age.map(|a| now - std::time::Duration::from_secs(a)),
+        };
+        h.metrics.record(
+            &[peer("A", Some(5)), peer("B", Some(200)), peer("C", None)],
+            now,
+        );
+        let text = h.metrics.encode();
+        assert!(text.contains("wg_gateway_peers 3"), "{text}");
+        assert!(text.contains("wg_gateway_active_peers 1"), "{text}");
+        assert!(
+            text.contains("wg_gateway_peer_receive_bytes_total{public_key=\"A\"} 10"),
+            "{text}"
+        );
+        // A peer that left loses its series.
+        h.metrics.record(&[peer("A", Some(5))], now);
+        let text = h.metrics.encode();
+        assert!(!text.contains("public_key=\"B\""), "{text}");
+    }
+
     #[derive(Default)]
     struct Recorder {
         batches: Vec<(Vec<String>, Vec<String>)>,
