@@ -8,6 +8,7 @@
 
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -218,6 +219,17 @@ fn judge(request: &RequestIn<'_>, config: &Config) -> Verdict {
             )
         }
     };
+    // The patch is computed against our typed reading of the object; that reading invents an
+    // empty `metadata` when the object has none, and a patch under `/metadata/…` would then not
+    // apply to what was sent. The apiserver always sends `metadata`, so such an object is refused.
+    // The text check runs only for empty metadata, which is rare and small.
+    if pod.metadata == ObjectMeta::default() && !object.get().contains("\"metadata\"") {
+        return Verdict::deny(
+            "undecodable_pod",
+            400,
+            "the Pod in the admission request has no metadata".to_owned(),
+        );
+    }
     let namespace = request
         .namespace
         .as_deref()

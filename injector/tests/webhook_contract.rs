@@ -229,6 +229,24 @@ async fn a_pod_object_that_does_not_decode_is_refused_with_a_message() {
     assert_eq!(answer["response"]["status"]["code"], 400);
 }
 
+/// Regression (found by the `mutate_handler` fuzzer): a Pod object without `metadata` used to
+/// get a patch adding `/metadata/annotations`, which does not apply to what was sent.
+#[tokio::test]
+async fn a_pod_object_without_metadata_is_refused_not_patched() {
+    let headless = json!({"apiVersion": "v1", "kind": "Pod",
+        "spec": {"serviceAccountName": "web", "containers": [{"name": "app", "image": "nginx"}]}});
+    let answer = mutate(
+        state(true),
+        &review("admission.k8s.io/v1", "m", "CREATE", "Pod", &headless),
+    )
+    .await;
+    assert_eq!(answer["response"]["allowed"], false);
+    assert_eq!(answer["response"]["status"]["code"], 400);
+    assert!(answer["response"]["patch"].is_null());
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("no metadata"), "{message}");
+}
+
 #[tokio::test]
 async fn a_body_that_is_not_json_is_a_400_with_a_message() {
     let (status, body) = send(state(true), post_json("{not json")).await;
