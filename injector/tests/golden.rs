@@ -145,14 +145,16 @@ fn the_example_config_and_manifests_are_accepted() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let config = Config::from_yaml_file(&root.join("examples/injector-config.yaml")).unwrap();
     assert!(config.gateway("corp").is_some());
-    let pod: Pod = serde_yaml_ng::from_str(
-        &std::fs::read_to_string(root.join("examples/pod.yaml")).unwrap(),
-    )
-    .unwrap();
+    let pod: Pod =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(root.join("examples/pod.yaml")).unwrap())
+            .unwrap();
     for config in [Config::default(), config] {
         let Verdict::Inject(outcome) = evaluate(&pod, &config) else {
             panic!("examples/pod.yaml must be injected")
         };
-        assert_eq!(outcome.pod.metadata.labels.unwrap()["wg-injector.io/tunnel"], "default");
+        assert_eq!(
+            outcome.pod.metadata.labels.unwrap()["wg-injector.io/tunnel"],
+            "default"
+        );
     }
 }
