@@ -241,6 +241,12 @@ fn bad(key: &str, value: &str, allowed: &str) -> Denial {
 pub fn screen(annotations: &BTreeMap<String, String>) -> Result<(), Denial> {
     for (key, value) in annotations.iter().filter(|(k, _)| k.starts_with(PREFIX)) {
         if let Some(kind) = looks_like_key_material(value) {
+            // Only a known key is echoed: an unknown one is free text and may hold the secret too.
+            let key = if KNOWN_ANNOTATIONS.contains(&key.as_str()) {
+                key.as_str()
+            } else {
+                "(an unknown wg-injector.io/ key, not echoed)"
+            };
             return Err(Denial {
                 reason: "key_material",
                 message: format!(

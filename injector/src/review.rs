@@ -248,19 +248,34 @@ fn judge(request: &RequestIn<'_>, config: &Config) -> Verdict {
             warnings,
             ..Verdict::allow(Outcome::AlreadyInjected)
         },
-        Decision::Patch { patch, warnings } => match serde_json::to_vec(&patch) {
+        Decision::Patch { patch, warnings } => match applies_to_sent(object, &patch)
+            .and_then(|()| serde_json::to_vec(&patch).map_err(|e| e.to_string()))
+        {
             Ok(json) => Verdict {
                 patch: Some(base64::engine::general_purpose::STANDARD.encode(json)),
                 warnings,
                 ..Verdict::allow(Outcome::Injected)
             },
             Err(e) => Verdict::deny(
-                "internal",
-                500,
-                format!("wg-injector could not encode its patch: {e}"),
+                "undecodable_pod",
+                400,
+                format!("wg-injector could not build a patch for the Pod as sent: {e}"),
             ),
         },
         Decision::Skip(reason) => Verdict::allow(Outcome::Skipped(reason.as_str())),
         Decision::Deny(denial) => Verdict::deny(denial.reason, 403, denial.message),
     }
+}
+
+/// Check that `patch` applies to the object exactly as it was sent.
+///
+/// The patch is computed between two typed readings of the Pod, which keeps fields newer than
+/// our API types untouched; but a typed reading also fills in required fields the object lacks
+/// (an apiserver never sends such an object, a fuzzer does). Applying the patch to the sent
+/// JSON catches that mismatch, so a patch that the apiserver could not apply is never returned.
+fn applies_to_sent(object: &RawValue, patch: &json_patch::Patch) -> Result<(), String> {
+    let mut sent: serde_json::Value =
+        serde_json::from_str(object.get()).map_err(|e| e.to_string())?;
+    json_patch::patch(&mut sent, &patch.0)
+        .map_err(|e| format!("the patch does not apply to the object as sent ({e})"))
 }

@@ -378,3 +378,70 @@ async fn metrics_count_reviews_by_outcome_and_expose_the_certificate_expiry() {
         assert!(text.contains(&needle), "missing {needle} in\n{text}");
     }
 }
+
+/// Regression (found by the `mutate_handler` fuzzer): every patch returned must apply to the
+/// object exactly as it was sent, even when the object is malformed in ways a typed reading
+/// papers over (a port without `containerPort`, no `metadata`); otherwise the answer is a 400.
+#[tokio::test]
+async fn every_returned_patch_applies_to_the_object_as_sent() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/regressions");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        // Fuzzer inputs may hold invalid UTF-8 in ignored fields; read them leniently.
+        let bytes = std::fs::read(&path).unwrap();
+        let review: Value = serde_json::from_str(&String::from_utf8_lossy(&bytes)).unwrap();
+        let answer = mutate(state(true), &review).await;
+        let response = &answer["response"];
+        if let Some(patch) = response["patch"].as_str() {
+            let ops: json_patch::Patch = serde_json::from_slice(
+                &base64::engine::general_purpose::STANDARD
+                    .decode(patch)
+                    .unwrap(),
+            )
+            .unwrap();
+            let mut sent = review["request"]["object"].clone();
+            json_patch::patch(&mut sent, &ops.0)
+                .unwrap_or_else(|e| panic!("{}: patch does not apply: {e}", path.display()));
+        } else if response["allowed"] == false {
+            assert_eq!(
+                response["status"]["code"],
+                400,
+                "{}: {response}",
+                path.display()
+            );
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 2,
+        "regression inputs missing in {}",
+        dir.display()
+    );
+}
+
+/// Regression (found by the `annotations` fuzzer): an unknown annotation key may itself hold
+/// the key material; the denial must not echo it.
+#[tokio::test]
+async fn a_key_material_denial_does_not_echo_an_unknown_key() {
+    let pem = "-----BEGIN PRIVATE KEY-----";
+    let annotations = json!({
+        "wg-injector.io/inject": "true",
+        format!("wg-injector.io/x{pem}"): format!("{pem}\nMC4CAQAwBQYDK2VuBCIEIA\n-----END PRIVATE KEY-----"),
+    });
+    let answer = mutate(
+        state(true),
+        &review(
+            "admission.k8s.io/v1",
+            "k",
+            "CREATE",
+            "Pod",
+            &pod(&annotations),
+        ),
+    )
+    .await;
+    assert_eq!(answer["response"]["allowed"], false);
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("key material"), "{message}");
+    assert!(!message.contains("BEGIN"), "{message}");
+}
