@@ -2,7 +2,12 @@
 //! login and first handshake, peak RSS, and TCP throughput (iperf3) through the tunnel against
 //! wireguard-go ↔ wireguard-go and plain veth on the same topology. Prints figures; asserts
 //! nothing about them. Run: `cargo bench -p wg-sidecar --bench sidecar`.
-#![allow(clippy::unwrap_used, clippy::cast_precision_loss, clippy::too_many_lines, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_precision_loss,
+    clippy::too_many_lines,
+    missing_docs
+)]
 
 #[path = "../tests/lab/mod.rs"]
 mod lab;
@@ -28,14 +33,20 @@ fn iperf(pod: &Netns, gw: &Netns, target: &str) -> f64 {
     let out = pod.run("iperf3", &["-c", target, "-t", "5", "-J"]).unwrap();
     let _ = server.wait();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap() / 1e6
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap()
+        / 1e6
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap()))
+        .find_map(|l| {
+            l.strip_prefix("VmHWM:")
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap())
+        })
         .unwrap()
 }
 
@@ -53,8 +64,16 @@ fn main() {
     let bao = OpenBao::start(&pod).unwrap();
     let (pp, ppub) = keypair();
     let gkey = keypair();
-    bao.put("wg/keys/shop/web", &json!({"private_key": pp, "address": "10.77.0.2/32"})).unwrap();
-    bao.put("wg/gateways/corp", &json!({"public_key": gkey.1, "endpoints": "192.168.77.1:51820"})).unwrap();
+    bao.put(
+        "wg/keys/shop/web",
+        &json!({"private_key": pp, "address": "10.77.0.2/32"}),
+    )
+    .unwrap();
+    bao.put(
+        "wg/gateways/corp",
+        &json!({"public_key": gkey.1, "endpoints": "192.168.77.1:51820"}),
+    )
+    .unwrap();
     let gwpeer = WgGoPeer::start_with_key(&gw, "10.77.0.1/24", 51820, &gkey).unwrap();
     gwpeer.set_peer(&ppub, "10.77.0.2/32", None).unwrap();
     let token = dir.path().join("token");
@@ -62,10 +81,23 @@ fn main() {
     let curl = lab::find_binary("curl").unwrap();
     let args = |ifname: &str| -> Vec<String> {
         [
-            "run", "--interface", ifname, "--gateway", "corp", "--routes", "10.77.0.0/24",
-            "--vault-addr", "http://127.0.0.1:8200", "--vault-auth", "token",
-            "--vault-token-file", token.to_str().unwrap(), "--vault-key-path", "wg/keys/shop/web",
-            "--health-addr", "127.0.0.1:9901",
+            "run",
+            "--interface",
+            ifname,
+            "--gateway",
+            "corp",
+            "--routes",
+            "10.77.0.0/24",
+            "--vault-addr",
+            "http://127.0.0.1:8200",
+            "--vault-auth",
+            "token",
+            "--vault-token-file",
+            token.to_str().unwrap(),
+            "--vault-key-path",
+            "wg/keys/shop/web",
+            "--health-addr",
+            "127.0.0.1:9901",
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -84,27 +116,50 @@ fn main() {
             let out = Command::new(lab::find_binary("ip").unwrap())
                 .args(["netns", "exec", &pod.name])
                 .arg(&curl)
-                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:9901/ready"])
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "http://127.0.0.1:9901/ready",
+                ])
                 .output()
                 .unwrap();
             out.stdout == b"200"
         });
         let t = start.elapsed();
-        assert!(ok, "not ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(
+            ok,
+            "not ready: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         times.push(t.as_secs_f64() * 1000.0);
         rss.push(vm_hwm_kib(s.pid()) as f64 / 1024.0);
         s.terminate(Duration::from_secs(2)).unwrap();
     }
     let mut sorted = times.clone();
-    println!("startup exec->/ready 200 (ms) over {ROUNDS} runs: median {:.0}, min {:.0}, max {:.0}",
-        median(&mut sorted), sorted[0], sorted[sorted.len() - 1]);
-    println!("peak RSS right after ready (MiB): median {:.1}, max {:.1}", median(&mut rss.clone()), rss.iter().copied().fold(0.0, f64::max));
+    println!(
+        "startup exec->/ready 200 (ms) over {ROUNDS} runs: median {:.0}, min {:.0}, max {:.0}",
+        median(&mut sorted),
+        sorted[0],
+        sorted[sorted.len() - 1]
+    );
+    println!(
+        "peak RSS right after ready (MiB): median {:.1}, max {:.1}",
+        median(&mut rss.clone()),
+        rss.iter().copied().fold(0.0, f64::max)
+    );
 
     // 2. throughput: wg-sidecar (defguard userspace / BoringTun) -> wireguard-go.
     let ifname = lab::unique("bs");
     let log = dir.path().join("tput.log");
     let s = spawn_sidecar(&pod, &args(&ifname), &log).unwrap();
-    assert!(wait_for(Duration::from_secs(10), || pod.http_get("http://127.0.0.1:9901/ready").unwrap().0 == 200));
+    assert!(wait_for(Duration::from_secs(10), || pod
+        .http_get("http://127.0.0.1:9901/ready")
+        .unwrap()
+        .0
+        == 200));
     let sidecar_mbps = iperf(&pod, &gw, "10.77.0.1");
     let peak_after_iperf = vm_hwm_kib(s.pid()) as f64 / 1024.0;
     drop(s);
@@ -115,11 +170,21 @@ fn main() {
     gwpeer.set_peer(&podkey.1, "10.77.0.2/32", None).unwrap();
     let podgo = WgGoPeer::start_with_key(&pod, "10.77.0.2/32", 51821, &podkey).unwrap();
     let mut c = Command::new(lab::find_binary("ip").unwrap());
-    c.args(["netns", "exec", &pod.name]).arg(lab::find_binary("wg").unwrap()).args([
-        "set", &podgo.ifname, "peer", &gkey.1, "endpoint", "192.168.77.1:51820", "allowed-ips", "10.77.0.0/24",
-    ]);
+    c.args(["netns", "exec", &pod.name])
+        .arg(lab::find_binary("wg").unwrap())
+        .args([
+            "set",
+            &podgo.ifname,
+            "peer",
+            &gkey.1,
+            "endpoint",
+            "192.168.77.1:51820",
+            "allowed-ips",
+            "10.77.0.0/24",
+        ]);
     lab::run(&mut c).unwrap();
-    pod.ip(&["route", "replace", "10.77.0.0/24", "dev", &podgo.ifname]).unwrap();
+    pod.ip(&["route", "replace", "10.77.0.0/24", "dev", &podgo.ifname])
+        .unwrap();
     let go_mbps = iperf(&pod, &gw, "10.77.0.1");
     drop(podgo);
 
@@ -130,6 +195,9 @@ fn main() {
     println!("iperf3 TCP 5 s, netns + veth, 2 cores:");
     println!("  wg-sidecar (BoringTun userspace) -> wireguard-go: {sidecar_mbps:.0} Mbit/s");
     println!("  wireguard-go -> wireguard-go:                     {go_mbps:.0} Mbit/s");
-    println!("  ratio sidecar / wireguard-go:                     {:.2}", sidecar_mbps / go_mbps);
+    println!(
+        "  ratio sidecar / wireguard-go:                     {:.2}",
+        sidecar_mbps / go_mbps
+    );
     println!("  plain veth:                                       {veth_mbps:.0} Mbit/s");
 }

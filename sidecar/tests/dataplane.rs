@@ -203,14 +203,15 @@ fn sidecar_with_openbao_keys_tunnels_ping_and_tcp_goes_ready_hides_keys_and_stop
         "interface never appeared: {}",
         log_of(&log)
     );
+    // Not ready, and saying why: the gateway has not answered a handshake.
     assert!(
-        wait_for(Duration::from_secs(5), || get_ready(&pod) == 503),
+        wait_for(Duration::from_secs(5), || {
+            let (code, body) = pod.http_get("http://127.0.0.1:9901/ready").unwrap();
+            code == 503 && body.contains("handshake")
+        }),
         "{}",
         log_of(&log)
     );
-    let (code, body) = pod.http_get("http://127.0.0.1:9901/ready").unwrap();
-    assert_eq!(code, 503);
-    assert!(body.contains("handshake"), "{body}");
 
     gwpeer.set_peer(&pod_pub, POD_TUN, Some(&psk)).unwrap();
     assert!(
