@@ -585,3 +585,73 @@ fn a_dead_first_endpoint_fails_over_to_the_second_gateway() {
     pod.run("ping", &["-c2", "-i0.2", "-W2", GW_TUN_IP])
         .unwrap();
 }
+
+#[test]
+fn a_dual_stack_tunnel_from_a_key_folder_carries_ipv4_and_ipv6_with_the_requested_mtu() {
+    require_root();
+    let (pod, gw, _vp) = topology();
+    let dir = scratch();
+    let (pod_priv, pod_pub) = keypair();
+    let gwkey = keypair();
+    file_keys(dir.path(), &pod_priv, &gwkey.1, "192.168.77.1:51820");
+    write_secret_file(&dir.path().join("keys/address"), "10.77.0.2/32,fd77::2/128");
+    let gwpeer = WgGoPeer::start_with_key(&gw, GW_TUN, 51820, &gwkey).unwrap();
+    gw.ip(&["-6", "addr", "add", "fd77::1/64", "dev", &gwpeer.ifname])
+        .unwrap();
+    gwpeer
+        .set_peer(&pod_pub, "10.77.0.2/32,fd77::2/128", None)
+        .unwrap();
+    let log = dir.path().join("sidecar.log");
+    let ifname = lab::unique("ws");
+    let _sidecar = spawn_sidecar(
+        &pod,
+        &strings(&[
+            "run",
+            "--interface",
+            &ifname,
+            "--gateway",
+            "corp",
+            "--routes",
+            "10.77.0.0/24,fd77::/64",
+            "--dns",
+            "10.53.0.53",
+            "--mtu",
+            "1380",
+            "--key-source",
+            "file",
+            "--key-dir",
+            dir.path().join("keys").to_str().unwrap(),
+            "--health-addr",
+            "127.0.0.1:9901",
+            "--log-format",
+            "text",
+        ]),
+        &log,
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || get_ready(&pod) == 200),
+        "{}",
+        log_of(&log)
+    );
+    let link = pod.ip(&["link", "show", &ifname]).unwrap();
+    assert!(link.contains("mtu 1380"), "{link}");
+    let v6 = pod.ip(&["-6", "route", "show", "fd77::/64"]).unwrap();
+    assert!(v6.contains(&format!("dev {ifname}")), "{v6}");
+    let dns = pod.ip(&["route", "show", "10.53.0.53"]).unwrap();
+    assert!(
+        dns.contains(&format!("dev {ifname}")),
+        "DNS server not routed through the tunnel: {dns}"
+    );
+    pod.run("ping", &["-c2", "-i0.2", "-W2", GW_TUN_IP])
+        .unwrap();
+    pod.run("ping", &["-6", "-c2", "-i0.2", "-W2", "fd77::1"])
+        .unwrap();
+    let _server = tcp_echo_server(&gw, "fd77::1", 7001).unwrap();
+    let mut client = tcp_client(&pod, "fd77::1", 7001, 1).unwrap();
+    let (ok, stdout, stderr) = client.wait_output().unwrap();
+    assert!(
+        ok && stdout.starts_with("OK"),
+        "tcp over IPv6: {stdout} {stderr}"
+    );
+}
