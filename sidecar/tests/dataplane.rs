@@ -655,3 +655,116 @@ fn a_dual_stack_tunnel_from_a_key_folder_carries_ipv4_and_ipv6_with_the_requeste
         "tcp over IPv6: {stdout} {stderr}"
     );
 }
+
+#[test]
+fn while_vault_is_unreachable_the_sidecar_is_not_ready_says_why_and_retries_until_it_can_log_in() {
+    require_root();
+    let (pod, gw, _vp) = topology();
+    let dir = scratch();
+    let role_id = dir.path().join("role_id");
+    let secret_id = dir.path().join("secret_id");
+    let log = dir.path().join("sidecar.log");
+    let ifname = lab::unique("ws");
+    // No OpenBao yet and no AppRole credentials on disk: every login attempt fails.
+    let _sidecar = spawn_sidecar(
+        &pod,
+        &strings(&[
+            "run",
+            "--interface",
+            &ifname,
+            "--gateway",
+            "corp",
+            "--routes",
+            ROUTE,
+            "--vault-addr",
+            "http://127.0.0.1:8200",
+            "--vault-auth",
+            "approle",
+            "--vault-role-id-file",
+            role_id.to_str().unwrap(),
+            "--vault-secret-id-file",
+            secret_id.to_str().unwrap(),
+            "--vault-key-path",
+            "wg/keys/shop/web",
+            "--health-addr",
+            "127.0.0.1:9901",
+        ]),
+        &log,
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let (code, body) = pod.http_get("http://127.0.0.1:9901/ready").unwrap();
+            code == 503 && body.contains("login failed")
+        }),
+        "{}",
+        log_of(&log)
+    );
+    assert!(
+        metric(&get_metrics(&pod), "wg_sidecar_vault_login_failures_total").unwrap_or(0.0) >= 1.0
+    );
+    assert!(log_of(&log).contains("not ready"));
+    assert!(
+        pod.ip(&["link", "show", &ifname]).is_err(),
+        "no interface before keys"
+    );
+
+    // Vault comes up, credentials appear: the next retry logs in and the tunnel comes up.
+    let bao = OpenBao::start(&pod).unwrap();
+    bao.cli(&["auth", "enable", "approle"], None).unwrap();
+    bao.cli(
+        &["policy", "write", "wg-shop-web", "-"],
+        Some("path \"secret/data/wg/*\" { capabilities = [\"read\"] }\n"),
+    )
+    .unwrap();
+    bao.cli(
+        &[
+            "write",
+            "auth/approle/role/web",
+            "token_policies=wg-shop-web",
+        ],
+        None,
+    )
+    .unwrap();
+    let (pp, ppub) = keypair();
+    let gwkey = keypair();
+    bao.put(
+        "wg/keys/shop/web",
+        &json!({"private_key": pp, "address": POD_TUN}),
+    )
+    .unwrap();
+    bao.put(
+        "wg/gateways/corp",
+        &json!({"public_key": gwkey.1, "endpoints": "192.168.77.1:51820"}),
+    )
+    .unwrap();
+    let gwpeer = WgGoPeer::start_with_key(&gw, GW_TUN, 51820, &gwkey).unwrap();
+    gwpeer.set_peer(&ppub, POD_TUN, None).unwrap();
+    write_secret_file(
+        &role_id,
+        &bao.cli(
+            &["read", "-field=role_id", "auth/approle/role/web/role-id"],
+            None,
+        )
+        .unwrap(),
+    );
+    write_secret_file(
+        &secret_id,
+        &bao.cli(
+            &[
+                "write",
+                "-f",
+                "-field=secret_id",
+                "auth/approle/role/web/secret-id",
+            ],
+            None,
+        )
+        .unwrap(),
+    );
+    assert!(
+        wait_for(Duration::from_secs(40), || get_ready(&pod) == 200),
+        "{}",
+        log_of(&log)
+    );
+    pod.run("ping", &["-c1", "-W2", GW_TUN_IP]).unwrap();
+}
