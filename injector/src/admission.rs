@@ -35,6 +35,8 @@ pub enum SkipReason {
     /// The Pod uses `hostNetwork` and did not explicitly ask for injection: a tunnel would
     /// change the node's network, so it is left alone.
     HostNetwork,
+    /// The namespace is in the config's `excludedNamespaces` (`kube-system`, `kube-public`).
+    ExcludedNamespace,
 }
 
 impl SkipReason {
@@ -44,6 +46,7 @@ impl SkipReason {
         match self {
             SkipReason::NotRequested => "not_requested",
             SkipReason::HostNetwork => "host_network",
+            SkipReason::ExcludedNamespace => "excluded_namespace",
         }
     }
 }
@@ -117,11 +120,14 @@ pub fn evaluate(pod: &Pod, config: &Config) -> Verdict {
 
 /// Decide what to do with `pod`, created in `namespace`.
 ///
-/// The namespace is not needed to build the patch: Vault role and path templates are filled in
-/// by the kubelet from the Pod's own namespace and service account (downward API), so the same
-/// Pod is injected identically by the webhook and the offline CLI.
+/// The namespace only matters for `excludedNamespaces`: Vault role and path templates are
+/// filled in by the kubelet from the Pod's own namespace and service account (downward API), so
+/// the same Pod is injected identically by the webhook and the offline CLI.
 #[must_use]
-pub fn decide(pod: &Pod, _namespace: &str, config: &Config) -> Decision {
+pub fn decide(pod: &Pod, namespace: &str, config: &Config) -> Decision {
+    if config.excluded_namespaces.iter().any(|n| n == namespace) {
+        return Decision::Skip(SkipReason::ExcludedNamespace);
+    }
     match evaluate(pod, config) {
         Verdict::Inject(outcome) => {
             let (Ok(before), Ok(after)) = (
@@ -161,6 +167,22 @@ mod tests {
             matches!(d, Decision::Skip(SkipReason::NotRequested)),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn an_annotated_pod_in_kube_system_is_skipped_even_if_the_namespace_is_labelled() {
+        let input = pod("metadata: {name: web, annotations: {wg-injector.io/inject: 'true'}}\nspec:\n  containers: [{name: app, image: nginx}]\n");
+        for namespace in ["kube-system", "kube-public"] {
+            let d = decide(&input, namespace, &Config::default());
+            assert!(
+                matches!(d, Decision::Skip(SkipReason::ExcludedNamespace)),
+                "{namespace}: {d:?}"
+            );
+        }
+        assert!(matches!(
+            decide(&input, "shop", &Config::default()),
+            Decision::Patch { .. }
+        ));
     }
 
     #[test]

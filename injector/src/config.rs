@@ -41,6 +41,9 @@ pub struct Config {
     pub native_sidecars: bool,
     /// How the sidecar gets `/dev/net/tun`.
     pub tun_device: TunDevice,
+    /// Namespaces never injected, whatever their labels say (defence in depth behind the
+    /// webhook's `namespaceSelector`, which cannot match namespace names before Kubernetes 1.21).
+    pub excluded_namespaces: Vec<String>,
 }
 
 /// Image settings of the injected containers.
@@ -159,6 +162,7 @@ impl Default for Config {
             inject_by_default: false,
             native_sidecars: false,
             tun_device: TunDevice::HostPath,
+            excluded_namespaces: vec!["kube-system".to_owned(), "kube-public".to_owned()],
         }
     }
 }

@@ -170,5 +170,7 @@ lives under `webhook` in values because the webhook's matchConditions depend on 
 {{- define "wg-injector.configFile" -}}
 {{- $cfg := deepCopy .Values.config }}
 {{- $_ := set $cfg "injectByDefault" .Values.webhook.injectByDefault }}
+{{- /* never inject system namespaces or our own, even when labelled (names cannot be selected before 1.21) */}}
+{{- $_ := set $cfg "excludedNamespaces" (list "kube-system" "kube-public" .Release.Namespace | uniq) }}
 {{- toYaml $cfg }}
 {{- end }}
