@@ -657,11 +657,27 @@ impl Gateway {
         Ok(())
     }
 
-    fn tick(&self) {
+    /// Statistics tick. Returns false when the userspace device has stopped: BoringTun takes
+    /// SIGTERM/SIGINT through its own signalfd, so the signal may reach it instead of us.
+    fn tick(&self) -> bool {
         self.health.tick();
-        match self.tunnel.peer_stats() {
-            Ok(s) => self.health.metrics.record(&s, SystemTime::now()),
-            Err(e) => tracing::warn!(error = %e, "reading peer statistics failed"),
+        match self
+            .tunnel
+            .peer_stats()
+            .or_else(|_| self.tunnel.peer_stats())
+        {
+            Ok(s) => {
+                self.health.metrics.record(&s, SystemTime::now());
+                true
+            }
+            Err(e) if self.tunnel.mode() == crate::tunnel::Mode::Userspace => {
+                tracing::warn!(error = %e, "the userspace WireGuard device stopped answering (it exits on SIGTERM); shutting down");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading peer statistics failed");
+                true
+            }
         }
     }
 }
@@ -776,7 +792,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
             next_reconcile = Instant::now()
                 + crate::backoff::jittered(gw.cfg.poll_interval, rand::random::<f64>());
         }
-        gw.tick();
+        if !gw.tick() {
+            break;
+        }
         // Wake for the next second, or earlier for a key activation.
         let mut wait = Duration::from_secs(1);
         if let Some(t) = gw.next_activation {

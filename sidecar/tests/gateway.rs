@@ -193,7 +193,7 @@ impl Lab {
         .remove(0)
     }
 
-    fn provision_gateway(&self, endpoints: &str) -> serde_json::Value {
+    fn provision_gateway(&self, endpoints: &str, pools: &str) -> serde_json::Value {
         self.keys(&[
             "provision-gateway",
             "corp",
@@ -202,7 +202,7 @@ impl Lab {
             "--allowed-ips",
             PRIVATE_NET,
             "--pool",
-            POOL,
+            pools,
         ])
         .remove(0)
     }
@@ -292,8 +292,9 @@ fn gateway_metrics(ns: &Netns) -> String {
 #[test]
 fn provisioned_pod_reaches_the_private_network_through_the_gateway_and_loses_it_when_removed() {
     let lab = Lab::new(false);
-    let gw = lab.provision_gateway("192.168.77.1:51820");
-    assert_eq!(gw["address"], "10.99.0.1/16", "{gw}");
+    // Dual-stack gateway: both address families get a masquerade rule.
+    let gw = lab.provision_gateway("192.168.77.1:51820", "10.99.0.0/16,fd99::/64");
+    assert_eq!(gw["address"], "10.99.0.1/16,fd99::1/64", "{gw}");
     let web = lab.provision("shop", "web");
     assert_eq!(web["created"], true);
     assert_eq!(web["address"], "10.99.0.2/32", "{web}");
@@ -351,6 +352,10 @@ fn provisioned_pod_reaches_the_private_network_through_the_gateway_and_loses_it_
     let rules = lab.gwa.run("nft", &["list", "ruleset"]).unwrap();
     assert!(
         rules.contains("ip saddr 10.99.0.0/16 oifname != \"wgw") && rules.contains("masquerade"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains("ip6 saddr fd99::/64 oifname != \"wgw"),
         "{rules}"
     );
 
@@ -454,7 +459,7 @@ fn provisioned_pod_reaches_the_private_network_through_the_gateway_and_loses_it_
 #[test]
 fn keys_rotate_switches_pod_and_gateway_together_under_a_long_tcp_stream() {
     let lab = Lab::new(false);
-    lab.provision_gateway("192.168.77.1:51820");
+    lab.provision_gateway("192.168.77.1:51820", POOL);
     let web = lab.provision("shop", "web");
     let old_key = web["public_key"].as_str().unwrap().to_owned();
     let (_gw, gwlog) = lab.gateway(&lab.gwa, "http://192.168.77.2:8200", "a", &[]);
@@ -528,7 +533,7 @@ fn keys_rotate_switches_pod_and_gateway_together_under_a_long_tcp_stream() {
 fn when_gateway_a_dies_traffic_resumes_through_gateway_b_within_ten_seconds() {
     let lab = Lab::new(true);
     let gwb = lab.gwb.as_ref().unwrap();
-    lab.provision_gateway("192.168.77.1:51820,192.168.78.1:51820");
+    lab.provision_gateway("192.168.77.1:51820,192.168.78.1:51820", POOL);
     lab.provision("shop", "web");
     // Gateways send keepalives every second, so 3 s of silence means a dead gateway.
     let ka = ["--peer-keepalive", "1"];
