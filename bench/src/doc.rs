@@ -37,7 +37,8 @@ pub fn replace_section(document: &str, title: &str, body: &str) -> String {
             out.push_str(&section);
         } else {
             if document.trim().is_empty() {
-                out = "# Benchmarks\n\n".to_owned();
+                out.clear();
+                out.push_str("# Benchmarks\n\n");
             } else if !out.ends_with("\n\n") {
                 out.push('\n');
             }
@@ -87,7 +88,10 @@ mod tests {
     #[test]
     fn a_missing_section_is_appended_after_the_others() {
         let out = replace_section("# Benchmarks\n\n## Core\n\ncore figures\n", "Load", "x");
-        assert_eq!(out, "# Benchmarks\n\n## Core\n\ncore figures\n\n## Load\n\nx\n");
+        assert_eq!(
+            out,
+            "# Benchmarks\n\n## Core\n\ncore figures\n\n## Load\n\nx\n"
+        );
     }
 
     #[test]
@@ -98,7 +102,10 @@ mod tests {
 
     #[test]
     fn an_empty_document_gets_a_title_and_the_section() {
-        assert_eq!(replace_section("", "Load", "x"), "# Benchmarks\n\n## Load\n\nx\n");
+        assert_eq!(
+            replace_section("", "Load", "x"),
+            "# Benchmarks\n\n## Load\n\nx\n"
+        );
     }
 
     #[test]

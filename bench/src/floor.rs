@@ -104,12 +104,9 @@ pub fn router() -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
 }
 
-/// Serve the floor on `listen` with a freshly generated self-signed certificate (names
-/// `localhost`, `127.0.0.1`), printing the caBundle (base64 PEM) as the first stdout line like
-/// `wg-injector serve --self-signed` does. Runs until SIGTERM or Ctrl-C.
-pub async fn run(listen: std::net::SocketAddr) -> Result<(), Error> {
-    use base64::Engine as _;
-    use std::io::Write as _;
+/// A TLS configuration (the injector's [`wg_injector::server::tls_config`]) with a freshly
+/// generated CA and serving certificate for `localhost` and `127.0.0.1`; returns the CA's PEM too.
+pub fn self_signed_tls() -> Result<(Arc<rustls::ServerConfig>, String), Error> {
     let lifetime = Duration::from_secs(86_400);
     let ca = wg_certs::generate_ca("wg-bench floor CA", lifetime)?;
     let names = ["localhost".to_owned(), "127.0.0.1".to_owned()];
@@ -117,10 +114,22 @@ pub async fn run(listen: std::net::SocketAddr) -> Result<(), Error> {
     let resolver = Arc::new(wg_certs::ReloadingResolver::from_certified_key(
         serving.certified_key()?,
     )?);
-    let tls = wg_injector::server::tls_config(resolver)?;
+    Ok((
+        wg_injector::server::tls_config(resolver)?,
+        ca.cert_pem().to_owned(),
+    ))
+}
+
+/// Serve the floor on `listen` with [`self_signed_tls`], printing the caBundle (base64 PEM)
+/// as the first stdout line like `wg-injector serve --self-signed` does. Runs until SIGTERM or
+/// Ctrl-C.
+pub async fn run(listen: std::net::SocketAddr) -> Result<(), Error> {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let (tls, ca_pem) = self_signed_tls()?;
     let listener = wg_injector::server::bind(listen).await?;
     let mut stdout = std::io::stdout();
-    let bundle = base64::engine::general_purpose::STANDARD.encode(ca.cert_pem());
+    let bundle = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     // A closed stdout only means nobody reads the bundle; serving still makes sense.
     let _ = writeln!(stdout, "{bundle}").and_then(|()| stdout.flush());
     wg_injector::server::serve(
@@ -132,4 +141,49 @@ pub async fn run(listen: std::net::SocketAddr) -> Result<(), Error> {
     )
     .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use axum::body::Body;
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+
+    async fn post(content_type: &str, body: Vec<u8>) -> (StatusCode, String) {
+        let request = axum::http::Request::post("/mutate")
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Body::from(body))
+            .unwrap();
+        let response = router().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_floor_allows_the_review_with_no_patch_and_echoes_the_uid() {
+        let payload = crate::payload::payload(2);
+        let (status, body) = post("application/json", payload.body.to_vec()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body,
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"705ab4f5-6393-11e8-b7cc-42010a800002","allowed":true}}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn the_floor_refuses_what_the_injector_refuses_before_decoding() {
+        assert_eq!(
+            post("text/plain", b"{}".to_vec()).await.0,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+        assert_eq!(
+            post("application/json", b"{\"request\":{\"uid\":1}}".to_vec())
+                .await
+                .0,
+            StatusCode::BAD_REQUEST
+        );
+    }
 }

@@ -200,7 +200,8 @@ async fn tls_connect(
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("TCP: {e}"))?;
-    tcp.set_nodelay(true).map_err(|e| format!("TCP_NODELAY: {e}"))?;
+    tcp.set_nodelay(true)
+        .map_err(|e| format!("TCP_NODELAY: {e}"))?;
     TlsConnector::from(config)
         .connect(ServerName::IpAddress(addr.ip().into()), tcp)
         .await
@@ -272,7 +273,10 @@ async fn send(
     if status == StatusCode::OK {
         Ok(bytes)
     } else {
-        Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)))
+        Err(format!(
+            "HTTP {status}: {}",
+            String::from_utf8_lossy(&bytes)
+        ))
     }
 }
 
@@ -314,18 +318,17 @@ async fn worker(
     };
     let fresh = matches!(protocol, Protocol::NewConnection { .. });
     loop {
-        let started = match &tickets {
-            Some(tickets) => match tickets.lock().await.recv().await {
-                Some(intended) => intended,
-                None => break,
-            },
-            None => {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                now
+        let started = if let Some(tickets) = &tickets {
+            let Some(intended) = tickets.lock().await.recv().await else {
+                break;
+            };
+            intended
+        } else {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
             }
+            now
         };
         if sender.is_none() {
             sender = connect(&target, protocol).await.ok();
@@ -353,7 +356,12 @@ async fn worker(
 
 /// Issue one ticket per intended send time from `start` for `duration` at `per_second`,
 /// sleeping with the OS's precise timers on a thread of its own.
-fn pace(start: Instant, duration: Duration, per_second: u32, tickets: mpsc::UnboundedSender<Instant>) {
+fn pace(
+    start: Instant,
+    duration: Duration,
+    per_second: u32,
+    tickets: &mpsc::UnboundedSender<Instant>,
+) {
     let period = Duration::from_secs(1) / per_second.max(1);
     let mut intended = start;
     while intended < start + duration {
@@ -377,12 +385,13 @@ pub async fn run(target: &Target, plan: &Plan, body: &Bytes) -> Result<Measureme
     match plan.protocol {
         Protocol::Http1 => {
             for _ in 0..workers {
-                let mut sender = connect(target, plan.protocol).await.map_err(|reason| {
-                    Error::Connect {
-                        addr: target.addr,
-                        reason,
-                    }
-                })?;
+                let mut sender =
+                    connect(target, plan.protocol)
+                        .await
+                        .map_err(|reason| Error::Connect {
+                            addr: target.addr,
+                            reason,
+                        })?;
                 let _ = send(&mut sender, target.addr, body, false).await;
                 senders.push(Some(sender));
             }
@@ -390,12 +399,13 @@ pub async fn run(target: &Target, plan: &Plan, body: &Bytes) -> Result<Measureme
         Protocol::Http2 => {
             let mut shared = Vec::new();
             for _ in 0..plan.h2_connections.max(1) {
-                let mut sender = connect(target, plan.protocol).await.map_err(|reason| {
-                    Error::Connect {
-                        addr: target.addr,
-                        reason,
-                    }
-                })?;
+                let mut sender =
+                    connect(target, plan.protocol)
+                        .await
+                        .map_err(|reason| Error::Connect {
+                            addr: target.addr,
+                            reason,
+                        })?;
                 let _ = send(&mut sender, target.addr, body, false).await;
                 let Sender::H2(h2) = sender else {
                     unreachable!("HTTP/2 connect returns an HTTP/2 sender")
@@ -414,7 +424,7 @@ pub async fn run(target: &Target, plan: &Plan, body: &Bytes) -> Result<Measureme
         Rate::PerSecond(per_second) => {
             let (tx, rx) = mpsc::unbounded_channel();
             let duration = plan.duration;
-            std::thread::spawn(move || pace(start, duration, per_second, tx));
+            std::thread::spawn(move || pace(start, duration, per_second, &tx));
             Some(Arc::new(Mutex::new(rx)))
         }
         Rate::Max => None,
@@ -474,7 +484,8 @@ mod tests {
     fn pacing_issues_one_ticket_per_period_at_the_intended_times() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let start = Instant::now();
-        pace(start, Duration::from_millis(50), 1000, tx);
+        pace(start, Duration::from_millis(50), 1000, &tx);
+        drop(tx);
         let mut times = Vec::new();
         while let Ok(t) = rx.try_recv() {
             times.push(t);

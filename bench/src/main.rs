@@ -45,10 +45,20 @@ struct RunArgs {
     #[arg(long, env = "WG_BENCH_INJECTOR")]
     injector: Option<PathBuf>,
     /// Pod sizes in KiB.
-    #[arg(long, env = "WG_BENCH_POD_KIB", value_delimiter = ',', default_value = "2,10,64")]
+    #[arg(
+        long,
+        env = "WG_BENCH_POD_KIB",
+        value_delimiter = ',',
+        default_value = "2,10,64"
+    )]
     pod_kib: Vec<usize>,
     /// Open-loop rates (requests per second); a closed-loop max run follows them.
-    #[arg(long, env = "WG_BENCH_RATES", value_delimiter = ',', default_value = "100,1000")]
+    #[arg(
+        long,
+        env = "WG_BENCH_RATES",
+        value_delimiter = ',',
+        default_value = "100,1000"
+    )]
     rates: Vec<u32>,
     /// Seconds measured per cell and server.
     #[arg(long, env = "WG_BENCH_SECONDS", default_value_t = 4.0)]

@@ -77,7 +77,7 @@ pub fn pod_of_size(target: usize) -> Value {
     }
     // Smallest env count reaching the target.
     while high - low > 1 {
-        let mid = (low + high) / 2;
+        let mid = usize::midpoint(low, high);
         if serde_json::to_vec(&pod(mid)).map_or(0, |v| v.len()) < target {
             low = mid;
         } else {
@@ -134,19 +134,15 @@ mod tests {
         for kib in [2, 10, 64] {
             let p = payload(kib);
             assert!(p.pod_bytes >= kib * 1024, "{kib} KiB: {}", p.pod_bytes);
-            assert!(
-                p.pod_bytes < kib * 1024 + 512,
-                "{kib} KiB: {}",
-                p.pod_bytes
-            );
+            assert!(p.pod_bytes < kib * 1024 + 512, "{kib} KiB: {}", p.pod_bytes);
         }
     }
 
     #[test]
     fn the_review_decodes_as_a_pod_create_that_the_injector_patches() {
         let p = payload(10);
-        let answer = wg_injector::review::answer(&p.body, &wg_injector::config::Config::default())
-            .unwrap();
+        let answer =
+            wg_injector::review::answer(&p.body, &wg_injector::config::Config::default()).unwrap();
         assert_eq!(answer.outcome, wg_injector::review::Outcome::Injected);
         let text = String::from_utf8(answer.body).unwrap();
         assert!(text.contains("\"patchType\":\"JSONPatch\""), "{text}");

@@ -162,11 +162,9 @@ impl Report {
                 ));
             }
         }
-        for row in self
-            .rows
-            .iter()
-            .filter(|r| r.rate == Rate::PerSecond(1000) && !matches!(r.protocol, Protocol::NewConnection { .. }))
-        {
+        for row in self.rows.iter().filter(|r| {
+            r.rate == Rate::PerSecond(1000) && !matches!(r.protocol, Protocol::NewConnection { .. })
+        }) {
             out.push((
                 format!("p99 at 1 000/s, {} Pods, {}", row.pod, row.protocol.label()),
                 ms(row.ours.p99),
@@ -176,7 +174,11 @@ impl Report {
         }
         for row in self.rows.iter().filter(|r| r.rate == Rate::Max) {
             out.push((
-                format!("throughput ours / floor, {} Pods, {}, max", row.pod, row.protocol.label()),
+                format!(
+                    "throughput ours / floor, {} Pods, {}, max",
+                    row.pod,
+                    row.protocol.label()
+                ),
                 format!(
                     "{:.2} ({:.0} / {:.0})",
                     row.ratio(),
@@ -238,12 +240,18 @@ impl Report {
         for (figure, measured, target, met) in self.targets() {
             let _ = writeln!(s, "| {figure} | {measured} | {target} | {} |", verdict(met));
         }
-        let _ = writeln!(s, "\n### Every cell (ours = `wg-injector serve`, floor = same stack, no injection)\n");
+        let _ = writeln!(
+            s,
+            "\n### Every cell (ours = `wg-injector serve`, floor = same stack, no injection)\n"
+        );
         let _ = writeln!(
             s,
             "| Pod | transport | rate | ours p50 | ours p99 | ours p99.9 | ours reviews/s | floor p50 | floor p99 | floor p99.9 | floor reviews/s | ours / floor | ours peak RSS | errors ours/floor |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
         for r in &self.rows {
             let _ = writeln!(
                 s,
@@ -333,7 +341,10 @@ mod tests {
         assert_eq!(met("injector RSS idle, after start-up"), Some(true));
         assert_eq!(met("injector RSS idle, after the whole run"), Some(false));
         let text = report.markdown();
-        assert!(text.contains("| 0.90 (9000 / 10000) | ≥ 0.80 | met |"), "{text}");
+        assert!(
+            text.contains("| 0.90 (9000 / 10000) | ≥ 0.80 | met |"),
+            "{text}"
+        );
         assert!(text.contains("**not met**"), "{text}");
     }
 }

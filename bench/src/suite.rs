@@ -72,7 +72,8 @@ async fn start(
     args.push(addr.to_string());
     let log = log_dir.join(format!("wg-bench-{}-{what}.log", std::process::id()));
     let process = ServerProcess::start(what, program, &args, log)?;
-    let tls = ClientTls::new(&process.ca_pem).map_err(|reason| Error::BadCaBundle { what, reason })?;
+    let tls =
+        ClientTls::new(&process.ca_pem).map_err(|reason| Error::BadCaBundle { what, reason })?;
     let target = Target { addr, tls };
     // The injector prints its caBundle before it binds: retry for a bounded 10 s.
     let mut last = None;
@@ -87,7 +88,10 @@ async fn start(
                 if !allowed || patched != must_patch {
                     return Err(Error::WrongAnswer {
                         what,
-                        reason: format!("expected allowed: true with{} a patch, got {text}", if must_patch { "" } else { "out" }),
+                        reason: format!(
+                            "expected allowed: true with{} a patch, got {text}",
+                            if must_patch { "" } else { "out" }
+                        ),
                     });
                 }
                 break;
@@ -155,16 +159,87 @@ fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_or_else(|_| "unknown".to_owned(), |k| k.trim().to_owned());
-    format!("{cpu}, {cores} cores, Linux {kernel}")
+    // Other work on the machine skews the figures: record how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".to_owned(),
+        |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    );
+    format!("{cpu}, {cores} cores, Linux {kernel}, load average {load} at the start")
+}
+
+/// Every cell, in the order they run: each Pod size × HTTP/1.1, HTTP/2 × each rate then max;
+/// then new connections per request (10 KiB Pods) with full handshakes, and resumed at max.
+fn cells(
+    settings: &Settings,
+    payloads: &[Payload],
+    check: &Payload,
+) -> Vec<(Payload, Protocol, Rate)> {
+    let mut cells = Vec::new();
+    for p in payloads {
+        for protocol in [Protocol::Http1, Protocol::Http2] {
+            for rate in settings
+                .rates
+                .iter()
+                .map(|&r| Rate::PerSecond(r))
+                .chain([Rate::Max])
+            {
+                cells.push((p.clone(), protocol, rate));
+            }
+        }
+    }
+    let fresh = payloads
+        .iter()
+        .find(|p| p.label == "10 KiB")
+        .unwrap_or(check);
+    for rate in settings
+        .rates
+        .iter()
+        .map(|&r| Rate::PerSecond(r))
+        .chain([Rate::Max])
+    {
+        cells.push((
+            fresh.clone(),
+            Protocol::NewConnection { resume: false },
+            rate,
+        ));
+    }
+    cells.push((
+        fresh.clone(),
+        Protocol::NewConnection { resume: true },
+        Rate::Max,
+    ));
+    cells
+}
+
+fn setup(settings: &Settings) -> String {
+    format!(
+        "Each cell runs {:.0} s per server, ours first, on loopback with TLS (ECDSA P-256 certificate from `--self-signed`). Open-loop rates use {} workers and measure latency from the intended send time (no coordinated omission); `max` is a closed loop with {} workers (HTTP/1.1: one connection each; HTTP/2: streams over {} connections). New-connection cells use HTTP/1.1 with `Connection: close` and count the TCP + TLS handshake in the latency; \"full handshake\" disables client session resumption like Go's default client (the kube-apiserver's). Servers run with their default logging (info).",
+        settings.duration.as_secs_f64(),
+        settings.open_loop_workers,
+        settings.workers,
+        settings.h2_connections
+    )
 }
 
 /// Run the whole benchmark, printing one line per cell as it goes.
 pub async fn run(settings: &Settings) -> Result<Report, Error> {
-    let date = jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC").to_string();
-    let payloads: Vec<Payload> = settings.pod_kib.iter().map(|&k| payload::payload(k)).collect();
+    let date = jiff::Timestamp::now()
+        .strftime("%Y-%m-%d %H:%M UTC")
+        .to_string();
+    let machine = machine();
+    let payloads: Vec<Payload> = settings
+        .pod_kib
+        .iter()
+        .map(|&k| payload::payload(k))
+        .collect();
     let check = payload::payload(10);
     for p in &payloads {
-        println!("payload {}: Pod {} bytes, AdmissionReview {} bytes", p.label, p.pod_bytes, p.body.len());
+        println!(
+            "payload {}: Pod {} bytes, AdmissionReview {} bytes",
+            p.label,
+            p.pod_bytes,
+            p.body.len()
+        );
     }
     let ours = start(
         "wg-injector",
@@ -174,7 +249,14 @@ pub async fn run(settings: &Settings) -> Result<Report, Error> {
         &check,
     )
     .await?;
-    let floor = start("floor", &settings.floor, vec!["floor".to_owned()], &settings.log_dir, &check).await?;
+    let floor = start(
+        "floor",
+        &settings.floor,
+        vec!["floor".to_owned()],
+        &settings.log_dir,
+        &check,
+    )
+    .await?;
     // Let start-up settle before reading the idle figures.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ours_start = ours.process.memory().unwrap_or_default();
@@ -194,19 +276,7 @@ pub async fn run(settings: &Settings) -> Result<Report, Error> {
     for server in [&ours, &floor] {
         load::run(&server.target, &warm, &check.body).await?;
     }
-    let mut cells = Vec::new();
-    for p in &payloads {
-        for protocol in [Protocol::Http1, Protocol::Http2] {
-            for rate in settings.rates.iter().map(|&r| Rate::PerSecond(r)).chain([Rate::Max]) {
-                cells.push((p.clone(), protocol, rate));
-            }
-        }
-    }
-    let fresh = payloads.iter().find(|p| p.label == "10 KiB").unwrap_or(&check);
-    for rate in settings.rates.iter().map(|&r| Rate::PerSecond(r)).chain([Rate::Max]) {
-        cells.push((fresh.clone(), Protocol::NewConnection { resume: false }, rate));
-    }
-    cells.push((fresh.clone(), Protocol::NewConnection { resume: true }, Rate::Max));
+    let cells = cells(settings, &payloads, &check);
     let mut rows = Vec::new();
     for (p, protocol, rate) in cells {
         let plan = Plan {
@@ -239,16 +309,10 @@ pub async fn run(settings: &Settings) -> Result<Report, Error> {
         ours_end.rss_kib, ours_end.hwm_kib, floor_end.rss_kib, floor_end.hwm_kib
     );
     Ok(Report {
-        machine: machine(),
+        machine,
         date,
         command: settings.command.clone(),
-        setup: format!(
-            "Each cell runs {:.0} s per server, ours first, on loopback with TLS (ECDSA P-256 certificate from `--self-signed`). Open-loop rates use {} workers and measure latency from the intended send time (no coordinated omission); `max` is a closed loop with {} workers (HTTP/1.1: one connection each; HTTP/2: streams over {} connections). New-connection cells use HTTP/1.1 with `Connection: close` and count the TCP + TLS handshake in the latency; \"full handshake\" disables client session resumption like Go's default client (the kube-apiserver's). Servers run with their default logging (info).",
-            settings.duration.as_secs_f64(),
-            settings.open_loop_workers,
-            settings.workers,
-            settings.h2_connections
-        ),
+        setup: setup(settings),
         rows,
         memory: MemoryFigures {
             idle_start_kib: ours_start.rss_kib,
