@@ -118,18 +118,10 @@ impl GatewayArgs {
                 "--interface must be 1-15 characters without '/' or spaces".into(),
             ));
         }
-        let gateway_key_path = match self.vault_gateway_key_path {
-            Some(p) => p,
-            None => match self.vault_gateway_path.rsplit_once("gateways/") {
-                Some((head, name)) if !name.is_empty() => format!("{head}gateway-keys/{name}"),
-                _ => {
-                    return Err(bad(format!(
-                        "--vault-gateway-key-path is required when --vault-gateway-path {:?} has no `gateways/<name>` part",
-                        self.vault_gateway_path
-                    )))
-                }
-            },
-        };
+        let gateway_key_path = crate::keys::gateway_key_path(
+            &self.vault_gateway_path,
+            self.vault_gateway_key_path.as_deref(),
+        )?;
         Ok(GatewayConfig {
             interface: self.interface,
             listen_port: self.listen_port,
@@ -610,11 +602,43 @@ struct Gateway {
     tunnel: WgTunnel,
     running: PeerTable,
     next_activation: Option<Timestamp>,
+    /// KV version of the private record whose key is in use.
+    key_version: u64,
+    /// `not_before` of a held-back gateway key (see `docs/rotation.md`).
+    key_due: Option<Timestamp>,
 }
 
 impl Gateway {
+    /// Applies a new gateway key in place once its `not_before` has come.
+    async fn reconcile_key(&mut self) -> Result<()> {
+        let path = &self.cfg.gateway_key_path;
+        let rec = self.vault.read(&self.cfg.kv_mount, path).await?;
+        if rec.version == self.key_version {
+            return Ok(());
+        }
+        let p = PrivateRecord::from_fields(
+            &format!("{}/{path}", self.cfg.kv_mount),
+            &rec.data,
+            rec.version,
+        )?;
+        let now = Timestamp::now();
+        if let Some(t) = p.not_before.filter(|t| *t > now) {
+            if self.key_due != Some(t) {
+                tracing::info!(version = rec.version, not_before = %t, "new gateway key waits for its not_before");
+            }
+            self.key_due = Some(t);
+            return Ok(());
+        }
+        self.tunnel.set_private_key(&p.private_key)?;
+        self.key_version = rec.version;
+        self.key_due = None;
+        tracing::info!(version = rec.version, public_key = %p.public_key()?, "gateway key rotated in place");
+        Ok(())
+    }
+
     async fn reconcile(&mut self) -> Result<()> {
         let started = Instant::now();
+        self.reconcile_key().await?;
         let (records, errors) =
             load_peer_records(&self.vault, &self.cfg.kv_mount, &self.cfg.peers_path).await?;
         for e in &errors {
@@ -649,7 +673,10 @@ impl Gateway {
                 "peer table reconciled"
             );
         }
-        self.next_activation = desired.next_activation;
+        self.next_activation = match (desired.next_activation, self.key_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         self.health
             .metrics
             .reconcile_duration
@@ -770,6 +797,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
         tunnel,
         running: PeerTable::new(),
         next_activation: None,
+        key_version: private.version,
+        key_due: None,
     };
     health.set(true, None);
     let mut next_reconcile = Instant::now();

@@ -180,6 +180,13 @@ pub struct RotateArgs {
     /// Wait for the activation and fold the next key into the current one (phase 2).
     #[arg(long, env = "WG_SIDECAR_WAIT", action = clap::ArgAction::Set, default_value_t = true)]
     pub wait: bool,
+    /// Also rotate this gateway's key (`wg/gateways/<name>`; its private record is beside it
+    /// under `gateway-keys/`). The public record is updated at the activation (needs `--wait`).
+    #[arg(long, env = "WG_SIDECAR_VAULT_GATEWAY_PATH")]
+    pub vault_gateway_path: Option<String>,
+    /// The gateway's private record (default: `gateways/` → `gateway-keys/` in the path above).
+    #[arg(long, env = "WG_SIDECAR_VAULT_GATEWAY_KEY_PATH")]
+    pub vault_gateway_key_path: Option<String>,
     /// Vault connection.
     #[command(flatten)]
     pub vault: VaultArgs,
@@ -719,8 +726,97 @@ async fn rotate_one(
     })
 }
 
-/// `keys rotate`: phase 1 for every selected identity, then (with `--wait`) phase 2 after the
-/// last activation. Per-identity failures are reported and make the command fail at the end.
+/// The gateway's private record path for the public record `gateway_path`.
+pub fn gateway_key_path(gateway_path: &str, explicit: Option<&str>) -> Result<String> {
+    if let Some(p) = explicit {
+        return Ok(p.to_owned());
+    }
+    match gateway_path.rsplit_once("gateways/") {
+        Some((head, name)) if !name.is_empty() => Ok(format!("{head}gateway-keys/{name}")),
+        _ => Err(SidecarError::InvalidConfig(format!(
+            "--vault-gateway-key-path is required when --vault-gateway-path {gateway_path:?} has no `gateways/<name>` part"
+        ))),
+    }
+}
+
+/// Gateway key rotation, one step. The private record gets the new key with `not_before`; the
+/// gateway switches at that instant; the public record follows once it has passed (sidecars then
+/// replace their gateway peer at their next poll — see `docs/rotation.md`).
+async fn rotate_gateway_step(
+    vault: &Vault,
+    mount: &str,
+    pub_path: &str,
+    key_path: &str,
+    activate_after: Duration,
+    start: bool,
+) -> Result<Rotated> {
+    let identity = format!("gateway {pub_path}");
+    let priv_rec = vault.read(mount, key_path).await?;
+    let private = PrivateRecord::from_fields(
+        &format!("{mount}/{key_path}"),
+        &priv_rec.data,
+        priv_rec.version,
+    )?;
+    let pub_rec = vault.read(mount, pub_path).await?;
+    let public = crate::keysource::GatewayRecord::from_fields(
+        &format!("{mount}/{pub_path}"),
+        &pub_rec.data,
+        pub_rec.version,
+    )?;
+    let now = Timestamp::now();
+    let private_public = private.public_key()?;
+    if private_public != public.public_key {
+        if let Some(t) = private.not_before.filter(|t| *t > now) {
+            return Ok(Rotated {
+                identity,
+                outcome: "in-flight".into(),
+                activate_at: Some(t.to_string()),
+            });
+        }
+        let mut fields = pub_rec.data.clone();
+        fields.insert("public_key".into(), Secret::new(private_public));
+        vault
+            .write(mount, pub_path, &fields, Some(cas_version(pub_rec.version)))
+            .await?;
+        return Ok(Rotated {
+            identity,
+            outcome: "folded".into(),
+            activate_at: None,
+        });
+    }
+    if !start {
+        return Ok(Rotated {
+            identity,
+            outcome: "unchanged".into(),
+            activate_at: None,
+        });
+    }
+    let activate_at = now
+        .checked_add(jiff::SignedDuration::try_from(activate_after).unwrap_or_default())
+        .unwrap_or(now);
+    let (new_private, new_public) = generate_keypair();
+    let mut fields = priv_rec.data.clone();
+    fields.insert("private_key".into(), new_private);
+    fields.insert("not_before".into(), Secret::new(activate_at.to_string()));
+    vault
+        .write(
+            mount,
+            key_path,
+            &fields,
+            Some(cas_version(priv_rec.version)),
+        )
+        .await?;
+    tracing::info!(gateway = %pub_path, next_public_key = %new_public, %activate_at, "gateway key rotation started");
+    Ok(Rotated {
+        identity,
+        outcome: "started".into(),
+        activate_at: Some(activate_at.to_string()),
+    })
+}
+
+/// `keys rotate`: phase 1 for every selected identity (and the gateway with
+/// `--vault-gateway-path`), then (with `--wait`) phase 2 after the last activation. Per-identity
+/// failures are reported and make the command fail at the end.
 pub async fn rotate(vault: &Vault, args: &RotateArgs) -> Result<Vec<Rotated>> {
     let mount = &args.vault.vault_kv_mount;
     let l = &args.layout;
@@ -732,12 +828,29 @@ pub async fn rotate(vault: &Vault, args: &RotateArgs) -> Result<Vec<Rotated>> {
         _ => list_identities(vault, mount, &l.peers_prefix).await?,
     };
     let after = Duration::from_secs(args.activate_after);
+    let gateway = match &args.vault_gateway_path {
+        Some(p) => Some((
+            p.clone(),
+            gateway_key_path(p, args.vault_gateway_key_path.as_deref())?,
+        )),
+        None => None,
+    };
     let mut results = Vec::new();
     for id in &identities {
         let r = rotate_one(vault, mount, l, id, after, true)
             .await
             .unwrap_or_else(|e| Rotated {
                 identity: id.clone(),
+                outcome: format!("failed: {e}"),
+                activate_at: None,
+            });
+        results.push(r);
+    }
+    if let Some((pub_path, key_path)) = &gateway {
+        let r = rotate_gateway_step(vault, mount, pub_path, key_path, after, true)
+            .await
+            .unwrap_or_else(|e| Rotated {
+                identity: format!("gateway {pub_path}"),
                 outcome: format!("failed: {e}"),
                 activate_at: None,
             });
@@ -757,6 +870,17 @@ pub async fn rotate(vault: &Vault, args: &RotateArgs) -> Result<Vec<Rotated>> {
             );
             tokio::time::sleep(wait).await;
             for r in &mut results {
+                if let (Some(rest), Some((pub_path, key_path))) =
+                    (r.identity.strip_prefix("gateway "), &gateway)
+                {
+                    debug_assert_eq!(rest, pub_path);
+                    match rotate_gateway_step(vault, mount, pub_path, key_path, after, false).await
+                    {
+                        Ok(f) => r.outcome = format!("{} then {}", r.outcome, f.outcome),
+                        Err(e) => r.outcome = format!("failed: phase 2: {e}"),
+                    }
+                    continue;
+                }
                 if r.activate_at.is_some() {
                     match rotate_one(vault, mount, l, &r.identity, after, false).await {
                         Ok(f) => {

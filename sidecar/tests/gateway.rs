@@ -459,7 +459,10 @@ fn provisioned_pod_reaches_the_private_network_through_the_gateway_and_loses_it_
 #[test]
 fn keys_rotate_switches_pod_and_gateway_together_under_a_long_tcp_stream() {
     let lab = Lab::new(false);
-    lab.provision_gateway("192.168.77.1:51820", POOL);
+    let old_gw_key = lab.provision_gateway("192.168.77.1:51820", POOL)["public_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let web = lab.provision("shop", "web");
     let old_key = web["public_key"].as_str().unwrap().to_owned();
     let (_gw, gwlog) = lab.gateway(&lab.gwa, "http://192.168.77.2:8200", "a", &[]);
@@ -482,13 +485,17 @@ fn keys_rotate_switches_pod_and_gateway_together_under_a_long_tcp_stream() {
         "web",
         "--activate-after",
         "3",
+        "--vault-gateway-path",
+        "wg/gateways/corp",
     ]);
     assert!(
         started.elapsed() >= Duration::from_secs(3),
         "rotate must wait for the activation"
     );
-    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out.len(), 2, "{out:?}");
     assert_eq!(out[0]["outcome"], "started then folded", "{out:?}");
+    assert_eq!(out[1]["identity"], "gateway wg/gateways/corp", "{out:?}");
+    assert_eq!(out[1]["outcome"], "started then folded", "{out:?}");
     // Phase 2 folded the next key into the current one.
     let peer = lab
         .bao
@@ -511,6 +518,32 @@ fn keys_rotate_switches_pod_and_gateway_together_under_a_long_tcp_stream() {
     // Both sides use the new key: the pod's interface and the gateway's peer table.
     let pod_pub = lab.pod.run("wg", &["show", &ifname, "public-key"]).unwrap();
     assert_eq!(pod_pub.trim(), new_key);
+    // The gateway's key rotated too: its interface, its public record and the Pod's peer agree.
+    let gw_rec = lab
+        .bao
+        .cli(
+            &[
+                "kv",
+                "get",
+                "-mount=secret",
+                "-field=public_key",
+                "wg/gateways/corp",
+            ],
+            None,
+        )
+        .unwrap();
+    let gw_rec = gw_rec.trim();
+    assert_ne!(gw_rec, old_gw_key);
+    let gw_if = lab.gwa.run("wg", &["show", "all", "public-key"]).unwrap();
+    assert!(gw_if.contains(gw_rec), "{gw_if} vs {gw_rec}");
+    assert!(
+        wait_for(Duration::from_secs(5), || lab
+            .pod
+            .run("wg", &["show", &ifname, "peers"])
+            .is_ok_and(|p| p.trim() == gw_rec)),
+        "the Pod never took the new gateway key: {}",
+        log_of(&sclog)
+    );
     assert!(
         wait_for(Duration::from_secs(5), || lab.pod_fetch().0 == 200),
         "no access with the new key: {}\n{}",
