@@ -17,7 +17,7 @@ cd "$root"
 log() { printf '[build-images] %s\n' "$*" >&2; }
 
 target=x86_64-unknown-linux-gnu
-static_dir="$root/target/static"
+static_dir="${CARGO_TARGET_DIR:-$root/target}/static"
 out="$static_dir/$target/release"
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' Cargo.toml)
 [ -n "$version" ] || { log "cannot read [workspace.package] version from Cargo.toml"; exit 1; }

@@ -59,14 +59,24 @@ case "$arg" in
 esac
 command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz is missing: run scripts/lab-install.sh" >&2; exit 1; }
 cd "$root/fuzz"
+# cargo-fuzz needs unstable rustc flags: the nightly toolchain when the machine has one, else the
+# stable one with RUSTC_BOOTSTRAP=1 (only the machine's own toolchains can be had here).
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  fuzz=(cargo +nightly fuzz)
+else
+  export RUSTC_BOOTSTRAP=1
+  fuzz=(cargo fuzz)
+fi
+# A fixed libFuzzer seed makes a CI run repeatable (FUZZ_SEED=0 picks a random one).
+seed=${FUZZ_SEED:-1}
 # Release build with debug assertions and AddressSanitizer (cargo-fuzz defaults).
-cargo +nightly fuzz build
+"${fuzz[@]}" build
 failed=()
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
   echo "[fuzz] $t for ${arg}s" >&2
-  if ! cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
-      -max_total_time="$arg" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1; then
+  if ! "${fuzz[@]}" run "$t" "corpus/$t" "seeds/$t" -- \
+      -max_total_time="$arg" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 -seed="$seed"; then
     failed+=("$t")
   fi
 done

@@ -109,13 +109,7 @@ fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 fn sidecar_bin() -> PathBuf {
-    let bin = wg_e2e::lab::workspace_root().join("target/debug/wg-sidecar");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p wg-sidecar` (make test builds it)",
-        bin.display()
-    );
-    bin
+    wg_e2e::lab::cargo_binary("wg-sidecar").unwrap()
 }
 
 fn key_hex(b64: &str) -> String {
