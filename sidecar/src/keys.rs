@@ -214,6 +214,10 @@ pub struct ProvisionGatewayArgs {
     /// The peers' address pools; the gateway takes the first host of each.
     #[arg(long, env = "WG_SIDECAR_POOL", value_delimiter = ',', required = true)]
     pub pool: Vec<IpNet>,
+    /// Keepalive interval the gateway replicas send (their `--peer-keepalive`), advertised in
+    /// the public record so sidecars treat a silent session as a dead gateway (0 = none).
+    #[arg(long, env = "WG_SIDECAR_PEER_KEEPALIVE", default_value_t = 5)]
+    pub peer_keepalive: u16,
     /// Folder of the public gateway records.
     #[arg(
         long,
@@ -932,6 +936,12 @@ pub async fn provision_gateway(vault: &Vault, args: &ProvisionGatewayArgs) -> Re
         "allowed_ips".to_owned(),
         Secret::new(join(&args.allowed_ips)),
     );
+    if args.peer_keepalive > 0 {
+        f.insert(
+            "keepalive".to_owned(),
+            Secret::new(args.peer_keepalive.to_string()),
+        );
+    }
     vault.write(mount, &pub_path, &f, None).await?;
     Ok(Provisioned {
         identity: format!("gateway/{}", args.name),

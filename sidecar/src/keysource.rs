@@ -44,6 +44,10 @@ pub struct GatewayRecord {
     pub endpoints: Vec<String>,
     /// CIDRs reachable through the gateway (empty: use `--routes`).
     pub allowed_ips: Vec<IpNet>,
+    /// Seconds between the keepalives the gateway sends each peer (`keepalive` field, written by
+    /// `keys provision-gateway`). When set, a session that stays silent for `--failover-after`
+    /// means the gateway is gone; when absent only the handshake rule applies.
+    pub keepalive: Option<u16>,
     /// Version of the record.
     pub version: u64,
 }
@@ -175,10 +179,24 @@ impl GatewayRecord {
             Some(v) => parse_cidrs(source_name, "allowed_ips", v.expose())?,
             None => Vec::new(),
         };
+        let keepalive = match fields.get("keepalive").filter(|v| !v.is_empty()) {
+            None => None,
+            Some(v) => match v.expose().parse::<u16>() {
+                Ok(0) => None,
+                Ok(k) => Some(k),
+                Err(_) => {
+                    return Err(SidecarError::InvalidRecord {
+                        source_name: source_name.to_owned(),
+                        reason: "field keepalive is not a number of seconds".to_owned(),
+                    })
+                }
+            },
+        };
         Ok(Self {
             public_key,
             endpoints,
             allowed_ips,
+            keepalive,
             version,
         })
     }
@@ -433,6 +451,17 @@ mod tests {
         .unwrap();
         assert_eq!(g.endpoints, vec!["gw1.example:51820", "192.0.2.1:51820"]);
         assert_eq!(g.allowed_ips.len(), 2);
+        assert_eq!(g.keepalive, None);
+    }
+
+    #[test]
+    fn a_gateway_record_may_advertise_its_keepalive() {
+        let rec = |k: &str| {
+            GatewayRecord::from_fields("g", &fields(&[("public_key", KEY), ("keepalive", k)]), 1)
+        };
+        assert_eq!(rec("5").unwrap().keepalive, Some(5));
+        assert_eq!(rec("0").unwrap().keepalive, None);
+        assert!(rec("soon").is_err());
     }
 
     #[tokio::test]

@@ -262,7 +262,8 @@ impl<S: KeySource> Controller<S> {
             self.cfg.failover_after,
             now,
         ) || session_silent(
-            last_hs.is_some(),
+            // Only a gateway that advertises keepalives is expected never to be silent.
+            last_hs.is_some() && self.gateway.keepalive.is_some(),
             sent_since_rx,
             self.rx_seen.2.elapsed(),
             self.switched_at.elapsed(),
