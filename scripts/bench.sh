@@ -26,6 +26,13 @@ if ! "$target_dir/release/wg-bench" run --injector "$target_dir/release/wg-injec
   failed+=("wg-bench run")
 fi
 
+write_section() {
+  "$target_dir/release/wg-bench" write-section --file docs/benchmarks.md \
+    --title "Webhook under load" --body "$1" && echo "== wrote docs/benchmarks.md"
+}
+# Write the load figures now, so a later bench that fails or hangs does not lose them.
+[[ -s "$out/load.md" ]] && write_section "$out/load.md"
+
 # Criterion summary lines: the bench name, then its "time:" (and "thrpt:") line.
 criterion_summary() {
   awk '/^Benchmarking/ {next} /^[^ \t]/ {name=$0} /^[ \t]+(time|thrpt):/ {sub(/^[ \t]+/, ""); print name "  " $0}' "$1"
@@ -79,8 +86,7 @@ fi
 
 if [[ -s "$out/load.md" ]]; then
   { cat "$out/load.md"; echo; echo "### Other benchmarks run by \`make bench\`"; echo; cat "$others"; } >"$out/section.md"
-  "$target_dir/release/wg-bench" write-section --file docs/benchmarks.md \
-    --title "Webhook under load" --body "$out/section.md" && echo "== wrote docs/benchmarks.md"
+  write_section "$out/section.md"
 fi
 
 if ((${#failed[@]})); then
