@@ -129,21 +129,16 @@ pub fn decide(pod: &Pod, namespace: &str, config: &Config) -> Decision {
         return Decision::Skip(SkipReason::ExcludedNamespace);
     }
     match evaluate(pod, config) {
-        Verdict::Inject(outcome) => {
-            let (Ok(before), Ok(after)) = (
-                serde_json::to_value(pod),
-                serde_json::to_value(&outcome.pod),
-            ) else {
-                return Decision::Deny(Denial {
-                    reason: "internal",
-                    message: "failed to serialize the Pod".to_owned(),
-                });
-            };
-            Decision::Patch {
-                patch: crate::patch::diff(&before, &after),
+        Verdict::Inject(outcome) => match crate::patch::diff_pods(pod, &outcome.pod) {
+            Ok(patch) => Decision::Patch {
+                patch,
                 warnings: outcome.warnings,
-            }
-        }
+            },
+            Err(_) => Decision::Deny(Denial {
+                reason: "internal",
+                message: "failed to serialize the Pod".to_owned(),
+            }),
+        },
         Verdict::Skip(reason) => Decision::Skip(reason),
         Verdict::Deny(denial) => Decision::Deny(denial),
     }

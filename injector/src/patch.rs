@@ -6,10 +6,368 @@
 //! the patch small and the diff linear in the Pod's size. Every other change is a positional
 //! diff like `json_patch::diff`. It never builds operations from knowledge of the injection:
 //! the golden tests apply every patch and compare with the injected Pod.
+//!
+//! [`diff_pods`] gives the same patch as [`diff`] over the two serialised Pods without
+//! serialising them: when the typed Pods are equal outside the label, annotation, container and
+//! volume fields (compared with `PartialEq`, which allocates nothing), only those fields are
+//! diffed, element by element, and only elements that differ are serialised. Any other
+//! difference falls back to the whole-document diff.
+
+use std::collections::BTreeMap;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation, RemoveOperation, ReplaceOperation};
+use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Serialize;
 use serde_json::Value;
+
+/// The patch that turns `before` into `after`: equal to
+/// `diff(&to_value(before)?, &to_value(after)?)`, computed without serialising what is equal.
+///
+/// # Errors
+/// When a Pod (or a changed part of it) cannot be serialised.
+pub fn diff_pods(before: &Pod, after: &Pod) -> Result<Patch, serde_json::Error> {
+    let patch = scoped_diff(before, after)?;
+    // Debug builds (every test) check the shortcut against the whole-document diff.
+    #[cfg(debug_assertions)]
+    {
+        let whole = diff(
+            &serde_json::to_value(before)?,
+            &serde_json::to_value(after)?,
+        );
+        debug_assert_eq!(
+            patch, whole,
+            "scoped diff differs from the whole-document diff"
+        );
+    }
+    Ok(patch)
+}
+
+fn scoped_diff(before: &Pod, after: &Pod) -> Result<Patch, serde_json::Error> {
+    let (Some(left_spec), Some(right_spec)) = (&before.spec, &after.spec) else {
+        return Ok(diff(
+            &serde_json::to_value(before)?,
+            &serde_json::to_value(after)?,
+        ));
+    };
+    if before.status != after.status
+        || !metadata_equal_outside_scope(&before.metadata, &after.metadata)
+        || !spec_equal_outside_scope(left_spec, right_spec)
+    {
+        return Ok(diff(
+            &serde_json::to_value(before)?,
+            &serde_json::to_value(after)?,
+        ));
+    }
+    // The order of the operations is the one `walk` gives on the documents: keys in sorted
+    // order (`metadata` < `spec`; `annotations` < `labels`; `containers` < `initContainers` <
+    // `volumes`), removals of a level after its walk.
+    let mut ops = Vec::new();
+    let mut pointer = PointerBuf::new();
+    pointer.push_back("metadata");
+    let (l, r) = (&before.metadata, &after.metadata);
+    let fields = [
+        (
+            "annotations",
+            l.annotations.as_ref(),
+            r.annotations.as_ref(),
+        ),
+        ("labels", l.labels.as_ref(), r.labels.as_ref()),
+    ];
+    for (name, l, r) in fields {
+        pointer.push_back(name);
+        match (l, r) {
+            (Some(l), Some(r)) => string_map(l, r, &mut pointer, &mut ops),
+            (None, Some(r)) => add(&pointer, serde_json::to_value(r)?, &mut ops),
+            _ => {}
+        }
+        pointer.pop_back();
+    }
+    removals(
+        &fields.map(|(n, l, r)| (n, l.is_some(), r.is_some())),
+        &mut pointer,
+        &mut ops,
+    );
+    pointer.pop_back();
+
+    pointer.push_back("spec");
+    pointer.push_back("containers");
+    list(
+        &left_spec.containers,
+        &right_spec.containers,
+        &mut pointer,
+        &mut ops,
+    )?;
+    pointer.pop_back();
+    let (li, ri) = (&left_spec.init_containers, &right_spec.init_containers);
+    let (lv, rv) = (&left_spec.volumes, &right_spec.volumes);
+    pointer.push_back("initContainers");
+    optional_list(li.as_deref(), ri.as_deref(), &mut pointer, &mut ops)?;
+    pointer.pop_back();
+    pointer.push_back("volumes");
+    optional_list(lv.as_deref(), rv.as_deref(), &mut pointer, &mut ops)?;
+    pointer.pop_back();
+    removals(
+        &[
+            ("initContainers", li.is_some(), ri.is_some()),
+            ("volumes", lv.is_some(), rv.is_some()),
+        ],
+        &mut pointer,
+        &mut ops,
+    );
+    Ok(Patch(ops))
+}
+
+fn add(pointer: &PointerBuf, value: Value, ops: &mut Vec<PatchOperation>) {
+    ops.push(PatchOperation::Add(AddOperation {
+        path: pointer.clone(),
+        value,
+    }));
+}
+
+/// `remove` for every field present before and absent after, as `walk` emits them.
+fn removals(
+    fields: &[(&str, bool, bool)],
+    pointer: &mut PointerBuf,
+    ops: &mut Vec<PatchOperation>,
+) {
+    for (name, _, _) in fields.iter().filter(|(_, l, r)| *l && !*r) {
+        pointer.push_back(*name);
+        ops.push(PatchOperation::Remove(RemoveOperation {
+            path: pointer.clone(),
+        }));
+        pointer.pop_back();
+    }
+}
+
+/// `walk` over two objects of strings, on the typed maps (same key order: both are sorted).
+fn string_map(
+    l: &BTreeMap<String, String>,
+    r: &BTreeMap<String, String>,
+    pointer: &mut PointerBuf,
+    ops: &mut Vec<PatchOperation>,
+) {
+    for (key, rv) in r {
+        pointer.push_back(key);
+        match l.get(key) {
+            Some(lv) if lv == rv => {}
+            Some(_) => ops.push(PatchOperation::Replace(ReplaceOperation {
+                path: pointer.clone(),
+                value: Value::String(rv.clone()),
+            })),
+            None => add(pointer, Value::String(rv.clone()), ops),
+        }
+        pointer.pop_back();
+    }
+    for key in l.keys().filter(|k| !r.contains_key(*k)) {
+        pointer.push_back(key);
+        ops.push(PatchOperation::Remove(RemoveOperation {
+            path: pointer.clone(),
+        }));
+        pointer.pop_back();
+    }
+}
+
+fn optional_list<T: Serialize + PartialEq>(
+    l: Option<&[T]>,
+    r: Option<&[T]>,
+    pointer: &mut PointerBuf,
+    ops: &mut Vec<PatchOperation>,
+) -> Result<(), serde_json::Error> {
+    match (l, r) {
+        (Some(l), Some(r)) => list(l, r, pointer, ops)?,
+        (None, Some(r)) => add(pointer, serde_json::to_value(r)?, ops),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Whether two elements serialise to the same JSON: typed equality first (no allocation), the
+/// serialised values only when the types say they differ.
+fn same<T: Serialize + PartialEq>(l: &T, r: &T) -> Result<bool, serde_json::Error> {
+    Ok(l == r || serde_json::to_value(l)? == serde_json::to_value(r)?)
+}
+
+/// `walk` over two arrays, on the typed elements: only elements that differ are serialised.
+fn list<T: Serialize + PartialEq>(
+    l: &[T],
+    r: &[T],
+    pointer: &mut PointerBuf,
+    ops: &mut Vec<PatchOperation>,
+) -> Result<(), serde_json::Error> {
+    if r.len() > l.len() {
+        // Same test as `is_insertion`.
+        let mut next = 0;
+        for rv in r {
+            if let Some(lv) = l.get(next) {
+                if same(lv, rv)? {
+                    next += 1;
+                }
+            }
+        }
+        if next == l.len() {
+            let mut next = 0;
+            for (index, rv) in r.iter().enumerate() {
+                if let Some(lv) = l.get(next) {
+                    if same(lv, rv)? {
+                        next += 1;
+                        continue;
+                    }
+                }
+                pointer.push_back(index);
+                add(pointer, serde_json::to_value(rv)?, ops);
+                pointer.pop_back();
+            }
+            return Ok(());
+        }
+    }
+    for (index, (lv, rv)) in l.iter().zip(r).enumerate() {
+        if lv != rv {
+            pointer.push_back(index);
+            walk(
+                &serde_json::to_value(lv)?,
+                &serde_json::to_value(rv)?,
+                pointer,
+                ops,
+            );
+            pointer.pop_back();
+        }
+    }
+    for _ in r.len()..l.len() {
+        pointer.push_back(r.len());
+        ops.push(PatchOperation::Remove(RemoveOperation {
+            path: pointer.clone(),
+        }));
+        pointer.pop_back();
+    }
+    for (index, rv) in r.iter().enumerate().skip(l.len()) {
+        pointer.push_back(index);
+        add(pointer, serde_json::to_value(rv)?, ops);
+        pointer.pop_back();
+    }
+    Ok(())
+}
+
+/// Typed equality of everything in the metadata but `labels` and `annotations`. The
+/// destructuring lists every field, so a field added by a new API version fails to compile
+/// here instead of being missed.
+fn metadata_equal_outside_scope(l: &ObjectMeta, r: &ObjectMeta) -> bool {
+    let ObjectMeta {
+        annotations: _,
+        labels: _,
+        creation_timestamp,
+        deletion_grace_period_seconds,
+        deletion_timestamp,
+        finalizers,
+        generate_name,
+        generation,
+        managed_fields,
+        name,
+        namespace,
+        owner_references,
+        resource_version,
+        self_link,
+        uid,
+    } = l;
+    *creation_timestamp == r.creation_timestamp
+        && *deletion_grace_period_seconds == r.deletion_grace_period_seconds
+        && *deletion_timestamp == r.deletion_timestamp
+        && *finalizers == r.finalizers
+        && *generate_name == r.generate_name
+        && *generation == r.generation
+        && *managed_fields == r.managed_fields
+        && *name == r.name
+        && *namespace == r.namespace
+        && *owner_references == r.owner_references
+        && *resource_version == r.resource_version
+        && *self_link == r.self_link
+        && *uid == r.uid
+}
+
+/// Typed equality of everything in the spec but `containers`, `initContainers` and `volumes`
+/// (every field listed, as in [`metadata_equal_outside_scope`]).
+fn spec_equal_outside_scope(l: &PodSpec, r: &PodSpec) -> bool {
+    let PodSpec {
+        containers: _,
+        init_containers: _,
+        volumes: _,
+        active_deadline_seconds,
+        affinity,
+        automount_service_account_token,
+        dns_config,
+        dns_policy,
+        enable_service_links,
+        ephemeral_containers,
+        host_aliases,
+        host_ipc,
+        host_network,
+        host_pid,
+        host_users,
+        hostname,
+        image_pull_secrets,
+        node_name,
+        node_selector,
+        os,
+        overhead,
+        preemption_policy,
+        priority,
+        priority_class_name,
+        readiness_gates,
+        resource_claims,
+        resources,
+        restart_policy,
+        runtime_class_name,
+        scheduler_name,
+        scheduling_gates,
+        security_context,
+        service_account,
+        service_account_name,
+        set_hostname_as_fqdn,
+        share_process_namespace,
+        subdomain,
+        termination_grace_period_seconds,
+        tolerations,
+        topology_spread_constraints,
+    } = l;
+    *active_deadline_seconds == r.active_deadline_seconds
+        && *affinity == r.affinity
+        && *automount_service_account_token == r.automount_service_account_token
+        && *dns_config == r.dns_config
+        && *dns_policy == r.dns_policy
+        && *enable_service_links == r.enable_service_links
+        && *ephemeral_containers == r.ephemeral_containers
+        && *host_aliases == r.host_aliases
+        && *host_ipc == r.host_ipc
+        && *host_network == r.host_network
+        && *host_pid == r.host_pid
+        && *host_users == r.host_users
+        && *hostname == r.hostname
+        && *image_pull_secrets == r.image_pull_secrets
+        && *node_name == r.node_name
+        && *node_selector == r.node_selector
+        && *os == r.os
+        && *overhead == r.overhead
+        && *preemption_policy == r.preemption_policy
+        && *priority == r.priority
+        && *priority_class_name == r.priority_class_name
+        && *readiness_gates == r.readiness_gates
+        && *resource_claims == r.resource_claims
+        && *resources == r.resources
+        && *restart_policy == r.restart_policy
+        && *runtime_class_name == r.runtime_class_name
+        && *scheduler_name == r.scheduler_name
+        && *scheduling_gates == r.scheduling_gates
+        && *security_context == r.security_context
+        && *service_account == r.service_account
+        && *service_account_name == r.service_account_name
+        && *set_hostname_as_fqdn == r.set_hostname_as_fqdn
+        && *share_process_namespace == r.share_process_namespace
+        && *subdomain == r.subdomain
+        && *termination_grace_period_seconds == r.termination_grace_period_seconds
+        && *tolerations == r.tolerations
+        && *topology_spread_constraints == r.topology_spread_constraints
+}
 
 /// The RFC 6902 patch that turns `left` into `right`.
 #[must_use]
@@ -125,6 +483,38 @@ mod tests {
             serde_json::to_value(&patch).unwrap(),
             json!([{"op": "add", "path": "/c/0", "value": {"name": "s"}}, {"op": "add", "path": "/c/2", "value": {"name": "t"}}])
         );
+    }
+
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    fn whole(before: &Pod, after: &Pod) -> Patch {
+        diff(
+            &serde_json::to_value(before).unwrap(),
+            &serde_json::to_value(after).unwrap(),
+        )
+    }
+
+    #[test]
+    fn the_pod_diff_equals_the_whole_document_diff_inside_and_outside_its_scope() {
+        let before = pod("metadata: {name: web, labels: {a: '1', b/c: '2'}}\nspec:\n  containers: [{name: app, image: x}, {name: db}]\n  volumes: [{name: v, emptyDir: {}}]\n");
+        let cases = [
+            // Insertions, a changed and a removed label, annotations added from nothing.
+            "metadata: {name: web, labels: {a: '9', t: '1'}, annotations: {s: x}}\nspec:\n  initContainers: [{name: i}]\n  containers: [{name: s}, {name: app, image: x}, {name: db}]\n  volumes: [{name: v, emptyDir: {}}, {name: w}]\n",
+            // Changed elements, a shorter list and removed optional lists.
+            "metadata: {name: web}\nspec:\n  containers: [{name: app, image: y}]\n",
+            // A change outside the scope: the whole-document path.
+            "metadata: {name: other, labels: {a: '1'}}\nspec:\n  hostNetwork: true\n  containers: [{name: app, image: x}]\n",
+        ];
+        for after in cases.map(pod) {
+            let patch = scoped_diff(&before, &after).unwrap();
+            assert_eq!(patch, whole(&before, &after));
+            let mut doc = serde_json::to_value(&before).unwrap();
+            json_patch::patch(&mut doc, &patch).unwrap();
+            assert_eq!(doc, serde_json::to_value(&after).unwrap());
+        }
+        assert!(diff_pods(&before, &before).unwrap().0.is_empty());
     }
 
     #[test]
