@@ -491,22 +491,22 @@ async fn certificates_reload_while_requests_flow_without_a_failure() {
     write_pair(server.dir.path(), &next_ca);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
-    let mut served = Vec::new();
+    let mut seen_certs = Vec::new();
     for client in clients {
-        served.extend(client.await.unwrap());
+        seen_certs.extend(client.await.unwrap());
     }
     assert_eq!(
         failures.load(Ordering::Relaxed),
         0,
         "requests failed during the reload"
     );
-    let distinct: HashSet<_> = served.iter().map(|c| c.as_ref().to_vec()).collect();
+    let distinct: HashSet<_> = seen_certs.iter().map(|c| c.as_ref().to_vec()).collect();
     assert_eq!(
         distinct.len(),
         2,
         "expected the old and the new certificate to be served"
     );
-    let last = served.last().unwrap();
+    let last = seen_certs.last().unwrap();
     let (_, last) = x509_parser::parse_x509_certificate(last.as_ref()).unwrap();
     assert!(
         last.issuer().to_string().contains("next CA"),
@@ -514,8 +514,8 @@ async fn certificates_reload_while_requests_flow_without_a_failure() {
         last.issuer()
     );
     assert!(
-        served.len() > 20,
+        seen_certs.len() > 20,
         "only {} requests completed",
-        served.len()
+        seen_certs.len()
     );
 }
