@@ -183,12 +183,6 @@ fn optional_list<T: Serialize + PartialEq>(
     Ok(())
 }
 
-/// Whether two elements serialise to the same JSON: typed equality first (no allocation), the
-/// serialised values only when the types say they differ.
-fn same<T: Serialize + PartialEq>(l: &T, r: &T) -> Result<bool, serde_json::Error> {
-    Ok(l == r || serde_json::to_value(l)? == serde_json::to_value(r)?)
-}
-
 /// `walk` over two arrays, on the typed elements: only elements that differ are serialised.
 fn list<T: Serialize + PartialEq>(
     l: &[T],
@@ -197,26 +191,38 @@ fn list<T: Serialize + PartialEq>(
     ops: &mut Vec<PatchOperation>,
 ) -> Result<(), serde_json::Error> {
     if r.len() > l.len() {
-        // Same test as `is_insertion`.
+        // The test of `is_insertion`, element equality decided on the types first (no
+        // allocation) and on the serialised values only when the types differ (a field the
+        // serialisation drops, such as sub-second precision); each element serialised once.
         let mut next = 0;
-        for rv in r {
+        let mut left_value: Option<Value> = None;
+        let mut inserted = Vec::new();
+        for (index, rv) in r.iter().enumerate() {
             if let Some(lv) = l.get(next) {
-                if same(lv, rv)? {
+                if lv == rv {
                     next += 1;
+                    left_value = None;
+                    continue;
                 }
+                let right = serde_json::to_value(rv)?;
+                let left = match left_value {
+                    Some(ref value) => value,
+                    None => left_value.insert(serde_json::to_value(lv)?),
+                };
+                if *left == right {
+                    next += 1;
+                    left_value = None;
+                    continue;
+                }
+                inserted.push((index, right));
+            } else {
+                inserted.push((index, serde_json::to_value(rv)?));
             }
         }
         if next == l.len() {
-            let mut next = 0;
-            for (index, rv) in r.iter().enumerate() {
-                if let Some(lv) = l.get(next) {
-                    if same(lv, rv)? {
-                        next += 1;
-                        continue;
-                    }
-                }
+            for (index, value) in inserted {
                 pointer.push_back(index);
-                add(pointer, serde_json::to_value(rv)?, ops);
+                add(pointer, value, ops);
                 pointer.pop_back();
             }
             return Ok(());
@@ -515,6 +521,50 @@ mod tests {
             assert_eq!(doc, serde_json::to_value(&after).unwrap());
         }
         assert!(diff_pods(&before, &before).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn elements_that_differ_only_where_serialisation_cannot_see_still_count_as_the_same() {
+        use k8s_openapi::api::core::v1::{
+            EphemeralVolumeSource, PersistentVolumeClaimTemplate, Volume,
+        };
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        // `Time` serialises whole seconds: these two volumes are typed-unequal, JSON-equal.
+        let volume = |nanos| Volume {
+            name: "data".to_owned(),
+            ephemeral: Some(EphemeralVolumeSource {
+                volume_claim_template: Some(PersistentVolumeClaimTemplate {
+                    metadata: Some(ObjectMeta {
+                        creation_timestamp: Some(Time(
+                            k8s_openapi::jiff::Timestamp::new(1_700_000_000, nanos).unwrap(),
+                        )),
+                        ..ObjectMeta::default()
+                    }),
+                    ..PersistentVolumeClaimTemplate::default()
+                }),
+            }),
+            ..Volume::default()
+        };
+        let with = |volumes| Pod {
+            spec: Some(PodSpec {
+                volumes: Some(volumes),
+                ..PodSpec::default()
+            }),
+            ..Pod::default()
+        };
+        let before = with(vec![volume(1)]);
+        let inserted = Volume {
+            name: "wg".to_owned(),
+            ..Volume::default()
+        };
+        for after in [
+            with(vec![inserted.clone(), volume(2)]),
+            with(vec![volume(2), inserted]),
+        ] {
+            let patch = scoped_diff(&before, &after).unwrap();
+            assert_eq!(patch, whole(&before, &after));
+            assert_eq!(patch.0.len(), 1, "{patch:?}");
+        }
     }
 
     #[test]
