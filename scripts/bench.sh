@@ -34,8 +34,13 @@ write_section() {
 [[ -s "$out/load.md" ]] && write_section "$out/load.md"
 
 # Criterion summary lines: the bench name, then its "time:" (and "thrpt:") line.
+# Change-versus-last-run lines (with %) are left out.
 criterion_summary() {
-  awk '/^Benchmarking/ {next} /^[^ \t]/ {name=$0} /^[ \t]+(time|thrpt):/ {sub(/^[ \t]+/, ""); print name "  " $0}' "$1"
+  awk '/^Benchmarking/ {next} /^[^ \t]/ {name=$0} /^[ \t]+(time|thrpt):/ && !/%/ {sub(/^[ \t]+/, ""); print name "  " $0}' "$1"
+}
+# What a bench program printed, without cargo's progress lines.
+printed_lines() {
+  grep -vE '^ *(Blocking|Compiling|Finished|Running|Downloaded|Downloading|Updating|warning:)' "$1" | tail -n 20
 }
 
 others="$out/others.md"
@@ -62,7 +67,11 @@ for bench in sidecar/benches/*.rs; do
   echo "-- cargo bench -p wg-sidecar --bench $name"
   if cargo bench -p wg-sidecar --bench "$name" 2>&1 | tee "$out/sidecar-$name.txt"; then
     { echo "\`cargo bench -p wg-sidecar --bench $name\`:"; echo; echo '```'
-      criterion_summary "$out/sidecar-$name.txt" | tail -n 20; echo '```'; echo; } >>"$others"
+      if grep -qE '^[ \t]+time:' "$out/sidecar-$name.txt"; then
+        criterion_summary "$out/sidecar-$name.txt" | tail -n 20
+      else
+        printed_lines "$out/sidecar-$name.txt"
+      fi; echo '```'; echo; } >>"$others"
   else
     failed+=("cargo bench -p wg-sidecar --bench $name")
   fi
@@ -74,7 +83,7 @@ for example in sidecar/examples/*bench*.rs; do
   echo "-- cargo run --release -p wg-sidecar --example $name"
   if cargo run --release -p wg-sidecar --example "$name" 2>&1 | tee "$out/sidecar-$name.txt"; then
     { echo "\`cargo run --release -p wg-sidecar --example $name\` (last lines):"; echo; echo '```'
-      tail -n 20 "$out/sidecar-$name.txt"; echo '```'; echo; } >>"$others"
+      printed_lines "$out/sidecar-$name.txt"; echo '```'; echo; } >>"$others"
   else
     failed+=("cargo run --release -p wg-sidecar --example $name")
   fi
