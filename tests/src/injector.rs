@@ -65,7 +65,11 @@ impl InjectorProcess {
             .arg(format!("--listen=127.0.0.1:{port}"))
             .arg(format!("--config={}", config.display()))
             .args(["--log-format=text", "--log-filter=info"])
-            .env_remove("KUBECONFIG");
+            .env_remove("KUBECONFIG")
+            // A start-up error is read from the tail of the output: keep it free of backtraces
+            // (RUST_BACKTRACE may be set in the caller's environment).
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE");
         if let Some(kubeconfig) = kubeconfig {
             cmd.env("KUBECONFIG", kubeconfig);
         } else {
