@@ -222,8 +222,8 @@ fn judge(request: &RequestIn<'_>, config: &Config) -> Verdict {
     // The patch is computed against our typed reading of the object; that reading invents an
     // empty `metadata` when the object has none, and a patch under `/metadata/…` would then not
     // apply to what was sent. The apiserver always sends `metadata`, so such an object is refused.
-    // The text check runs only for empty metadata, which is rare and small.
-    if pod.metadata == ObjectMeta::default() && !object.get().contains("\"metadata\"") {
+    // The second look at the object runs only for empty metadata, which is rare.
+    if pod.metadata == ObjectMeta::default() && !has_top_level_metadata(object) {
         return Verdict::deny(
             "undecodable_pod",
             400,
@@ -265,6 +265,17 @@ fn judge(request: &RequestIn<'_>, config: &Config) -> Verdict {
         Decision::Skip(reason) => Verdict::allow(Outcome::Skipped(reason.as_str())),
         Decision::Deny(denial) => Verdict::deny(denial.reason, 403, denial.message),
     }
+}
+
+/// Whether the sent object has a `metadata` member at its top level (not just the text
+/// somewhere inside it).
+fn has_top_level_metadata(object: &RawValue) -> bool {
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        metadata: Option<&'a RawValue>,
+    }
+    serde_json::from_str::<Head<'_>>(object.get()).is_ok_and(|head| head.metadata.is_some())
 }
 
 /// Check that `patch` applies to the object exactly as it was sent.
