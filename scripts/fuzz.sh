@@ -69,13 +69,16 @@ else
 fi
 # A fixed libFuzzer seed makes a CI run repeatable (FUZZ_SEED=0 picks a random one).
 seed=${FUZZ_SEED:-1}
+# Builds go beside the workspace's (CARGO_TARGET_DIR, which CI keeps outside the clone), so a
+# warm machine does not rebuild the sanitized dependencies for every fresh checkout.
+fuzz_target_dir="${FUZZ_TARGET_DIR:-${CARGO_TARGET_DIR:-$root/fuzz/target}/fuzz}"
 # Release build with debug assertions and AddressSanitizer (cargo-fuzz defaults).
-"${fuzz[@]}" build
+"${fuzz[@]}" build --target-dir "$fuzz_target_dir"
 failed=()
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
   echo "[fuzz] $t for ${arg}s" >&2
-  if ! "${fuzz[@]}" run "$t" "corpus/$t" "seeds/$t" -- \
+  if ! "${fuzz[@]}" run --target-dir "$fuzz_target_dir" "$t" "corpus/$t" "seeds/$t" -- \
       -max_total_time="$arg" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 -seed="$seed"; then
     failed+=("$t")
   fi
