@@ -126,6 +126,23 @@ fn add(pointer: &PointerBuf, value: Value, ops: &mut Vec<PatchOperation>) {
     }));
 }
 
+/// `remove` for the surplus tail when a list shrank from `before` to `after` elements:
+/// removing at index `after` repeatedly, as `walk` emits it.
+fn remove_tail(
+    before: usize,
+    after: usize,
+    pointer: &mut PointerBuf,
+    ops: &mut Vec<PatchOperation>,
+) {
+    for _ in after..before {
+        pointer.push_back(after);
+        ops.push(PatchOperation::Remove(RemoveOperation {
+            path: pointer.clone(),
+        }));
+        pointer.pop_back();
+    }
+}
+
 /// `remove` for every field present before and absent after, as `walk` emits them.
 fn removals(
     fields: &[(&str, bool, bool)],
@@ -240,13 +257,7 @@ fn list<T: Serialize + PartialEq>(
             pointer.pop_back();
         }
     }
-    for _ in r.len()..l.len() {
-        pointer.push_back(r.len());
-        ops.push(PatchOperation::Remove(RemoveOperation {
-            path: pointer.clone(),
-        }));
-        pointer.pop_back();
-    }
+    remove_tail(l.len(), r.len(), pointer, ops);
     for (index, rv) in r.iter().enumerate().skip(l.len()) {
         pointer.push_back(index);
         add(pointer, serde_json::to_value(rv)?, ops);
@@ -426,14 +437,7 @@ fn walk(left: &Value, right: &Value, pointer: &mut PointerBuf, ops: &mut Vec<Pat
                 walk(lv, rv, pointer, ops);
                 pointer.pop_back();
             }
-            // Removing at index r.len() repeatedly drops the surplus tail.
-            for _ in r.len()..l.len() {
-                pointer.push_back(r.len());
-                ops.push(PatchOperation::Remove(RemoveOperation {
-                    path: pointer.clone(),
-                }));
-                pointer.pop_back();
-            }
+            remove_tail(l.len(), r.len(), pointer, ops);
             for (index, rv) in r.iter().enumerate().skip(l.len()) {
                 pointer.push_back(index);
                 ops.push(PatchOperation::Add(AddOperation {
