@@ -1,6 +1,6 @@
 //! Sidecar benchmark (root; network namespaces made here): exec → `/ready` 200 including Vault
 //! login and first handshake, peak RSS, and TCP throughput (iperf3) through the tunnel against
-//! wireguard-go ↔ wireguard-go and plain veth on the same topology. Prints figures; asserts
+//! wireguard-go ↔ wireguard-go (alternating runs, medians) and plain veth on the same topology. Prints figures; asserts
 //! nothing about them. Run: `cargo bench -p wg-sidecar --bench sidecar`.
 #![allow(
     clippy::unwrap_used,
@@ -21,6 +21,9 @@ use lab::{keypair, spawn_sidecar, veth, wait_for, write_secret_file, Netns, Open
 use serde_json::json;
 
 const ROUNDS: usize = 15;
+/// Alternating throughput rounds (sidecar, wireguard-go) of `IPERF_SECS` each.
+const TPUT_ROUNDS: usize = 5;
+const IPERF_SECS: u64 = 5;
 
 fn iperf(pod: &Netns, gw: &Netns, target: &str) -> f64 {
     let mut server = gw
@@ -37,6 +40,24 @@ fn iperf(pod: &Netns, gw: &Netns, target: &str) -> f64 {
         .as_f64()
         .unwrap()
         / 1e6
+}
+
+/// CPU time (user + system) of `pid` in seconds, from `/proc/PID/stat` (clock ticks of 10 ms).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 of the file (utime, stime) are 11 and 12 after the command name.
+    (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) as f64 / 100.0
+}
+
+/// One iperf3 run to 10.77.0.1; also the CPU share (percent of one core) of the pod-side
+/// WireGuard process `pid` over the run.
+fn iperf_cpu(pod: &Netns, gw: &Netns, pid: u32) -> (f64, f64) {
+    let (c0, t0) = (cpu_secs(pid), Instant::now());
+    let mbps = iperf(pod, gw, "10.77.0.1");
+    let cpu = (cpu_secs(pid) - c0) / t0.elapsed().as_secs_f64() * 100.0;
+    (mbps, cpu)
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
@@ -151,7 +172,10 @@ fn main() {
         rss.iter().copied().fold(0.0, f64::max)
     );
 
-    // 2. throughput: wg-sidecar (defguard userspace / BoringTun) -> wireguard-go.
+    // 2. throughput, alternating on one topology so that both sides see the same machine load:
+    // wg-sidecar (BoringTun userspace) in the pod as 10.77.0.2 and wireguard-go in the pod as
+    // 10.77.0.3 run side by side, both peers of the same wireguard-go gateway (10.77.0.1); a
+    // metric-0 route for 10.77.0.0/24 in the pod picks which one carries the iperf3 run.
     let ifname = lab::unique("bs");
     let log = dir.path().join("tput.log");
     let s = spawn_sidecar(&pod, &args(&ifname), &log).unwrap();
@@ -160,15 +184,9 @@ fn main() {
         .unwrap()
         .0
         == 200));
-    let sidecar_mbps = iperf(&pod, &gw, "10.77.0.1");
-    let peak_after_iperf = vm_hwm_kib(s.pid()) as f64 / 1024.0;
-    drop(s);
-
-    // 3. wireguard-go <-> wireguard-go on the same namespaces and addresses.
     let podkey = keypair();
-    gwpeer.remove_peer(&ppub).unwrap();
-    gwpeer.set_peer(&podkey.1, "10.77.0.2/32", None).unwrap();
-    let podgo = WgGoPeer::start_with_key(&pod, "10.77.0.2/32", 51821, &podkey).unwrap();
+    gwpeer.set_peer(&podkey.1, "10.77.0.3/32", None).unwrap();
+    let podgo = WgGoPeer::start_with_key(&pod, "10.77.0.3/32", 51821, &podkey).unwrap();
     let mut c = Command::new(lab::find_binary("ip").unwrap());
     c.args(["netns", "exec", &pod.name])
         .arg(lab::find_binary("wg").unwrap())
@@ -183,16 +201,43 @@ fn main() {
             "10.77.0.0/24",
         ]);
     lab::run(&mut c).unwrap();
-    pod.ip(&["route", "replace", "10.77.0.0/24", "dev", &podgo.ifname])
+    let via = |dev: &str| {
+        pod.ip(&[
+            "route",
+            "replace",
+            "10.77.0.0/24",
+            "dev",
+            dev,
+            "metric",
+            "0",
+        ])
         .unwrap();
-    let go_mbps = iperf(&pod, &gw, "10.77.0.1");
+    };
+    let (mut side, mut go) = (Vec::new(), Vec::new());
+    for round in 1..=TPUT_ROUNDS {
+        via(&ifname);
+        let (a, a_cpu) = iperf_cpu(&pod, &gw, s.pid());
+        via(&podgo.ifname);
+        let (b, b_cpu) = iperf_cpu(&pod, &gw, podgo.process.pid());
+        println!(
+            "  round {round}: wg-sidecar {a:.0} Mbit/s (CPU {a_cpu:.0} %), wireguard-go {b:.0} Mbit/s (CPU {b_cpu:.0} %), ratio {:.2}",
+            a / b
+        );
+        side.push(a);
+        go.push(b);
+    }
+    let peak_after_iperf = vm_hwm_kib(s.pid()) as f64 / 1024.0;
+    drop(s);
     drop(podgo);
+    let (sidecar_mbps, go_mbps) = (median(&mut side), median(&mut go));
 
-    // 4. plain veth.
+    // 3. plain veth.
     let veth_mbps = iperf(&pod, &gw, "192.168.77.1");
 
-    println!("peak RSS after a 5 s iperf3 run (MiB): {peak_after_iperf:.1}");
-    println!("iperf3 TCP 5 s, netns + veth, 2 cores:");
+    println!("peak RSS after the iperf3 runs (MiB): {peak_after_iperf:.1}");
+    println!(
+        "iperf3 TCP {IPERF_SECS} s, netns + veth, 2 cores, median of {TPUT_ROUNDS} alternating runs each:"
+    );
     println!("  wg-sidecar (BoringTun userspace) -> wireguard-go: {sidecar_mbps:.0} Mbit/s");
     println!("  wireguard-go -> wireguard-go:                     {go_mbps:.0} Mbit/s");
     println!(

@@ -25,6 +25,10 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "WG_SIDECAR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
+    /// Worker threads of the embedded BoringTun device when the kernel has no WireGuard
+    /// (`run` and `gateway`; 0: the cores available to the process, at most 4).
+    #[arg(long, global = true, env = "WG_SIDECAR_USERSPACE_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub userspace_threads: u16,
     /// What to run.
     #[command(subcommand)]
     pub command: Command,

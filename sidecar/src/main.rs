@@ -40,6 +40,7 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    wg_sidecar::tunnel::set_userspace_threads(usize::from(cli.userspace_threads));
     match cli.command {
         Command::Init(args) => wg_sidecar::init::init(&args)
             .await
