@@ -7,9 +7,12 @@
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::annotations;
+use crate::annotations::{self, InjectionSpec};
 use crate::config::Config;
+#[cfg(debug_assertions)]
+use crate::inject::Injection;
 use crate::inject::{self, Outcome};
+use crate::patch::{self, Parts};
 
 /// What the injector decided for one Pod.
 #[derive(Debug, Clone)]
@@ -17,7 +20,7 @@ pub enum Decision {
     /// Patch the Pod (the patch may be empty when it is already injected).
     Patch {
         /// JSON Patch that turns the input Pod into the injected Pod.
-        patch: json_patch::Patch,
+        patch: patch::Patch,
         /// Admission warnings shown to the user (e.g. the Pod Security level).
         warnings: Vec<String>,
     },
@@ -75,42 +78,50 @@ pub enum Verdict {
     Deny(Denial),
 }
 
-/// Run every check and the injection on `pod`.
-#[must_use]
-pub fn evaluate(pod: &Pod, config: &Config) -> Verdict {
+/// The checks before injection: a Pod that passes them has a spec and opted in, and its
+/// annotations parse into an [`InjectionSpec`].
+fn gate(pod: &Pod, config: &Config) -> Result<InjectionSpec, Stop> {
     let empty = std::collections::BTreeMap::new();
     let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
-    if let Err(denial) = annotations::screen(annotations) {
-        return Verdict::Deny(denial);
-    }
-    let explicit = match annotations::inject_requested(annotations) {
-        Ok(explicit) => explicit,
-        Err(denial) => return Verdict::Deny(denial),
-    };
+    annotations::screen(annotations).map_err(Stop::Deny)?;
+    let explicit = annotations::inject_requested(annotations).map_err(Stop::Deny)?;
     if !explicit.unwrap_or(config.inject_by_default) {
-        return Verdict::Skip(SkipReason::NotRequested);
+        return Err(Stop::Skip(SkipReason::NotRequested));
     }
     let Some(spec) = pod.spec.as_ref() else {
-        return Verdict::Deny(Denial {
+        return Err(Stop::Deny(Denial {
             reason: "no_spec",
             message: "the Pod has no spec to inject into".to_owned(),
-        });
+        }));
     };
     if spec.host_network == Some(true) {
         if explicit == Some(true) {
-            return Verdict::Deny(Denial {
+            return Err(Stop::Deny(Denial {
                 reason: "host_network",
                 message: format!(
                     "annotation {}=\"true\" cannot be honoured on a hostNetwork Pod: the tunnel and kill switch would change the node's network; remove the annotation or hostNetwork",
                     annotations::INJECT
                 ),
-            });
+            }));
         }
-        return Verdict::Skip(SkipReason::HostNetwork);
+        return Err(Stop::Skip(SkipReason::HostNetwork));
     }
-    let spec = match annotations::parse(annotations) {
+    annotations::parse(annotations).map_err(Stop::Deny)
+}
+
+/// Why [`gate`] stopped a Pod before injection.
+enum Stop {
+    Skip(SkipReason),
+    Deny(Denial),
+}
+
+/// Run every check and the injection on `pod`.
+#[must_use]
+pub fn evaluate(pod: &Pod, config: &Config) -> Verdict {
+    let spec = match gate(pod, config) {
         Ok(spec) => spec,
-        Err(denial) => return Verdict::Deny(denial),
+        Err(Stop::Skip(reason)) => return Verdict::Skip(reason),
+        Err(Stop::Deny(denial)) => return Verdict::Deny(denial),
     };
     match inject::inject(pod, &spec, config) {
         Ok(outcome) => Verdict::Inject(Box::new(outcome)),
@@ -123,25 +134,73 @@ pub fn evaluate(pod: &Pod, config: &Config) -> Verdict {
 /// The namespace only matters for `excludedNamespaces`: Vault role and path templates are
 /// filled in by the kubelet from the Pod's own namespace and service account (downward API), so
 /// the same Pod is injected identically by the webhook and the offline CLI.
+///
+/// The patch is the diff between `pod` and its injected twin ([`evaluate`]). For a Pod that
+/// carries nothing of an earlier injection (every Pod the apiserver sends, but for
+/// reinvocation) the twin is not built: the injection is diffed as a view over `pod`
+/// ([`Injection::place`]), which gives the same patch without cloning the Pod (debug builds
+/// check it against the twin).
 #[must_use]
 pub fn decide(pod: &Pod, namespace: &str, config: &Config) -> Decision {
     if config.excluded_namespaces.iter().any(|n| n == namespace) {
         return Decision::Skip(SkipReason::ExcludedNamespace);
     }
-    match evaluate(pod, config) {
-        Verdict::Inject(outcome) => match crate::patch::diff_pods(pod, &outcome.pod) {
-            Ok(patch) => Decision::Patch {
-                patch,
-                warnings: outcome.warnings,
-            },
-            Err(_) => Decision::Deny(Denial {
-                reason: "internal",
-                message: "failed to serialize the Pod".to_owned(),
-            }),
-        },
-        Verdict::Skip(reason) => Decision::Skip(reason),
-        Verdict::Deny(denial) => Decision::Deny(denial),
+    let spec = match gate(pod, config) {
+        Ok(spec) => spec,
+        Err(Stop::Skip(reason)) => return Decision::Skip(reason),
+        Err(Stop::Deny(denial)) => return Decision::Deny(denial),
+    };
+    if inject::is_pristine(pod) {
+        let injection = match inject::plan(pod, &spec, config) {
+            Ok(injection) => injection,
+            Err(denial) => return Decision::Deny(denial),
+        };
+        if let (Some(before), Some(after)) = (Parts::of(pod), injection.place(pod)) {
+            let decision = match patch::diff_parts(&before, &after) {
+                Ok(patch) => Decision::Patch {
+                    patch,
+                    warnings: injection.warnings.clone(),
+                },
+                Err(_) => serialize_failed(),
+            };
+            #[cfg(debug_assertions)]
+            check_against_twin(pod, injection, &decision);
+            return decision;
+        }
     }
+    match inject::inject(pod, &spec, config) {
+        Ok(outcome) => patch_for(pod, outcome),
+        Err(denial) => Decision::Deny(denial),
+    }
+}
+
+fn patch_for(pod: &Pod, outcome: Outcome) -> Decision {
+    match patch::diff_pods(pod, &outcome.pod) {
+        Ok(patch) => Decision::Patch {
+            patch,
+            warnings: outcome.warnings,
+        },
+        Err(_) => serialize_failed(),
+    }
+}
+
+fn serialize_failed() -> Decision {
+    Decision::Deny(Denial {
+        reason: "internal",
+        message: "failed to serialize the Pod".to_owned(),
+    })
+}
+
+/// Debug builds (every test): the patch of the view equals the patch of the injected twin.
+#[cfg(debug_assertions)]
+fn check_against_twin(pod: &Pod, injection: Injection, decision: &Decision) {
+    let twin = injection.apply(pod.clone());
+    let (Decision::Patch { patch, .. }, Ok(expected)) =
+        (decision, patch::diff_pods(pod, &twin.pod))
+    else {
+        return;
+    };
+    debug_assert_eq!(patch, &expected, "the view's patch differs from the twin's");
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //! status annotation, so injecting an injected Pod yields the same Pod, and a spoofed status
 //! annotation changes nothing.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
@@ -35,6 +36,7 @@ use crate::annotations::{
     SERVICE_ACCOUNT_PLACEHOLDER, STATUS, TUNNEL_LABEL,
 };
 use crate::config::{Config, TunDevice};
+use crate::patch::Parts;
 
 /// The routes / kill-switch init container.
 pub const INIT_CONTAINER: &str = "wg-init";
@@ -107,12 +109,99 @@ fn deny(reason: &'static str, message: String) -> Denial {
     Denial { reason, message }
 }
 
+/// What injection adds to a Pod, before it is placed: built by [`plan`], placed into an owned
+/// Pod by [`Injection::apply`] (the offline CLI, [`inject`]) or into a borrowed view of one by
+/// [`Injection::place`] (the webhook, which only needs the patch and so never clones the Pod).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Injection {
+    /// The gateway profile: the value of the `wg-injector.io/tunnel` label.
+    pub gateway: String,
+    /// The `wg-injector.io/status` annotation.
+    pub status: String,
+    /// The `wg-init` init container.
+    pub init: Container,
+    /// The `wg-sidecar` container.
+    pub sidecar: Container,
+    /// The volumes, appended after the Pod's own.
+    pub volumes: Vec<Volume>,
+    /// The resolved placement.
+    pub mode: SidecarMode,
+    /// Admission warnings.
+    pub warnings: Vec<String>,
+}
+
+impl Injection {
+    /// Place the injection into `pod` (which carries none of it).
+    ///
+    /// Keep in step with [`Injection::place`]: the two are the same placement, one on an owned
+    /// Pod and one on a view; debug builds check that they give the same patch.
+    pub fn apply(self, mut pod: Pod) -> Outcome {
+        let metadata = &mut pod.metadata;
+        metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(TUNNEL_LABEL.to_owned(), self.gateway);
+        metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(STATUS.to_owned(), self.status);
+        let pod_spec = pod.spec.get_or_insert_with(Default::default);
+        let inits = pod_spec.init_containers.get_or_insert_with(Vec::new);
+        inits.insert(0, self.init);
+        match self.mode {
+            SidecarMode::Native => inits.insert(1, self.sidecar),
+            _ => pod_spec.containers.insert(0, self.sidecar),
+        }
+        pod_spec
+            .volumes
+            .get_or_insert_with(Vec::new)
+            .extend(self.volumes);
+        Outcome {
+            pod,
+            warnings: self.warnings,
+            mode: self.mode,
+        }
+    }
+
+    /// The parts of `pod` that injection changes, as they are after [`Injection::apply`],
+    /// borrowing the Pod's own elements: what the webhook diffs against
+    /// [`Parts::of`]`(pod)`. `None` when the Pod has no spec.
+    #[must_use]
+    pub fn place<'a>(&'a self, pod: &'a Pod) -> Option<Parts<'a>> {
+        let mut parts = Parts::of(pod)?;
+        let mut labels = pod.metadata.labels.clone().unwrap_or_default();
+        labels.insert(TUNNEL_LABEL.to_owned(), self.gateway.clone());
+        parts.labels = Some(Cow::Owned(labels));
+        let mut annotations = pod.metadata.annotations.clone().unwrap_or_default();
+        annotations.insert(STATUS.to_owned(), self.status.clone());
+        parts.annotations = Some(Cow::Owned(annotations));
+        let inits = parts.init_containers.get_or_insert_with(Vec::new);
+        inits.insert(0, &self.init);
+        match self.mode {
+            SidecarMode::Native => inits.insert(1, &self.sidecar),
+            _ => parts.containers.insert(0, &self.sidecar),
+        }
+        parts
+            .volumes
+            .get_or_insert_with(Vec::new)
+            .extend(&self.volumes);
+        Some(parts)
+    }
+}
+
 /// Inject the sidecar into `pod`. Pure: no IO. An already injected Pod comes back unchanged.
+pub fn inject(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Outcome, Denial> {
+    let pod = uninject(pod);
+    let injection = plan(&pod, spec, config)?;
+    Ok(injection.apply(pod))
+}
+
+/// What [`inject`] adds to `pod`, which must carry none of it (see [`is_pristine`]; [`inject`]
+/// passes the [`uninject`]ed Pod). Denies conflicts and bad values.
 // The injected spec reads top to bottom in one place, in the order of DESIGN.md.
 #[allow(clippy::too_many_lines)]
-pub fn inject(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Outcome, Denial> {
-    let mut pod = uninject(pod);
-    check_conflicts(&pod)?;
+pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injection, Denial> {
+    check_conflicts(pod)?;
 
     let gateway = spec.gateway.as_deref().unwrap_or(&config.default_gateway);
     let profile =
@@ -316,31 +405,14 @@ pub fn inject(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Outcom
     };
     let status = serde_json::to_string(&status).unwrap_or_default();
 
-    let metadata = &mut pod.metadata;
-    metadata
-        .labels
-        .get_or_insert_with(BTreeMap::new)
-        .insert(TUNNEL_LABEL.to_owned(), gateway.to_owned());
-    metadata
-        .annotations
-        .get_or_insert_with(BTreeMap::new)
-        .insert(STATUS.to_owned(), status);
-    let pod_spec = pod.spec.get_or_insert_with(Default::default);
-    let inits = pod_spec.init_containers.get_or_insert_with(Vec::new);
-    inits.insert(0, init);
-    match mode {
-        SidecarMode::Native => inits.insert(1, sidecar),
-        _ => pod_spec.containers.insert(0, sidecar),
-    }
-    pod_spec
-        .volumes
-        .get_or_insert_with(Vec::new)
-        .extend(volumes);
-
-    Ok(Outcome {
-        pod,
-        warnings,
+    Ok(Injection {
+        gateway: gateway.to_owned(),
+        status,
+        init,
+        sidecar,
+        volumes,
         mode,
+        warnings,
     })
 }
 
@@ -387,6 +459,18 @@ pub fn uninject(pod: &Pod) -> Pod {
         }
     }
     pod
+}
+
+/// Whether `pod` carries nothing [`uninject`] would remove (no injected container, no status
+/// annotation), so that `uninject(pod) == pod` and [`plan`] can work on it directly.
+#[must_use]
+pub fn is_pristine(pod: &Pod) -> bool {
+    !is_injected_pod(pod)
+        && !pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(STATUS))
 }
 
 /// Whether `pod` carries the injected containers (decided from the containers, not the status

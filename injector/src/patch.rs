@@ -9,18 +9,101 @@
 //!
 //! [`diff_pods`] gives the same patch as [`diff`] over the two serialised Pods without
 //! serialising them: when the typed Pods are equal outside the label, annotation, container and
-//! volume fields (compared with `PartialEq`, which allocates nothing), only those fields are
-//! diffed, element by element, and only elements that differ are serialised. Any other
-//! difference falls back to the whole-document diff.
+//! volume fields (compared with `PartialEq`, which allocates nothing), only those [`Parts`] are
+//! diffed ([`diff_parts`]), element by element, and only elements that differ are serialised.
+//! Any other difference falls back to the whole-document diff. [`Parts`] borrow their
+//! elements, so the webhook diffs a Pod against a view of its injected twin without cloning it
+//! (see `admission::decide`).
+//!
+//! Values in the [`Patch`] are serialised once, straight from the typed elements to JSON text
+//! ([`RawValue`]), never through a `serde_json::Value` tree: building and dropping those trees
+//! was most of the webhook's own cost per request.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, Patch, PatchOperation, RemoveOperation, ReplaceOperation};
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Volume};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
+use serde_json::value::{to_raw_value, RawValue};
 use serde_json::Value;
+
+/// An RFC 6902 JSON Patch whose values are already serialised: the webhook writes it out as it
+/// is, with no intermediate `serde_json::Value` of the injected containers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct Patch(pub Vec<Operation>);
+
+impl Patch {
+    /// The same patch as `json_patch` operations, to apply it to a document.
+    ///
+    /// # Errors
+    /// Never in practice: the operations are valid JSON by construction.
+    pub fn to_json_patch(&self) -> Result<json_patch::Patch, serde_json::Error> {
+        serde_json::from_slice(&serde_json::to_vec(self)?)
+    }
+}
+
+/// One operation of a [`Patch`].
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Operation {
+    /// Insert `value` at `path`.
+    Add {
+        /// Where.
+        path: PointerBuf,
+        /// The JSON to insert.
+        value: Box<RawValue>,
+    },
+    /// Remove what is at `path`.
+    Remove {
+        /// Where.
+        path: PointerBuf,
+    },
+    /// Replace what is at `path` with `value`.
+    Replace {
+        /// Where.
+        path: PointerBuf,
+        /// The new JSON.
+        value: Box<RawValue>,
+    },
+}
+
+impl Operation {
+    /// The operation's path.
+    #[must_use]
+    pub fn path(&self) -> &PointerBuf {
+        match self {
+            Operation::Add { path, .. }
+            | Operation::Remove { path }
+            | Operation::Replace { path, .. } => path,
+        }
+    }
+}
+
+/// Operations are equal when their kinds and paths are and their values are the same JSON
+/// (the same text, or texts that parse to equal values: key order may differ).
+impl PartialEq for Operation {
+    fn eq(&self, other: &Self) -> bool {
+        fn same(a: &RawValue, b: &RawValue) -> bool {
+            a.get() == b.get()
+                || matches!(
+                    (serde_json::from_str::<Value>(a.get()), serde_json::from_str::<Value>(b.get())),
+                    (Ok(x), Ok(y)) if x == y
+                )
+        }
+        match (self, other) {
+            (Operation::Add { path: a, value: x }, Operation::Add { path: b, value: y })
+            | (
+                Operation::Replace { path: a, value: x },
+                Operation::Replace { path: b, value: y },
+            ) => a == b && same(x, y),
+            (Operation::Remove { path: a }, Operation::Remove { path: b }) => a == b,
+            _ => false,
+        }
+    }
+}
 
 /// The patch that turns `before` into `after`: equal to
 /// `diff(&to_value(before)?, &to_value(after)?)`, computed without serialising what is equal.
@@ -35,7 +118,7 @@ pub fn diff_pods(before: &Pod, after: &Pod) -> Result<Patch, serde_json::Error> 
         let whole = diff(
             &serde_json::to_value(before)?,
             &serde_json::to_value(after)?,
-        );
+        )?;
         debug_assert_eq!(
             patch, whole,
             "scoped diff differs from the whole-document diff"
@@ -45,41 +128,85 @@ pub fn diff_pods(before: &Pod, after: &Pod) -> Result<Patch, serde_json::Error> 
 }
 
 fn scoped_diff(before: &Pod, after: &Pod) -> Result<Patch, serde_json::Error> {
-    let (Some(left_spec), Some(right_spec)) = (&before.spec, &after.spec) else {
-        return Ok(diff(
-            &serde_json::to_value(before)?,
-            &serde_json::to_value(after)?,
-        ));
+    let (Some(left), Some(right)) = (Parts::of(before), Parts::of(after)) else {
+        return whole_diff(before, after);
     };
     if before.status != after.status
         || !metadata_equal_outside_scope(&before.metadata, &after.metadata)
-        || !spec_equal_outside_scope(left_spec, right_spec)
+        || !spec_equal_outside_scope(left.spec, right.spec)
     {
-        return Ok(diff(
-            &serde_json::to_value(before)?,
-            &serde_json::to_value(after)?,
-        ));
+        return whole_diff(before, after);
     }
+    diff_parts(&left, &right)
+}
+
+fn whole_diff(before: &Pod, after: &Pod) -> Result<Patch, serde_json::Error> {
+    diff(
+        &serde_json::to_value(before)?,
+        &serde_json::to_value(after)?,
+    )
+}
+
+/// The fields of a Pod that injection changes, borrowed from a Pod (or, for the lists and maps
+/// a view changes, built beside it), so a patch can be computed between a Pod and a view of
+/// its injected twin without cloning the Pod.
+#[derive(Debug, Clone)]
+pub struct Parts<'a> {
+    /// The spec everything else is compared against (the fields outside the scope).
+    pub spec: &'a PodSpec,
+    /// `metadata.annotations`.
+    pub annotations: Option<Cow<'a, BTreeMap<String, String>>>,
+    /// `metadata.labels`.
+    pub labels: Option<Cow<'a, BTreeMap<String, String>>>,
+    /// `spec.containers`.
+    pub containers: Vec<&'a Container>,
+    /// `spec.initContainers`.
+    pub init_containers: Option<Vec<&'a Container>>,
+    /// `spec.volumes`.
+    pub volumes: Option<Vec<&'a Volume>>,
+}
+
+impl<'a> Parts<'a> {
+    /// The parts of `pod` as they are; `None` when it has no spec.
+    #[must_use]
+    pub fn of(pod: &'a Pod) -> Option<Self> {
+        let spec = pod.spec.as_ref()?;
+        Some(Self {
+            spec,
+            annotations: pod.metadata.annotations.as_ref().map(Cow::Borrowed),
+            labels: pod.metadata.labels.as_ref().map(Cow::Borrowed),
+            containers: spec.containers.iter().collect(),
+            init_containers: spec.init_containers.as_ref().map(|l| l.iter().collect()),
+            volumes: spec.volumes.as_ref().map(|l| l.iter().collect()),
+        })
+    }
+}
+
+/// The patch between two Pods that are equal outside their [`Parts`], given those parts: the
+/// same operations, in the same order, as the whole-document diff of the two Pods.
+///
+/// # Errors
+/// When a changed element cannot be serialised.
+pub fn diff_parts(left: &Parts<'_>, right: &Parts<'_>) -> Result<Patch, serde_json::Error> {
     // The order of the operations is the one `walk` gives on the documents: keys in sorted
     // order (`metadata` < `spec`; `annotations` < `labels`; `containers` < `initContainers` <
     // `volumes`), removals of a level after its walk.
     let mut ops = Vec::new();
     let mut pointer = PointerBuf::new();
     pointer.push_back("metadata");
-    let (l, r) = (&before.metadata, &after.metadata);
     let fields = [
         (
             "annotations",
-            l.annotations.as_ref(),
-            r.annotations.as_ref(),
+            left.annotations.as_deref(),
+            right.annotations.as_deref(),
         ),
-        ("labels", l.labels.as_ref(), r.labels.as_ref()),
+        ("labels", left.labels.as_deref(), right.labels.as_deref()),
     ];
     for (name, l, r) in fields {
         pointer.push_back(name);
         match (l, r) {
-            (Some(l), Some(r)) => string_map(l, r, &mut pointer, &mut ops),
-            (None, Some(r)) => add(&pointer, serde_json::to_value(r)?, &mut ops),
+            (Some(l), Some(r)) => string_map(l, r, &mut pointer, &mut ops)?,
+            (None, Some(r)) => add(&pointer, to_raw_value(r)?, &mut ops),
             _ => {}
         }
         pointer.pop_back();
@@ -93,15 +220,10 @@ fn scoped_diff(before: &Pod, after: &Pod) -> Result<Patch, serde_json::Error> {
 
     pointer.push_back("spec");
     pointer.push_back("containers");
-    list(
-        &left_spec.containers,
-        &right_spec.containers,
-        &mut pointer,
-        &mut ops,
-    )?;
+    list(&left.containers, &right.containers, &mut pointer, &mut ops)?;
     pointer.pop_back();
-    let (li, ri) = (&left_spec.init_containers, &right_spec.init_containers);
-    let (lv, rv) = (&left_spec.volumes, &right_spec.volumes);
+    let (li, ri) = (&left.init_containers, &right.init_containers);
+    let (lv, rv) = (&left.volumes, &right.volumes);
     pointer.push_back("initContainers");
     optional_list(li.as_deref(), ri.as_deref(), &mut pointer, &mut ops)?;
     pointer.pop_back();
@@ -119,41 +241,41 @@ fn scoped_diff(before: &Pod, after: &Pod) -> Result<Patch, serde_json::Error> {
     Ok(Patch(ops))
 }
 
-fn add(pointer: &PointerBuf, value: Value, ops: &mut Vec<PatchOperation>) {
-    ops.push(PatchOperation::Add(AddOperation {
+fn add(pointer: &PointerBuf, value: Box<RawValue>, ops: &mut Vec<Operation>) {
+    ops.push(Operation::Add {
         path: pointer.clone(),
         value,
-    }));
+    });
+}
+
+fn remove(pointer: &PointerBuf, ops: &mut Vec<Operation>) {
+    ops.push(Operation::Remove {
+        path: pointer.clone(),
+    });
+}
+
+fn replace(pointer: &PointerBuf, value: Box<RawValue>, ops: &mut Vec<Operation>) {
+    ops.push(Operation::Replace {
+        path: pointer.clone(),
+        value,
+    });
 }
 
 /// `remove` for the surplus tail when a list shrank from `before` to `after` elements:
 /// removing at index `after` repeatedly, as `walk` emits it.
-fn remove_tail(
-    before: usize,
-    after: usize,
-    pointer: &mut PointerBuf,
-    ops: &mut Vec<PatchOperation>,
-) {
+fn remove_tail(before: usize, after: usize, pointer: &mut PointerBuf, ops: &mut Vec<Operation>) {
     for _ in after..before {
         pointer.push_back(after);
-        ops.push(PatchOperation::Remove(RemoveOperation {
-            path: pointer.clone(),
-        }));
+        remove(pointer, ops);
         pointer.pop_back();
     }
 }
 
 /// `remove` for every field present before and absent after, as `walk` emits them.
-fn removals(
-    fields: &[(&str, bool, bool)],
-    pointer: &mut PointerBuf,
-    ops: &mut Vec<PatchOperation>,
-) {
+fn removals(fields: &[(&str, bool, bool)], pointer: &mut PointerBuf, ops: &mut Vec<Operation>) {
     for (name, _, _) in fields.iter().filter(|(_, l, r)| *l && !*r) {
         pointer.push_back(*name);
-        ops.push(PatchOperation::Remove(RemoveOperation {
-            path: pointer.clone(),
-        }));
+        remove(pointer, ops);
         pointer.pop_back();
     }
 }
@@ -163,38 +285,34 @@ fn string_map(
     l: &BTreeMap<String, String>,
     r: &BTreeMap<String, String>,
     pointer: &mut PointerBuf,
-    ops: &mut Vec<PatchOperation>,
-) {
+    ops: &mut Vec<Operation>,
+) -> Result<(), serde_json::Error> {
     for (key, rv) in r {
         pointer.push_back(key);
         match l.get(key) {
             Some(lv) if lv == rv => {}
-            Some(_) => ops.push(PatchOperation::Replace(ReplaceOperation {
-                path: pointer.clone(),
-                value: Value::String(rv.clone()),
-            })),
-            None => add(pointer, Value::String(rv.clone()), ops),
+            Some(_) => replace(pointer, to_raw_value(rv)?, ops),
+            None => add(pointer, to_raw_value(rv)?, ops),
         }
         pointer.pop_back();
     }
     for key in l.keys().filter(|k| !r.contains_key(*k)) {
         pointer.push_back(key);
-        ops.push(PatchOperation::Remove(RemoveOperation {
-            path: pointer.clone(),
-        }));
+        remove(pointer, ops);
         pointer.pop_back();
     }
+    Ok(())
 }
 
 fn optional_list<T: Serialize + PartialEq>(
-    l: Option<&[T]>,
-    r: Option<&[T]>,
+    l: Option<&[&T]>,
+    r: Option<&[&T]>,
     pointer: &mut PointerBuf,
-    ops: &mut Vec<PatchOperation>,
+    ops: &mut Vec<Operation>,
 ) -> Result<(), serde_json::Error> {
     match (l, r) {
         (Some(l), Some(r)) => list(l, r, pointer, ops)?,
-        (None, Some(r)) => add(pointer, serde_json::to_value(r)?, ops),
+        (None, Some(r)) => add(pointer, to_raw_value(r)?, ops),
         _ => {}
     }
     Ok(())
@@ -202,38 +320,40 @@ fn optional_list<T: Serialize + PartialEq>(
 
 /// `walk` over two arrays, on the typed elements: only elements that differ are serialised.
 fn list<T: Serialize + PartialEq>(
-    l: &[T],
-    r: &[T],
+    l: &[&T],
+    r: &[&T],
     pointer: &mut PointerBuf,
-    ops: &mut Vec<PatchOperation>,
+    ops: &mut Vec<Operation>,
 ) -> Result<(), serde_json::Error> {
     if r.len() > l.len() {
         // The test of `is_insertion`, element equality decided on the types first (no
-        // allocation) and on the serialised values only when the types differ (a field the
+        // allocation) and on the serialised JSON only when the types differ (a field the
         // serialisation drops, such as sub-second precision); each element serialised once.
+        // Two elements of one type are the same JSON exactly when their texts are equal: the
+        // serialisation of a type is deterministic (struct fields in order, maps sorted).
         let mut next = 0;
-        let mut left_value: Option<Value> = None;
+        let mut left_text: Option<Box<RawValue>> = None;
         let mut inserted = Vec::new();
         for (index, rv) in r.iter().enumerate() {
             if let Some(lv) = l.get(next) {
                 if lv == rv {
                     next += 1;
-                    left_value = None;
+                    left_text = None;
                     continue;
                 }
-                let right = serde_json::to_value(rv)?;
-                let left = match left_value {
-                    Some(ref value) => value,
-                    None => left_value.insert(serde_json::to_value(lv)?),
+                let right = to_raw_value(rv)?;
+                let left = match left_text {
+                    Some(ref text) => text,
+                    None => left_text.insert(to_raw_value(lv)?),
                 };
-                if *left == right {
+                if left.get() == right.get() {
                     next += 1;
-                    left_value = None;
+                    left_text = None;
                     continue;
                 }
                 inserted.push((index, right));
             } else {
-                inserted.push((index, serde_json::to_value(rv)?));
+                inserted.push((index, to_raw_value(rv)?));
             }
         }
         if next == l.len() {
@@ -253,14 +373,14 @@ fn list<T: Serialize + PartialEq>(
                 &serde_json::to_value(rv)?,
                 pointer,
                 ops,
-            );
+            )?;
             pointer.pop_back();
         }
     }
     remove_tail(l.len(), r.len(), pointer, ops);
     for (index, rv) in r.iter().enumerate().skip(l.len()) {
         pointer.push_back(index);
-        add(pointer, serde_json::to_value(rv)?, ops);
+        add(pointer, to_raw_value(rv)?, ops);
         pointer.pop_back();
     }
     Ok(())
@@ -387,32 +507,34 @@ fn spec_equal_outside_scope(l: &PodSpec, r: &PodSpec) -> bool {
 }
 
 /// The RFC 6902 patch that turns `left` into `right`.
-#[must_use]
-pub fn diff(left: &Value, right: &Value) -> Patch {
+///
+/// # Errors
+/// Never in practice: a `Value` always serialises.
+pub fn diff(left: &Value, right: &Value) -> Result<Patch, serde_json::Error> {
     let mut ops = Vec::new();
-    walk(left, right, &mut PointerBuf::new(), &mut ops);
-    Patch(ops)
+    walk(left, right, &mut PointerBuf::new(), &mut ops)?;
+    Ok(Patch(ops))
 }
 
-fn walk(left: &Value, right: &Value, pointer: &mut PointerBuf, ops: &mut Vec<PatchOperation>) {
+fn walk(
+    left: &Value,
+    right: &Value,
+    pointer: &mut PointerBuf,
+    ops: &mut Vec<Operation>,
+) -> Result<(), serde_json::Error> {
     match (left, right) {
         (Value::Object(l), Value::Object(r)) => {
             for (key, rv) in r {
                 pointer.push_back(key);
                 match l.get(key) {
-                    Some(lv) => walk(lv, rv, pointer, ops),
-                    None => ops.push(PatchOperation::Add(AddOperation {
-                        path: pointer.clone(),
-                        value: rv.clone(),
-                    })),
+                    Some(lv) => walk(lv, rv, pointer, ops)?,
+                    None => add(pointer, to_raw_value(rv)?, ops),
                 }
                 pointer.pop_back();
             }
             for key in l.keys().filter(|k| !r.contains_key(*k)) {
                 pointer.push_back(key);
-                ops.push(PatchOperation::Remove(RemoveOperation {
-                    path: pointer.clone(),
-                }));
+                remove(pointer, ops);
                 pointer.pop_back();
             }
         }
@@ -423,10 +545,7 @@ fn walk(left: &Value, right: &Value, pointer: &mut PointerBuf, ops: &mut Vec<Pat
                     next += 1;
                 } else {
                     pointer.push_back(index);
-                    ops.push(PatchOperation::Add(AddOperation {
-                        path: pointer.clone(),
-                        value: rv.clone(),
-                    }));
+                    add(pointer, to_raw_value(rv)?, ops);
                     pointer.pop_back();
                 }
             }
@@ -434,25 +553,20 @@ fn walk(left: &Value, right: &Value, pointer: &mut PointerBuf, ops: &mut Vec<Pat
         (Value::Array(l), Value::Array(r)) => {
             for (index, (lv, rv)) in l.iter().zip(r).enumerate() {
                 pointer.push_back(index);
-                walk(lv, rv, pointer, ops);
+                walk(lv, rv, pointer, ops)?;
                 pointer.pop_back();
             }
             remove_tail(l.len(), r.len(), pointer, ops);
             for (index, rv) in r.iter().enumerate().skip(l.len()) {
                 pointer.push_back(index);
-                ops.push(PatchOperation::Add(AddOperation {
-                    path: pointer.clone(),
-                    value: rv.clone(),
-                }));
+                add(pointer, to_raw_value(rv)?, ops);
                 pointer.pop_back();
             }
         }
         _ if left == right => {}
-        _ => ops.push(PatchOperation::Replace(ReplaceOperation {
-            path: pointer.clone(),
-            value: right.clone(),
-        })),
+        _ => replace(pointer, to_raw_value(right)?, ops),
     }
+    Ok(())
 }
 
 /// Whether `right` is `left` with elements inserted (`left` a subsequence of `right`, longer).
@@ -476,9 +590,9 @@ mod tests {
     use serde_json::json;
 
     fn round_trip(left: &Value, right: &Value) -> Patch {
-        let patch = diff(left, right);
+        let patch = diff(left, right).unwrap();
         let mut doc = left.clone();
-        json_patch::patch(&mut doc, &patch).unwrap();
+        json_patch::patch(&mut doc, &patch.to_json_patch().unwrap()).unwrap();
         assert_eq!(&doc, right, "{patch:?}");
         patch
     }
@@ -504,6 +618,7 @@ mod tests {
             &serde_json::to_value(before).unwrap(),
             &serde_json::to_value(after).unwrap(),
         )
+        .unwrap()
     }
 
     #[test]
@@ -521,7 +636,7 @@ mod tests {
             let patch = scoped_diff(&before, &after).unwrap();
             assert_eq!(patch, whole(&before, &after));
             let mut doc = serde_json::to_value(&before).unwrap();
-            json_patch::patch(&mut doc, &patch).unwrap();
+            json_patch::patch(&mut doc, &patch.to_json_patch().unwrap()).unwrap();
             assert_eq!(doc, serde_json::to_value(&after).unwrap());
         }
         assert!(diff_pods(&before, &before).unwrap().0.is_empty());
@@ -579,6 +694,9 @@ mod tests {
         );
         round_trip(&json!([1, 2]), &json!([2, 1, 3]));
         round_trip(&json!({"a": 1}), &json!([1]));
-        assert!(diff(&json!({"a": [1]}), &json!({"a": [1]})).0.is_empty());
+        assert!(diff(&json!({"a": [1]}), &json!({"a": [1]}))
+            .unwrap()
+            .0
+            .is_empty());
     }
 }

@@ -33,7 +33,7 @@ fn check(name: &str, pod: &Pod, config: &Config) -> Value {
             assert_eq!(warnings, outcome.warnings, "{name}");
 
             let mut patched = serde_json::to_value(pod).unwrap();
-            json_patch::patch(&mut patched, &patch).unwrap();
+            json_patch::patch(&mut patched, &patch.to_json_patch().unwrap()).unwrap();
             assert_eq!(
                 patched,
                 serde_json::to_value(&outcome.pod).unwrap(),

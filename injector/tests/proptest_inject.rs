@@ -298,7 +298,7 @@ fn check_invariants(pod: &Pod, config: &Config) -> Result<(), TestCaseError> {
             prop_assert_eq!(&warnings, &outcome.warnings);
 
             let mut patched = serde_json::to_value(pod).unwrap();
-            json_patch::patch(&mut patched, &patch)
+            json_patch::patch(&mut patched, &patch.to_json_patch().unwrap())
                 .map_err(|e| TestCaseError::fail(format!("the patch does not apply: {e}")))?;
             let injected = serde_json::to_value(&outcome.pod).unwrap();
             prop_assert_eq!(&patched, &injected, "patch(input) must be the injected Pod");
