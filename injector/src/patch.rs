@@ -304,7 +304,25 @@ fn string_map(
     Ok(())
 }
 
-fn optional_list<T: Serialize + PartialEq>(
+/// List elements with a `name` that is always serialised: elements whose names differ can
+/// never be the same JSON, so they need not be serialised to be told apart.
+trait Named {
+    fn name(&self) -> &str;
+}
+
+impl Named for Container {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Named for Volume {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+fn optional_list<T: Named + Serialize + PartialEq>(
     l: Option<&[&T]>,
     r: Option<&[&T]>,
     pointer: &mut PointerBuf,
@@ -319,7 +337,7 @@ fn optional_list<T: Serialize + PartialEq>(
 }
 
 /// `walk` over two arrays, on the typed elements: only elements that differ are serialised.
-fn list<T: Serialize + PartialEq>(
+fn list<T: Named + Serialize + PartialEq>(
     l: &[&T],
     r: &[&T],
     pointer: &mut PointerBuf,
@@ -342,6 +360,10 @@ fn list<T: Serialize + PartialEq>(
                     continue;
                 }
                 let right = to_raw_value(rv)?;
+                if lv.name() != rv.name() {
+                    inserted.push((index, right));
+                    continue;
+                }
                 let left = match left_text {
                     Some(ref text) => text,
                     None => left_text.insert(to_raw_value(lv)?),
