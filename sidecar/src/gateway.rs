@@ -72,6 +72,11 @@ pub struct GatewayArgs {
     /// Masquerade tunnel traffic leaving to the private network (an nftables table of our own).
     #[arg(long, env = "WG_SIDECAR_MASQUERADE", action = clap::ArgAction::Set, default_value_t = true)]
     pub masquerade: bool,
+    /// Networks behind the gateway that tunnelled Pods may reach, comma-separated CIDRs (IPv4
+    /// and IPv6). Tunnel traffic to anything else is dropped and only traffic towards these is
+    /// masqueraded. Empty (the default): every destination the gateway can route to.
+    #[arg(long, env = "WG_SIDECAR_PRIVATE_NETWORKS", value_delimiter = ',')]
+    pub private_networks: Vec<String>,
     /// Vault connection.
     #[command(flatten)]
     pub vault: VaultArgs,
@@ -104,6 +109,8 @@ pub struct GatewayConfig {
     pub peer_keepalive: Option<u16>,
     /// Masquerade tunnel sources leaving by other interfaces.
     pub masquerade: bool,
+    /// The only destinations tunnel traffic may reach (empty = every destination).
+    pub private_networks: Vec<IpNet>,
 }
 
 impl GatewayArgs {
@@ -117,6 +124,21 @@ impl GatewayArgs {
             return Err(bad(
                 "--interface must be 1-15 characters without '/' or spaces".into(),
             ));
+        }
+        let mut private_networks = Vec::new();
+        for raw in &self.private_networks {
+            let v = raw.trim();
+            if v.is_empty() {
+                continue;
+            }
+            let net: IpNet = v.parse().map_err(|e| {
+                bad(format!(
+                    "--private-networks: {v:?} is not a CIDR (e.g. 10.20.0.0/16 or fd00::/64): {e}"
+                ))
+            })?;
+            if !private_networks.contains(&net.trunc()) {
+                private_networks.push(net.trunc());
+            }
         }
         let gateway_key_path = crate::keys::gateway_key_path(
             &self.vault_gateway_path,
@@ -135,6 +157,7 @@ impl GatewayArgs {
             poll_interval: Duration::from_secs(self.poll_interval),
             peer_keepalive: (self.peer_keepalive > 0).then_some(self.peer_keepalive),
             masquerade: self.masquerade,
+            private_networks,
         })
     }
 }
@@ -746,6 +769,32 @@ async fn load_gateway_key(
     }
 }
 
+/// Installs the gateway's nftables table: masquerading of the tunnel `pool` (with
+/// `--masquerade`) and, with `--private-networks`, the forward filter limiting tunnel traffic to
+/// them. `None` when neither is asked for.
+fn install_rules(cfg: &GatewayConfig, pool: &[IpNet]) -> Result<Option<Nat>> {
+    if cfg.private_networks.is_empty() {
+        tracing::info!("no --private-networks: tunnelled Pods reach every destination the gateway can route to");
+    }
+    if !cfg.masquerade && cfg.private_networks.is_empty() {
+        return Ok(None);
+    }
+    let sources: &[IpNet] = if cfg.masquerade { pool } else { &[] };
+    let n = Nat::install(&cfg.interface, sources, &cfg.private_networks)?;
+    let networks: Vec<String> = cfg
+        .private_networks
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    tracing::info!(
+        table = %nat::table_name(&cfg.interface),
+        masquerade = cfg.masquerade,
+        private_networks = %networks.join(","),
+        "NAT and forwarding rules installed"
+    );
+    Ok(Some(n))
+}
+
 /// Runs the gateway until `shutdown` completes; then removes the NAT table and the interface.
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
     tokio::pin!(shutdown);
@@ -783,13 +832,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
     if let Err(e) = nat::enable_forwarding(ipv6) {
         tracing::warn!(error = %e, "IP forwarding is off: tunnel traffic will not reach the private network");
     }
-    let nat = if cfg.masquerade {
-        let n = Nat::install(&cfg.interface, &private.addresses)?;
-        tracing::info!(table = %nat::table_name(&cfg.interface), "masquerading tunnel traffic");
-        Some(n)
-    } else {
-        None
-    };
+    let nat = install_rules(&cfg, &private.addresses)?;
     let mut gw = Gateway {
         cfg,
         vault,
@@ -850,7 +893,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use jiff::{SignedDuration, Timestamp};
 
-    use super::{apply_diff, desired_peers, diff, PeerTable};
+    use super::{apply_diff, desired_peers, diff, IpNet, PeerTable};
     use crate::{
         keys::{generate_keypair, PeerRecord},
         tunnel::{Mode, PeerSpec, PeerStats, Tunnel},
@@ -966,6 +1009,30 @@ mod tests {
             .unwrap();
         assert_eq!(cfg.peer_keepalive, None);
         assert!(!cfg.masquerade);
+        assert!(
+            cfg.private_networks.is_empty(),
+            "default: every destination"
+        );
+    }
+
+    #[test]
+    fn private_networks_parse_as_cidrs_and_a_bad_one_is_refused_naming_flag_and_value() {
+        let cfg = gateway_args(&["--private-networks=10.20.0.9/24, fd00:20::/64,,10.20.0.0/24"])
+            .into_config()
+            .unwrap();
+        let want: Vec<IpNet> = vec![
+            "10.20.0.0/24".parse().unwrap(),
+            "fd00:20::/64".parse().unwrap(),
+        ];
+        assert_eq!(cfg.private_networks, want, "truncated, deduplicated");
+        let err = gateway_args(&["--private-networks=10.20.0.0/24,10.300.0.0/16"])
+            .into_config()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--private-networks") && err.contains("10.300.0.0/16"),
+            "{err}"
+        );
     }
 
     #[test]

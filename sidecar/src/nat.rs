@@ -3,8 +3,11 @@
 //!
 //! Owns: the pure encoding of one `nf_tables` batch (table `inet wg_gateway_<interface>`, a NAT
 //! postrouting chain, one rule per tunnel source range: `ip[6] saddr <pool> oifname != <wg>
-//! masquerade`), sending it and reading the kernel's acknowledgements, deleting the table, and
-//! turning on IP forwarding in the gateway's network namespace.
+//! masquerade`, or with private networks one per (pool, network) pair of one family:
+//! `ip[6] saddr <pool> ip[6] daddr <net> oifname != <wg> masquerade`; and with private networks a
+//! forward filter chain: `iifname <wg> ip[6] daddr <net> accept` per network, then
+//! `iifname <wg> drop`), sending it and reading the kernel's acknowledgements, deleting the
+//! table, and turning on IP forwarding in the gateway's network namespace.
 //! Must never: touch any table but its own, or leave a half-applied ruleset (the batch is one
 //! `nf_tables` transaction: create, delete, re-create and fill the table, all or nothing).
 //!
@@ -36,10 +39,15 @@ const NFT_MSG_NEWRULE: u16 = 6;
 const NFPROTO_INET: u8 = 1;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
+const NF_INET_FORWARD: u32 = 2;
 const NF_INET_POST_ROUTING: u32 = 4;
+const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 const NAT_SRC_PRIORITY: u32 = 100;
+const FILTER_PRIORITY: u32 = 0;
+const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
+const NFT_META_IIFNAME: u32 = 6;
 const NFT_META_OIFNAME: u32 = 7;
 const NFT_META_NFPROTO: u32 = 15;
 const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
@@ -47,6 +55,7 @@ const NFT_CMP_EQ: u32 = 0;
 const NFT_CMP_NEQ: u32 = 1;
 const IFNAMSIZ: usize = 16;
 const CHAIN: &str = "postrouting";
+const FORWARD_CHAIN: &str = "forward";
 
 /// The nftables table name for `interface` (only `[A-Za-z0-9_]`).
 #[must_use]
@@ -123,29 +132,44 @@ fn cmp(op: u32, bytes: Vec<u8>) -> Attr {
     expr("cmp", vec![be32(1, NFT_REG_1), be32(2, op), data(3, bytes)])
 }
 
-/// The expressions of `ip[6] saddr <net> oifname != <interface> masquerade` in an inet table.
-fn masquerade_rule(interface: &str, net: IpNet) -> Vec<Attr> {
+/// Which address of the network header a match reads.
+#[derive(Clone, Copy)]
+enum Dir {
+    Source,
+    Destination,
+}
+
+/// `ip[6] saddr|daddr <net>` (payload, bitwise mask, compare), preceded by the family check
+/// `meta nfproto <family>` when `family_check` (an inet table sees both families).
+fn addr_match(dir: Dir, net: IpNet, family_check: bool) -> Vec<Attr> {
     let net = net.trunc();
     let (proto, offset, addr, mask): (u8, u32, Vec<u8>, Vec<u8>) = match net {
         IpNet::V4(n) => (
             NFPROTO_IPV4,
-            12,
+            match dir {
+                Dir::Source => 12,
+                Dir::Destination => 16,
+            },
             n.network().octets().to_vec(),
             n.netmask().octets().to_vec(),
         ),
         IpNet::V6(n) => (
             NFPROTO_IPV6,
-            8,
+            match dir {
+                Dir::Source => 8,
+                Dir::Destination => 24,
+            },
             n.network().octets().to_vec(),
             n.netmask().octets().to_vec(),
         ),
     };
     let len = u32::try_from(addr.len()).unwrap_or(16);
-    let mut ifname = interface.as_bytes().to_vec();
-    ifname.resize(IFNAMSIZ, 0);
-    vec![
-        meta(NFT_META_NFPROTO),
-        cmp(NFT_CMP_EQ, vec![proto]),
+    let mut out = Vec::new();
+    if family_check {
+        out.push(meta(NFT_META_NFPROTO));
+        out.push(cmp(NFT_CMP_EQ, vec![proto]));
+    }
+    out.extend([
         expr(
             "payload",
             vec![
@@ -166,10 +190,55 @@ fn masquerade_rule(interface: &str, net: IpNet) -> Vec<Attr> {
             ],
         ),
         cmp(NFT_CMP_EQ, addr),
-        meta(NFT_META_OIFNAME),
-        cmp(NFT_CMP_NEQ, ifname),
-        expr("masq", Vec::new()),
-    ]
+    ]);
+    out
+}
+
+/// `meta iifname|oifname <op> <interface>` (the name padded to `IFNAMSIZ`).
+fn ifname_match(key: u32, op: u32, interface: &str) -> Vec<Attr> {
+    let mut ifname = interface.as_bytes().to_vec();
+    ifname.resize(IFNAMSIZ, 0);
+    vec![meta(key), cmp(op, ifname)]
+}
+
+/// `immediate` verdict (`accept` / `drop`).
+fn verdict(code: u32) -> Attr {
+    // NFTA_IMMEDIATE_DREG = 1, NFTA_IMMEDIATE_DATA = 2 { NFTA_DATA_VERDICT = 2 { NFTA_VERDICT_CODE = 1 } }.
+    expr(
+        "immediate",
+        vec![
+            be32(1, NFT_REG_VERDICT),
+            Attr::Nested(2, vec![Attr::Nested(2, vec![be32(1, code)])]),
+        ],
+    )
+}
+
+/// The expressions of `ip[6] saddr <net> [ip[6] daddr <dest>] oifname != <interface> masquerade`
+/// in an inet table (`dest` of the same family as `net`).
+fn masquerade_rule(interface: &str, net: IpNet, dest: Option<IpNet>) -> Vec<Attr> {
+    let mut rule = addr_match(Dir::Source, net, true);
+    if let Some(dest) = dest {
+        // Same family as the source (the caller pairs them): the check above covers it.
+        rule.extend(addr_match(Dir::Destination, dest, false));
+    }
+    rule.extend(ifname_match(NFT_META_OIFNAME, NFT_CMP_NEQ, interface));
+    rule.push(expr("masq", Vec::new()));
+    rule
+}
+
+/// The forward-chain rule `iifname <interface> ip[6] daddr <net> accept`.
+fn accept_rule(interface: &str, net: IpNet) -> Vec<Attr> {
+    let mut rule = ifname_match(NFT_META_IIFNAME, NFT_CMP_EQ, interface);
+    rule.extend(addr_match(Dir::Destination, net, true));
+    rule.push(verdict(NF_ACCEPT));
+    rule
+}
+
+/// The forward-chain rule `iifname <interface> drop`.
+fn drop_rule(interface: &str) -> Vec<Attr> {
+    let mut rule = ifname_match(NFT_META_IIFNAME, NFT_CMP_EQ, interface);
+    rule.push(verdict(NF_DROP));
+    rule
 }
 
 /// A batch of nfnetlink messages under construction.
@@ -239,40 +308,68 @@ impl Batch {
     }
 }
 
-/// The install batch: (re)create the table, its NAT chain and one rule per source range.
+/// The install batch: (re)create the table; with `sources`, its NAT chain masquerading them
+/// (towards `private` only, when `private` is not empty); with `private`, the forward filter
+/// letting tunnel traffic reach only those networks.
 /// Returns the bytes and how many acknowledgements to expect.
 #[must_use]
-pub fn install_batch(interface: &str, sources: &[IpNet]) -> (Vec<u8>, usize) {
+pub fn install_batch(interface: &str, sources: &[IpNet], private: &[IpNet]) -> (Vec<u8>, usize) {
     let table = table_name(interface);
     let mut b = Batch::new();
     // Create-if-absent, delete, create: the result is a fresh table whether or not one existed.
     b.nft(NFT_MSG_NEWTABLE, NLM_F_CREATE, &[s(1, &table)]);
     b.nft(NFT_MSG_DELTABLE, 0, &[s(1, &table)]);
     b.nft(NFT_MSG_NEWTABLE, NLM_F_CREATE, &[s(1, &table)]);
-    b.nft(
-        NFT_MSG_NEWCHAIN,
-        NLM_F_CREATE,
-        &[
-            s(1, &table),
-            s(3, CHAIN),
-            Attr::Nested(
-                4,
-                vec![be32(1, NF_INET_POST_ROUTING), be32(2, NAT_SRC_PRIORITY)],
-            ),
-            be32(5, NF_ACCEPT),
-            s(7, "nat"),
-        ],
-    );
-    for net in sources {
+    let rule = |b: &mut Batch, chain: &str, exprs: Vec<Attr>| {
         b.nft(
             NFT_MSG_NEWRULE,
             NLM_F_CREATE | NLM_F_APPEND,
+            &[s(1, &table), s(2, chain), Attr::Nested(4, exprs)],
+        );
+    };
+    if !sources.is_empty() {
+        b.nft(
+            NFT_MSG_NEWCHAIN,
+            NLM_F_CREATE,
             &[
                 s(1, &table),
-                s(2, CHAIN),
-                Attr::Nested(4, masquerade_rule(interface, *net)),
+                s(3, CHAIN),
+                Attr::Nested(
+                    4,
+                    vec![be32(1, NF_INET_POST_ROUTING), be32(2, NAT_SRC_PRIORITY)],
+                ),
+                be32(5, NF_ACCEPT),
+                s(7, "nat"),
             ],
         );
+        for net in sources {
+            if private.is_empty() {
+                rule(&mut b, CHAIN, masquerade_rule(interface, *net, None));
+            }
+            for dest in private
+                .iter()
+                .filter(|d| d.addr().is_ipv4() == net.addr().is_ipv4())
+            {
+                rule(&mut b, CHAIN, masquerade_rule(interface, *net, Some(*dest)));
+            }
+        }
+    }
+    if !private.is_empty() {
+        b.nft(
+            NFT_MSG_NEWCHAIN,
+            NLM_F_CREATE,
+            &[
+                s(1, &table),
+                s(3, FORWARD_CHAIN),
+                Attr::Nested(4, vec![be32(1, NF_INET_FORWARD), be32(2, FILTER_PRIORITY)]),
+                be32(5, NF_ACCEPT),
+                s(7, "filter"),
+            ],
+        );
+        for net in private {
+            rule(&mut b, FORWARD_CHAIN, accept_rule(interface, *net));
+        }
+        rule(&mut b, FORWARD_CHAIN, drop_rule(interface));
     }
     b.finish()
 }
@@ -331,9 +428,10 @@ pub struct Nat {
 }
 
 impl Nat {
-    /// Installs (or re-installs) the table for `interface` masquerading `sources`.
-    pub fn install(interface: &str, sources: &[IpNet]) -> Result<Self> {
-        let (batch, acks) = install_batch(interface, sources);
+    /// Installs (or re-installs) the table for `interface` masquerading `sources` and, when
+    /// `private` is not empty, letting tunnel traffic reach only those networks.
+    pub fn install(interface: &str, sources: &[IpNet], private: &[IpNet]) -> Result<Self> {
+        let (batch, acks) = install_batch(interface, sources, private);
         transact(&batch, acks, "install")?;
         Ok(Self {
             interface: interface.to_owned(),
@@ -400,6 +498,7 @@ mod tests {
                 "10.99.0.1/16".parse().unwrap(),
                 "fd99::1/64".parse().unwrap(),
             ],
+            &[],
         );
         let m = messages(&buf);
         let types: Vec<u16> = m.iter().map(|x| x.0).collect();
@@ -430,6 +529,92 @@ mod tests {
             v6,
             &[0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         ));
+    }
+
+    #[test]
+    fn with_private_networks_the_batch_masquerades_only_towards_them_and_drops_other_tunnel_traffic(
+    ) {
+        let (buf, acks) = install_batch(
+            "wg0",
+            &[
+                "10.99.0.1/16".parse().unwrap(),
+                "fd99::1/64".parse().unwrap(),
+            ],
+            &[
+                "10.20.0.9/24".parse().unwrap(),
+                "172.16.0.0/12".parse().unwrap(),
+                "fd20::/64".parse().unwrap(),
+            ],
+        );
+        let m = messages(&buf);
+        let types: Vec<u16> = m.iter().map(|x| x.0).collect();
+        // begin, newtable, deltable, newtable, nat chain, 2 × v4 masq + 1 × v6 masq,
+        // filter chain, 3 × accept, drop, end
+        assert_eq!(
+            types,
+            vec![
+                0x10, 0xa00, 0xa02, 0xa00, 0xa03, 0xa06, 0xa06, 0xa06, 0xa03, 0xa06, 0xa06, 0xa06,
+                0xa06, 0x11
+            ]
+        );
+        assert_eq!(acks, 12);
+        // Masquerade: saddr at offset 12 and daddr at offset 16 (IPv4), 8 and 24 (IPv6).
+        let payload_at = |offset: u32| -> Vec<u8> {
+            // NFTA_PAYLOAD_OFFSET (type 3, length 8) carrying the big-endian offset.
+            let mut a = vec![8, 0, 3, 0];
+            a.extend_from_slice(&offset.to_be_bytes());
+            a
+        };
+        let first = &m[5].2;
+        assert!(contains(first, b"masq\0"));
+        assert!(contains(first, &payload_at(12)) && contains(first, &payload_at(16)));
+        assert!(contains(first, &[10, 99, 0, 0]) && contains(first, &[10, 20, 0, 0]));
+        assert!(contains(first, &[255, 255, 255, 0]), "the /24 mask");
+        assert!(contains(&m[6].2, &[172, 16, 0, 0]) && contains(&m[6].2, &[255, 240, 0, 0]));
+        let v6 = &m[7].2;
+        assert!(contains(v6, &payload_at(8)) && contains(v6, &payload_at(24)));
+        assert!(contains(
+            v6,
+            &[0xfd, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        ));
+        assert!(
+            !contains(v6, &[10, 20, 0, 0]),
+            "no pair across address families"
+        );
+        // The filter chain: forward hook (2), priority 0, policy accept, type filter.
+        let chain = &m[8].2;
+        assert!(contains(chain, b"forward\0") && contains(chain, b"filter\0"));
+        assert!(contains(chain, &[8, 0, 1, 0, 0, 0, 0, 2]), "hook forward");
+        assert!(contains(chain, &[8, 0, 2, 0, 0, 0, 0, 0]), "priority 0");
+        let iif = b"wg0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+        // NFTA_DATA_VERDICT nest { NFTA_VERDICT_CODE = NF_ACCEPT (1) / NF_DROP (0) }.
+        let accept = [12, 0, 2, 0x80, 8, 0, 1, 0, 0, 0, 0, 1];
+        let drop = [12, 0, 2, 0x80, 8, 0, 1, 0, 0, 0, 0, 0];
+        for (i, net) in [(9, &[10, 20, 0, 0][..]), (10, &[172, 16, 0, 0][..])] {
+            let r = &m[i].2;
+            assert!(contains(r, b"forward\0") && contains(r, b"immediate\0"));
+            assert!(contains(r, iif) && contains(r, &payload_at(16)) && contains(r, net));
+            assert!(contains(r, &accept) && !contains(r, &drop) && !contains(r, b"masq\0"));
+        }
+        assert!(contains(&m[11].2, &payload_at(24)));
+        let last = &m[12].2;
+        assert!(contains(last, iif) && contains(last, &drop) && !contains(last, &accept));
+        assert!(
+            !contains(last, b"payload\0"),
+            "the drop matches every destination"
+        );
+    }
+
+    #[test]
+    fn with_masquerading_off_and_private_networks_only_the_filter_chain_is_installed() {
+        let (buf, _) = install_batch("wg0", &[], &["10.20.0.0/24".parse().unwrap()]);
+        let m = messages(&buf);
+        let types: Vec<u16> = m.iter().map(|x| x.0).collect();
+        assert_eq!(
+            types,
+            vec![0x10, 0xa00, 0xa02, 0xa00, 0xa03, 0xa06, 0xa06, 0x11]
+        );
+        assert!(contains(&m[4].2, b"filter\0") && !contains(&buf, b"masq\0"));
     }
 
     #[test]

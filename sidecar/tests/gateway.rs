@@ -457,6 +457,102 @@ fn provisioned_pod_reaches_the_private_network_through_the_gateway_and_loses_it_
 }
 
 #[test]
+fn with_private_networks_the_pod_reaches_the_listed_network_and_not_another_the_gateway_routes_to()
+{
+    const OTHER_NET: &str = "10.30.0.0/24";
+    const OTHER: &str = "10.30.0.2";
+    let lab = Lab::new(false);
+    // A second network behind the gateway, not listed. Its host even has a route back to the
+    // tunnel pool, so neither routing nor missing NAT keeps the Pod out: only the filter does.
+    veth(&lab.gwa, "10.30.0.1/24", &lab.private, "10.30.0.2/24").unwrap();
+    lab.private
+        .ip(&["route", "add", POOL, "via", "10.30.0.1"])
+        .unwrap();
+    let other = lab
+        .private
+        .command(find_binary("python3").unwrap())
+        .args(["-m", "http.server", "--bind", OTHER, "8080", "--directory"])
+        .arg(lab.dir.path().join("www"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _other = ChildGuard {
+        child: other,
+        what: "http server on the unlisted network".into(),
+    };
+    let other_url = format!("http://{OTHER}:8080/hello.txt");
+    assert!(
+        wait_for(Duration::from_secs(5), || lab
+            .gwa
+            .http_get(&other_url)
+            .is_ok_and(|r| r.0 == 200)),
+        "the gateway itself must reach the unlisted network"
+    );
+
+    lab.provision_gateway("192.168.77.1:51820", POOL);
+    lab.provision("shop", "web");
+    let (_gateway, gwlog) = lab.gateway(
+        &lab.gwa,
+        "http://192.168.77.2:8200",
+        "a",
+        &["--private-networks", PRIVATE_NET],
+    );
+    // The Pod sends both networks into the tunnel.
+    let (_sc, sclog, _ifname) = lab.sidecar("web", &["--routes", OTHER_NET]);
+    assert!(
+        wait_for(Duration::from_secs(15), || lab.pod_fetch().0 == 200),
+        "pod never fetched the listed network through the tunnel.\nsidecar: {}\ngateway: {}",
+        log_of(&sclog),
+        log_of(&gwlog)
+    );
+    assert_eq!(lab.pod_fetch().1, "hello from the private network\n");
+    // The unlisted network: every attempt fails, each within curl's 2 s limit.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (code, _) = lab.pod.http_get(&other_url).unwrap();
+        assert_eq!(code, 0, "the unlisted network answered through the tunnel");
+        assert!(started.elapsed() < Duration::from_secs(4));
+    }
+    assert_eq!(lab.pod_fetch().0, 200, "the listed network still answers");
+
+    let rules = lab.gwa.run("nft", &["list", "ruleset"]).unwrap();
+    assert!(
+        rules.contains("ip saddr 10.99.0.0/16 ip daddr 10.20.0.0/24 oifname != \"wgw")
+            && rules.contains("masquerade"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains("type filter hook forward priority filter; policy accept;"),
+        "{rules}"
+    );
+    assert!(
+        rules.contains("ip daddr 10.20.0.0/24 accept") && rules.contains(" drop"),
+        "{rules}"
+    );
+    // Control: without the gateway's forward chain the same request gets through, so the
+    // failures above were the filter's doing.
+    let table = rules
+        .lines()
+        .find_map(|l| l.strip_prefix("table inet "))
+        .and_then(|l| l.strip_suffix(" {"))
+        .unwrap()
+        .to_owned();
+    assert!(table.starts_with("wg_gateway_wgw"), "{table}");
+    lab.gwa
+        .run("nft", &["delete", "chain", "inet", &table, "forward"])
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || lab
+            .pod
+            .http_get(&other_url)
+            .is_ok_and(|r| r.0 == 200)),
+        "without the filter the unlisted network should answer: {}",
+        lab.gwa.run("nft", &["list", "ruleset"]).unwrap()
+    );
+}
+
+#[test]
 fn keys_rotate_switches_pod_and_gateway_together_under_a_long_tcp_stream() {
     let lab = Lab::new(false);
     let old_gw_key = lab.provision_gateway("192.168.77.1:51820", POOL)["public_key"]
