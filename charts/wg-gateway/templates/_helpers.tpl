@@ -91,6 +91,9 @@ batch/v1beta1
 - --vault-role={{ .Values.vault.role }}
 - --vault-gateway-path={{ include "wg-gateway.vaultGatewayPath" . }}
 - --health-addr=0.0.0.0:{{ .Values.healthPort }}
+{{- with .Values.server.privateNetworks }}
+- {{ printf "--private-networks=%s" (join "," .) | quote }}
+{{- end }}
 {{- end }}
 
 {{/* `wg-sidecar keys rotate` arguments. ONE place. */}}
