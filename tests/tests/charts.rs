@@ -586,6 +586,41 @@ fn the_documented_gateway_install_command_renders_a_udp_load_balancer() {
 }
 
 #[test]
+fn gateway_private_networks_reach_the_gateway_as_a_flag_its_cli_accepts() {
+    let gateway_args = |sets: &[&str]| -> Vec<String> {
+        let objects = render_defaults("wg-gateway", "1.31.0", sets);
+        let container =
+            &of_kind(&objects, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0];
+        container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let endpoint = "server.publicEndpoint=203.0.113.1:51820";
+    let default = gateway_args(&[endpoint]);
+    assert!(
+        !default.iter().any(|a| a.starts_with("--private-networks")),
+        "{default:?}"
+    );
+    let limited = gateway_args(&[
+        endpoint,
+        "server.privateNetworks={10.20.0.0/16,fd00:20::/64}",
+    ]);
+    assert!(
+        limited
+            .iter()
+            .any(|a| a == "--private-networks=10.20.0.0/16,fd00:20::/64"),
+        "{limited:?}"
+    );
+    // The rendered argument list is one the gateway's own command line accepts.
+    use clap::Parser as _;
+    let argv = std::iter::once("wg-sidecar".to_owned()).chain(limited);
+    wg_sidecar::cli::Cli::try_parse_from(argv).unwrap();
+}
+
+#[test]
 fn gateway_chart_without_public_endpoint_fails_with_a_message_naming_it() {
     let stderr = stderr_of(
         &mut Template {
