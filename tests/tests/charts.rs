@@ -587,6 +587,7 @@ fn the_documented_gateway_install_command_renders_a_udp_load_balancer() {
 
 #[test]
 fn gateway_private_networks_reach_the_gateway_as_a_flag_its_cli_accepts() {
+    use clap::Parser as _;
     let gateway_args = |sets: &[&str]| -> Vec<String> {
         let objects = render_defaults("wg-gateway", "1.31.0", sets);
         let container =
@@ -615,7 +616,6 @@ fn gateway_private_networks_reach_the_gateway_as_a_flag_its_cli_accepts() {
         "{limited:?}"
     );
     // The rendered argument list is one the gateway's own command line accepts.
-    use clap::Parser as _;
     let argv = std::iter::once("wg-sidecar".to_owned()).chain(limited);
     wg_sidecar::cli::Cli::try_parse_from(argv).unwrap();
 }
