@@ -151,16 +151,14 @@ pub fn decide(pod: &Pod, namespace: &str, config: &Config) -> Decision {
         Err(Stop::Deny(denial)) => return Decision::Deny(denial),
     };
     if inject::is_pristine(pod) {
-        let injection = match inject::plan(pod, &spec, config) {
+        let mut injection = match inject::plan(pod, &spec, config) {
             Ok(injection) => injection,
             Err(denial) => return Decision::Deny(denial),
         };
+        let warnings = std::mem::take(&mut injection.warnings);
         if let (Some(before), Some(after)) = (Parts::of(pod), injection.place(pod)) {
             let decision = match patch::diff_parts(&before, &after) {
-                Ok(patch) => Decision::Patch {
-                    patch,
-                    warnings: injection.warnings.clone(),
-                },
+                Ok(patch) => Decision::Patch { patch, warnings },
                 Err(_) => serialize_failed(),
             };
             #[cfg(debug_assertions)]
