@@ -70,18 +70,6 @@ pub enum Operation {
     },
 }
 
-impl Operation {
-    /// The operation's path.
-    #[must_use]
-    pub fn path(&self) -> &PointerBuf {
-        match self {
-            Operation::Add { path, .. }
-            | Operation::Remove { path }
-            | Operation::Replace { path, .. } => path,
-        }
-    }
-}
-
 /// Operations are equal when their kinds and paths are and their values are the same JSON
 /// (the same text, or texts that parse to equal values: key order may differ).
 impl PartialEq for Operation {
