@@ -1051,30 +1051,18 @@ mod tests {
         use tower::ServiceExt;
         let h = super::GatewayHealth::new();
         let get = |p: &'static str| Request::get(p).body(Body::empty()).unwrap();
-        let r = super::router(h.clone())
-            .oneshot(get("/ready"))
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 503);
+        let ready = |h: &std::sync::Arc<super::GatewayHealth>| {
+            let router = super::router(h.clone());
+            async move { router.oneshot(get("/ready")).await.unwrap().status() }
+        };
+        assert_eq!(ready(&h).await, 503);
         h.set(true, Some(Err("vault down".into())));
-        let r = super::router(h.clone())
-            .oneshot(get("/ready"))
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 503);
+        assert_eq!(ready(&h).await, 503);
         h.set(true, Some(Ok(())));
-        let r = super::router(h.clone())
-            .oneshot(get("/ready"))
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(ready(&h).await, 200);
         // A later failure keeps serving the last table: still ready.
         h.set(true, Some(Err("vault down".into())));
-        let r = super::router(h.clone())
-            .oneshot(get("/ready"))
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(ready(&h).await, 200);
         let now = std::time::SystemTime::now();
         let peer = |k: &str, age: Option<u64>| PeerStats {
             public_key: k.into(),
