@@ -1,5 +1,7 @@
 //! Benchmark of the injection core as the webhook runs it: `admission::decide` (annotation
-//! parsing, injection and the JSON diff) on Pods of about 2 KiB, 10 KiB and 64 KiB of JSON.
+//! parsing, injection and the JSON diff) on Pods of about 2 KiB, 10 KiB and 64 KiB of JSON, and
+//! the whole `review::answer` (bytes in, bytes out) without and with the patch memo, beside
+//! what the load benchmark's floor server does with the same body.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -79,5 +81,75 @@ fn bench_decide(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decide);
+/// The `AdmissionReview` body the apiserver would send for `pod`.
+fn review_body(pod: &Pod) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "object": pod,
+        }
+    }))
+    .unwrap()
+}
+
+/// What the floor server of `wg-bench` does with a body: decode the review with its Pod, answer
+/// `allowed: true`. The difference to `answer` is the injector's own work per request.
+fn floor_answer(body: &[u8]) -> Vec<u8> {
+    #[derive(serde::Deserialize)]
+    struct ReviewIn {
+        request: Option<RequestIn>,
+    }
+    #[derive(serde::Deserialize)]
+    struct RequestIn {
+        uid: String,
+        object: Option<Pod>,
+    }
+    let review: ReviewIn = serde_json::from_slice(body).unwrap();
+    let request = review.request.unwrap();
+    black_box(&request.object);
+    serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {"uid": request.uid, "allowed": true}
+    }))
+    .unwrap()
+}
+
+fn bench_answer(c: &mut Criterion) {
+    let config = Config::default();
+    let mut group = c.benchmark_group("answer");
+    for target in [2 * 1024, 10 * 1024, 64 * 1024] {
+        let (pod, _) = pod_of_size(target);
+        let body = review_body(&pod);
+        let answer = wg_injector::review::answer(&body, &config).unwrap();
+        assert_eq!(answer.outcome, wg_injector::review::Outcome::Injected);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        let size = format!("{}KiB", target / 1024);
+        group.bench_with_input(BenchmarkId::new("injector", &size), &body, |b, body| {
+            b.iter(|| wg_injector::review::answer(black_box(body), &config));
+        });
+        // The webhook's path: after the first review every sibling is a memo hit.
+        let shared = std::sync::Arc::new(config.clone());
+        let memo = wg_injector::memo::PatchMemo::default();
+        group.bench_with_input(
+            BenchmarkId::new("injector-memo-hit", &size),
+            &body,
+            |b, body| {
+                b.iter(|| wg_injector::review::answer_with(black_box(body), &shared, &memo));
+            },
+        );
+        group.bench_with_input(BenchmarkId::new("floor", &size), &body, |b, body| {
+            b.iter(|| floor_answer(black_box(body)));
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_decide, bench_answer);
 criterion_main!(benches);

@@ -5,6 +5,8 @@
 //! parse → inject → diff). It is pure: no IO, no clock, no environment. The namespace label is
 //! not checked here: the webhook's `namespaceSelector` does that.
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::annotations::{self, InjectionSpec};
@@ -12,6 +14,7 @@ use crate::config::Config;
 #[cfg(debug_assertions)]
 use crate::inject::Injection;
 use crate::inject::{self, Outcome};
+use crate::memo::{FreshPatch, Key, Lookup, PatchMemo, Shape};
 use crate::patch::{self, Parts};
 
 /// What the injector decided for one Pod.
@@ -142,16 +145,86 @@ pub fn evaluate(pod: &Pod, config: &Config) -> Verdict {
 /// check it against the twin).
 #[must_use]
 pub fn decide(pod: &Pod, namespace: &str, config: &Config) -> Decision {
-    if config.excluded_namespaces.iter().any(|n| n == namespace) {
-        return Decision::Skip(SkipReason::ExcludedNamespace);
+    match screen(pod, namespace, config) {
+        Ok(spec) => after_gate(pod, &spec, config),
+        Err(decision) => decision,
     }
-    let spec = match gate(pod, config) {
+}
+
+/// What [`decide_with`] found: a fresh injection's patch (shared with the memo) or any other
+/// decision.
+#[derive(Debug, Clone)]
+pub enum Answered {
+    /// A Pod with nothing of an earlier injection, patched.
+    Fresh(Arc<FreshPatch>, Lookup),
+    /// Everything else, as [`decide`] decides it.
+    Decided(Decision),
+}
+
+/// [`decide`] for the webhook: every check runs on every Pod, and then a fresh injection (a
+/// Pod with nothing of an earlier injection and no conflict) is looked up in `memo` by its
+/// annotations and [`Shape`]; on a miss it is computed like [`decide`] computes it and
+/// remembered. Debug builds recompute every hit and check it equals the remembered patch.
+#[must_use]
+pub fn decide_with(pod: &Pod, namespace: &str, config: &Arc<Config>, memo: &PatchMemo) -> Answered {
+    let spec = match screen(pod, namespace, config) {
         Ok(spec) => spec,
-        Err(Stop::Skip(reason)) => return Decision::Skip(reason),
-        Err(Stop::Deny(denial)) => return Decision::Deny(denial),
+        Err(decision) => return Answered::Decided(decision),
     };
+    let shape = Shape::of(pod);
+    let Some(shape) = shape.filter(|_| inject::is_pristine(pod)) else {
+        return Answered::Decided(after_gate(pod, &spec, config));
+    };
+    if let Err(denial) = inject::check_conflicts(pod) {
+        return Answered::Decided(Decision::Deny(denial));
+    }
+    let key = Key { spec, shape };
+    if let Some(fresh) = memo.get(config, &key) {
+        #[cfg(debug_assertions)]
+        {
+            let Decision::Patch { patch, warnings } = after_gate(pod, &key.spec, config) else {
+                panic!("a remembered injection must be an injection for this Pod too");
+            };
+            assert_eq!(
+                patch, fresh.patch,
+                "a remembered patch differs from the diff"
+            );
+            assert_eq!(warnings, fresh.warnings);
+        }
+        return Answered::Fresh(fresh, Lookup::Hit);
+    }
+    match after_gate(pod, &key.spec, config) {
+        Decision::Patch { patch, warnings } if !patch.0.is_empty() => {
+            let Ok(encoded) = patch.to_base64_json() else {
+                return Answered::Decided(serialize_failed());
+            };
+            let fresh = Arc::new(FreshPatch {
+                patch,
+                encoded,
+                warnings,
+            });
+            memo.insert(config, key, Arc::clone(&fresh));
+            Answered::Fresh(fresh, Lookup::Miss)
+        }
+        decision => Answered::Decided(decision),
+    }
+}
+
+/// The checks up to the parsed annotations: `Err` holds the decision for a Pod that stops here.
+fn screen(pod: &Pod, namespace: &str, config: &Config) -> Result<InjectionSpec, Decision> {
+    if config.excluded_namespaces.iter().any(|n| n == namespace) {
+        return Err(Decision::Skip(SkipReason::ExcludedNamespace));
+    }
+    gate(pod, config).map_err(|stop| match stop {
+        Stop::Skip(reason) => Decision::Skip(reason),
+        Stop::Deny(denial) => Decision::Deny(denial),
+    })
+}
+
+/// Inject `pod` (which passed [`gate`] with `spec`) and diff.
+fn after_gate(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Decision {
     if inject::is_pristine(pod) {
-        let mut injection = match inject::plan(pod, &spec, config) {
+        let mut injection = match inject::plan(pod, spec, config) {
             Ok(injection) => injection,
             Err(denial) => return Decision::Deny(denial),
         };
@@ -166,7 +239,7 @@ pub fn decide(pod: &Pod, namespace: &str, config: &Config) -> Decision {
             return decision;
         }
     }
-    match inject::inject(pod, &spec, config) {
+    match inject::inject(pod, spec, config) {
         Ok(outcome) => patch_for(pod, outcome),
         Err(denial) => Decision::Deny(denial),
     }

@@ -91,7 +91,7 @@ pub const NAMESPACE_PLACEHOLDER: &str = "{namespace}";
 pub const SERVICE_ACCOUNT_PLACEHOLDER: &str = "{serviceAccount}";
 
 /// How the sidecar container is placed in the Pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum SidecarMode {
     /// Init container with `restartPolicy: Always` (Kubernetes ≥ 1.29).
@@ -116,7 +116,7 @@ impl SidecarMode {
 }
 
 /// Where the sidecar gets the Pod's WireGuard keys.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum KeySource {
     /// Vault KV v2, logging in with the projected service-account token.
     Vault,
@@ -186,7 +186,7 @@ impl<'de> Deserialize<'de> for Endpoint {
 }
 
 /// Per-pod resource overrides (validated Kubernetes quantities).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
 pub struct ResourceOverrides {
     /// `sidecar-cpu-request`.
     pub cpu_request: Option<String>,
@@ -199,7 +199,7 @@ pub struct ResourceOverrides {
 }
 
 /// The validated per-pod annotations. `None` means "use the config's default".
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct InjectionSpec {
     /// Gateway profile name.
     pub gateway: Option<String>,

@@ -490,7 +490,9 @@ fn is_injected(c: &Container) -> bool {
         || (c.name == SIDECAR_CONTAINER && first == Some("run"))
 }
 
-fn check_conflicts(pod: &Pod) -> Result<(), Denial> {
+/// Refuse a Pod whose own containers, volumes or labels take what injection adds (names, the
+/// health port, the tunnel label). [`plan`] runs it first.
+pub(crate) fn check_conflicts(pod: &Pod) -> Result<(), Denial> {
     if let Some(spec) = &pod.spec {
         let all = spec
             .init_containers

@@ -1,8 +1,9 @@
 //! `wg-injector`: decides whether and how a Pod gets the WireGuard sidecar.
 //!
 //! The crate is a pure injection core ([`annotations`], [`config`], [`inject`], [`admission`])
-//! with thin edges: the HTTPS admission webhook ([`webhook`], [`review`], [`metrics`]) and the
-//! offline CLI ([`offline`]). The core never does IO; the edges only decode, call it and encode.
+//! with thin edges: the HTTPS admission webhook ([`webhook`], [`review`], [`memo`],
+//! [`metrics`]) and the offline CLI ([`offline`]). The core never does IO; the edges only
+//! decode, call it and encode.
 
 pub mod admission;
 pub mod annotations;
@@ -11,6 +12,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod inject;
+pub mod memo;
 pub mod metrics;
 pub mod offline;
 pub mod patch;

@@ -14,6 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::memo::Lookup;
 use crate::review::Outcome;
 
 type Label = [(&'static str, &'static str); 1];
@@ -32,6 +33,7 @@ pub struct Metrics {
     skips: Family<Label, Counter>,
     denials: Family<Label, Counter>,
     duration: Histogram,
+    memo_lookups: Family<Label, Counter>,
     certificate_expiry: Gauge,
 }
 
@@ -52,6 +54,7 @@ impl Metrics {
         let denials = Family::<Label, Counter>::default();
         let duration = Histogram::new(DURATION_BUCKETS);
         let certificate_expiry = Gauge::default();
+        let memo_lookups = Family::<Label, Counter>::default();
         registry.register(
             "admission_reviews",
             "AdmissionReview requests answered, by outcome (injected, already_injected, skipped, denied, ignored, invalid)",
@@ -70,6 +73,11 @@ impl Metrics {
             duration.clone(),
         );
         registry.register(
+            "patch_memo_lookups",
+            "Fresh injections looked up in the patch memo, by result (hit: the patch of an earlier Pod with the same annotations and shape was sent again; miss: computed and remembered)",
+            memo_lookups.clone(),
+        );
+        registry.register(
             "certificate_expiry_timestamp_seconds",
             "notAfter of the serving certificate, Unix seconds",
             certificate_expiry.clone(),
@@ -81,6 +89,7 @@ impl Metrics {
             skips,
             denials,
             duration,
+            memo_lookups,
             certificate_expiry,
         }
     }
@@ -108,6 +117,13 @@ impl Metrics {
             Outcome::Ignored => {}
         }
         self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Record one lookup in the patch memo.
+    pub fn record_memo(&self, lookup: Lookup) {
+        self.memo_lookups
+            .get_or_create(&[("result", lookup.label())])
+            .inc();
     }
 
     /// Record a body that was not a usable `AdmissionReview` (HTTP 4xx).
@@ -146,6 +162,9 @@ mod tests {
             &Outcome::Denied("bad_annotation"),
             Duration::from_micros(50),
         );
+        metrics.record_memo(Lookup::Miss);
+        metrics.record_memo(Lookup::Hit);
+        metrics.record_memo(Lookup::Hit);
         metrics.set_certificate_expiry(1_900_000_000);
         let text = metrics.encode();
         for needle in [
@@ -156,6 +175,8 @@ mod tests {
             "wg_injector_admission_duration_seconds_bucket{le=\"0.0005\"} 3",
             "wg_injector_admission_duration_seconds_bucket{le=\"0.0001\"} 2",
             "wg_injector_certificate_expiry_timestamp_seconds 1900000000",
+            "wg_injector_patch_memo_lookups_total{result=\"hit\"} 2",
+            "wg_injector_patch_memo_lookups_total{result=\"miss\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -6,14 +6,16 @@
 //! Never does IO, never logs, never looks at HTTP: [`crate::webhook`] does that. The object is
 //! captured as raw JSON and parsed once, as a `Pod`, only when it is one.
 
-use base64::Engine as _;
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::admission::{decide, Decision};
+use crate::admission::{decide, decide_with, Answered, Decision};
 use crate::config::Config;
+use crate::memo::{FreshPatch, Lookup, PatchMemo};
 use crate::patch::{Operation, Patch};
 use crate::Error;
 
@@ -53,6 +55,8 @@ pub struct Answer {
     pub body: Vec<u8>,
     /// What happened.
     pub outcome: Outcome,
+    /// Whether a fresh injection came from the memo ([`answer_with`] only).
+    pub memo: Option<Lookup>,
 }
 
 const DEFAULT_API_VERSION: &str = "admission.k8s.io/v1";
@@ -131,6 +135,7 @@ struct Verdict {
     patch: Option<Box<RawValue>>,
     warnings: Vec<String>,
     outcome: Outcome,
+    memo: Option<Lookup>,
 }
 
 impl Verdict {
@@ -141,6 +146,7 @@ impl Verdict {
             patch: None,
             warnings: Vec::new(),
             outcome,
+            memo: None,
         }
     }
 
@@ -160,6 +166,7 @@ impl Verdict {
             patch: None,
             warnings: Vec::new(),
             outcome: Outcome::Denied(reason),
+            memo: None,
         }
     }
 }
@@ -169,12 +176,26 @@ impl Verdict {
 /// Errors are for bodies that are not an `AdmissionReview` with a `request` (HTTP 400); a
 /// request that is well-formed but refused is an `Ok` answer with `allowed: false`.
 pub fn answer(body: &[u8], config: &Config) -> Result<Answer, Error> {
+    answer_inner(body, config, None)
+}
+
+/// [`answer`] as the webhook answers: fresh injections come from (and go to) `memo`
+/// ([`crate::admission::decide_with`]); the answer is the same.
+pub fn answer_with(body: &[u8], config: &Arc<Config>, memo: &PatchMemo) -> Result<Answer, Error> {
+    answer_inner(body, config, Some((config, memo)))
+}
+
+fn answer_inner(
+    body: &[u8],
+    config: &Config,
+    memo: Option<(&Arc<Config>, &PatchMemo)>,
+) -> Result<Answer, Error> {
     let review: ReviewIn<'_> =
         serde_json::from_slice(body).map_err(|e| Error::DecodeReview(e.to_string()))?;
     let request = review
         .request
         .ok_or_else(|| Error::DecodeReview("the AdmissionReview has no request".to_owned()))?;
-    let verdict = judge(&request, config);
+    let verdict = judge(&request, config, memo);
     let out = ReviewOut {
         api_version: review.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION),
         kind: review.kind.as_deref().unwrap_or(DEFAULT_KIND),
@@ -191,10 +212,15 @@ pub fn answer(body: &[u8], config: &Config) -> Result<Answer, Error> {
     Ok(Answer {
         body,
         outcome: verdict.outcome,
+        memo: verdict.memo,
     })
 }
 
-fn judge(request: &RequestIn<'_>, config: &Config) -> Verdict {
+fn judge(
+    request: &RequestIn<'_>,
+    config: &Config,
+    memo: Option<(&Arc<Config>, &PatchMemo)>,
+) -> Verdict {
     let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
     let is_subresource = request
         .sub_resource
@@ -244,40 +270,56 @@ fn judge(request: &RequestIn<'_>, config: &Config) -> Verdict {
             "the admission request names no namespace for the Pod".to_owned(),
         );
     }
-    match decide(&pod, namespace, config) {
+    let decision = match memo {
+        Some((config, memo)) => match decide_with(&pod, namespace, config, memo) {
+            Answered::Fresh(fresh, lookup) => {
+                return Verdict {
+                    memo: Some(lookup),
+                    ..fresh_verdict(object, &pod, &fresh)
+                }
+            }
+            Answered::Decided(decision) => decision,
+        },
+        None => decide(&pod, namespace, config),
+    };
+    match decision {
         Decision::Patch { patch, warnings } if patch.0.is_empty() => Verdict {
             warnings,
             ..Verdict::allow(Outcome::AlreadyInjected)
         },
         Decision::Patch { patch, warnings } => match applies_to_sent(object, &pod, &patch)
-            .and_then(|()| encode_patch(&patch).map_err(|e| e.to_string()))
+            .and_then(|()| patch.to_base64_json().map_err(|e| e.to_string()))
         {
             Ok(encoded) => Verdict {
                 patch: Some(encoded),
                 warnings,
                 ..Verdict::allow(Outcome::Injected)
             },
-            Err(e) => Verdict::deny(
-                "undecodable_pod",
-                400,
-                format!("wg-injector could not build a patch for the Pod as sent: {e}"),
-            ),
+            Err(e) => cannot_patch(&e),
         },
         Decision::Skip(reason) => Verdict::allow(Outcome::Skipped(reason.as_str())),
         Decision::Deny(denial) => Verdict::deny(denial.reason, 403, denial.message),
     }
 }
 
-/// The patch as the response's `patch` member: a JSON string of base64 text, written as raw JSON
-/// because base64 never needs escaping (spares a scan of every character).
-fn encode_patch(patch: &Patch) -> Result<Box<RawValue>, serde_json::Error> {
-    let json = serde_json::to_vec(patch)?;
-    let engine = &base64::engine::general_purpose::STANDARD;
-    let mut quoted = String::with_capacity(json.len().div_ceil(3) * 4 + 2);
-    quoted.push('"');
-    engine.encode_string(json, &mut quoted);
-    quoted.push('"');
-    RawValue::from_string(quoted)
+/// The verdict for a fresh injection: its patch, once checked against the object as sent.
+fn fresh_verdict(object: &RawValue, pod: &Pod, fresh: &FreshPatch) -> Verdict {
+    match applies_to_sent(object, pod, &fresh.patch) {
+        Ok(()) => Verdict {
+            patch: Some(fresh.encoded.clone()),
+            warnings: fresh.warnings.clone(),
+            ..Verdict::allow(Outcome::Injected)
+        },
+        Err(e) => cannot_patch(&e),
+    }
+}
+
+fn cannot_patch(error: &str) -> Verdict {
+    Verdict::deny(
+        "undecodable_pod",
+        400,
+        format!("wg-injector could not build a patch for the Pod as sent: {error}"),
+    )
 }
 
 /// Whether the sent object has a `metadata` member at its top level (not just the text

@@ -17,6 +17,7 @@ use axum::Router;
 use wg_certs::ReloadingResolver;
 
 use crate::config::Config;
+use crate::memo::PatchMemo;
 use crate::metrics::Metrics;
 
 /// Largest accepted `AdmissionReview` body (the API server caps objects well below this).
@@ -30,6 +31,8 @@ pub struct AppState {
     pub config: Arc<std::sync::RwLock<Arc<Config>>>,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
+    /// Fresh injections already computed under the current configuration.
+    pub memo: Arc<PatchMemo>,
     /// The serving certificate; `/readyz` is ready only once one is loaded.
     pub certificate: Option<Arc<ReloadingResolver>>,
 }
@@ -41,6 +44,7 @@ impl AppState {
         Self {
             config: Arc::new(std::sync::RwLock::new(Arc::new(config))),
             metrics: Arc::new(Metrics::new()),
+            memo: Arc::new(PatchMemo::default()),
             certificate,
         }
     }
@@ -152,9 +156,12 @@ async fn mutate(State(state): State<AppState>, request: Request) -> Response {
             return plain(StatusCode::BAD_REQUEST, "failed to read the request body");
         }
     };
-    match crate::review::answer(&body, &state.config()) {
+    match crate::review::answer_with(&body, &state.config(), &state.memo) {
         Ok(answer) => {
             state.metrics.record(&answer.outcome, started.elapsed());
+            if let Some(lookup) = answer.memo {
+                state.metrics.record_memo(lookup);
+            }
             tracing::debug!(
                 outcome = answer.outcome.label(),
                 "answered admission review"

@@ -8,7 +8,9 @@
 //! - the patch applied to the input is exactly the injected Pod;
 //! - injecting twice equals injecting once (empty patch, same Pod);
 //! - `uninject(inject(p)) == p` for Pods that carried none of our parts;
-//! - `uninject` of any Pod never panics and is idempotent.
+//! - `uninject` of any Pod never panics and is idempotent;
+//! - the webhook's memo (`decide_with`) answers exactly like `decide`, for the Pod that filled
+//!   an entry and for a sibling with the same annotations and shape but other contents.
 //!
 //! 256 cases per property (`PROPTEST_CASES` overrides) keep the suite at a few seconds.
 #![allow(clippy::unwrap_used, clippy::panic)]
@@ -23,10 +25,11 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
-use wg_injector::admission::{decide, evaluate, Decision, Verdict};
+use wg_injector::admission::{decide, decide_with, evaluate, Answered, Decision, Verdict};
 use wg_injector::annotations::{self, STATUS, TUNNEL_LABEL};
 use wg_injector::config::Config;
 use wg_injector::inject::{self, uninject, INIT_CONTAINER, INJECTED_VOLUMES, SIDECAR_CONTAINER};
+use wg_injector::memo::PatchMemo;
 
 fn golden_config() -> &'static Config {
     static CONFIG: OnceLock<Config> = OnceLock::new();
@@ -350,6 +353,64 @@ fn check_invariants(pod: &Pod, config: &Config) -> Result<(), TestCaseError> {
 }
 
 /// 256 cases unless `PROPTEST_CASES` asks for more (a longer local hunt).
+/// `decide_with` through `memo` agrees with `decide`: the same patch and warnings for a fresh
+/// injection, the same decision (by its debug text) for everything else.
+fn check_memo_agrees(
+    pod: &Pod,
+    config: &std::sync::Arc<Config>,
+    memo: &PatchMemo,
+) -> Result<(), TestCaseError> {
+    let expected = decide(pod, "shop", config);
+    match decide_with(pod, "shop", config, memo) {
+        Answered::Fresh(fresh, _) => {
+            let Decision::Patch { patch, warnings } = expected else {
+                return Err(TestCaseError::fail(format!(
+                    "the memo patched but decide said {expected:?}"
+                )));
+            };
+            prop_assert_eq!(&fresh.patch, &patch);
+            prop_assert_eq!(&fresh.warnings, &warnings);
+            let encoded = patch.to_base64_json().unwrap();
+            prop_assert_eq!(fresh.encoded.get(), encoded.get());
+        }
+        Answered::Decided(decision) => {
+            prop_assert_eq!(format!("{decision:?}"), format!("{expected:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// A Pod with the same annotations and shape as `pod` but other contents: every container
+/// gets another image and an extra environment variable, every volume another name.
+fn sibling(pod: &Pod) -> Pod {
+    let mut sibling = pod.clone();
+    sibling.metadata.name = Some("sibling".to_owned());
+    if let Some(spec) = sibling.spec.as_mut() {
+        for c in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+        {
+            c.image = Some(format!("sibling/{}:2", c.name));
+            c.env
+                .get_or_insert_with(Vec::new)
+                .push(k8s_openapi::api::core::v1::EnvVar {
+                    name: "SIBLING".to_owned(),
+                    value: Some("yes".to_owned()),
+                    ..Default::default()
+                });
+        }
+        for v in spec.volumes.iter_mut().flatten() {
+            v.name = format!("sibling-{}", v.name);
+        }
+    }
+    sibling
+}
+
+fn memo_for(config: &'static Config) -> (std::sync::Arc<Config>, PatchMemo) {
+    (std::sync::Arc::new(config.clone()), PatchMemo::new(64))
+}
+
 fn cases() -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
@@ -369,6 +430,20 @@ proptest! {
     #[test]
     fn every_generated_pod_keeps_the_invariants_under_the_default_config(pod in pod_strategy()) {
         check_invariants(&pod, default_config())?;
+    }
+
+    #[test]
+    fn the_memo_answers_like_decide_for_a_pod_and_its_sibling(pod in pod_strategy()) {
+        static GOLDEN: OnceLock<(std::sync::Arc<Config>, PatchMemo)> = OnceLock::new();
+        static DEFAULT: OnceLock<(std::sync::Arc<Config>, PatchMemo)> = OnceLock::new();
+        for (config, memo) in [
+            GOLDEN.get_or_init(|| memo_for(golden_config())),
+            DEFAULT.get_or_init(|| memo_for(default_config())),
+        ] {
+            check_memo_agrees(&pod, config, memo)?;
+            check_memo_agrees(&pod, config, memo)?;
+            check_memo_agrees(&sibling(&pod), config, memo)?;
+        }
     }
 
     #[test]

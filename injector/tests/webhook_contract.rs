@@ -379,6 +379,58 @@ async fn metrics_count_reviews_by_outcome_and_expose_the_certificate_expiry() {
     }
 }
 
+/// Pods of one template get their patch from the memo after the first: the same patch for a
+/// sibling with other containers of the same shape, a fresh diff for another shape, and the
+/// lookups counted.
+#[tokio::test]
+async fn siblings_of_one_template_are_patched_from_the_memo_with_the_same_result() {
+    let shared = state(true);
+    let annotations = json!({"wg-injector.io/inject": "true", "wg-injector.io/mtu": "1380"});
+    let first = pod(&annotations);
+    let mut sibling = first.clone();
+    sibling["metadata"]["name"] = json!("web-2");
+    sibling["spec"]["containers"][0]["image"] = json!("nginx:2");
+    let mut other_shape = first.clone();
+    other_shape["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+    let mut patched = Vec::new();
+    for (uid, input) in [("s1", &first), ("s2", &sibling), ("s3", &other_shape)] {
+        let answer = mutate(
+            shared.clone(),
+            &review("admission.k8s.io/v1", uid, "CREATE", "Pod", input),
+        )
+        .await;
+        let injected = injected_pod(input, &answer);
+        // What the memo-free path (the offline CLI's) gives for the same Pod.
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(input.clone()).unwrap();
+        let wg_injector::admission::Verdict::Inject(expected) =
+            wg_injector::admission::evaluate(&pod, &Config::default())
+        else {
+            panic!("{uid} must be injected");
+        };
+        assert_eq!(
+            injected,
+            serde_json::to_value(&expected.pod).unwrap(),
+            "{uid}"
+        );
+        patched.push(answer["response"]["patch"].clone());
+    }
+    assert_eq!(patched[0], patched[1], "siblings get the same patch");
+    assert_ne!(patched[0], patched[2], "another shape gets its own patch");
+    assert_eq!(shared.memo.len(), 2);
+    let (_, body) = send(
+        shared.clone(),
+        Request::get("/metrics").body(Body::empty()).unwrap(),
+    )
+    .await;
+    let text = String::from_utf8(body).unwrap();
+    for needle in [
+        "wg_injector_patch_memo_lookups_total{result=\"hit\"} 1",
+        "wg_injector_patch_memo_lookups_total{result=\"miss\"} 2",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+}
+
 /// Regression (found by the `mutate_handler` fuzzer): every patch returned must apply to the
 /// object exactly as it was sent, even when the object is malformed in ways a typed reading
 /// papers over (a port without `containerPort`, no `metadata`); otherwise the answer is a 400.

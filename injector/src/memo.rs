@@ -1,0 +1,258 @@
+//! The webhook's memo of fresh injections: the patch for a Pod that carries nothing of an
+//! earlier injection is a function of the injector's configuration, the Pod's parsed
+//! annotations ([`InjectionSpec`]) and a few facts about the Pod's shape ([`Shape`]); Pods of
+//! one Deployment, Job or StatefulSet share all three, so the patch the diff gave for the first
+//! of them is kept and sent again.
+//!
+//! Owns only the bounded map and its invalidation (a new configuration empties it). It never
+//! decides anything: [`crate::admission::decide_with`] computes every entry with the same diff
+//! as [`crate::admission::decide`], runs every per-Pod check before looking an entry up, and in
+//! debug builds (every test) recomputes each hit and asserts it equals the entry.
+//!
+//! Why the key is enough: a fresh Pod that passed the conflict checks has no injected container
+//! or volume name, no tunnel label and no status annotation, so the diff between it and its
+//! injected view adds the label and the annotation (or the whole maps), inserts the containers
+//! at fixed positions and appends the volumes after the Pod's own; the Pod's own elements only
+//! ever compare equal to themselves. The positions and whole-map/whole-list choices are what
+//! [`Shape`] records.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::value::RawValue;
+
+use crate::annotations::InjectionSpec;
+use crate::config::Config;
+use crate::patch::Patch;
+
+/// Entries kept by default: a cluster has about one entry per Pod template that opts in and is
+/// scaled or rolled out at the same time; each entry holds one patch (a few KiB).
+pub const DEFAULT_CAPACITY: usize = 256;
+
+/// What the diff of a fresh Pod depends on besides the injection: whether each map or list the
+/// injection adds to exists, and how long the lists are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape {
+    annotations: bool,
+    labels: bool,
+    containers: usize,
+    init_containers: Option<usize>,
+    volumes: Option<usize>,
+}
+
+impl Shape {
+    /// The shape of `pod`; `None` when it has no spec (such a Pod is never injected).
+    #[must_use]
+    pub fn of(pod: &Pod) -> Option<Self> {
+        let spec = pod.spec.as_ref()?;
+        Some(Self {
+            annotations: pod.metadata.annotations.is_some(),
+            labels: pod.metadata.labels.is_some(),
+            containers: spec.containers.len(),
+            init_containers: spec.init_containers.as_ref().map(Vec::len),
+            volumes: spec.volumes.as_ref().map(Vec::len),
+        })
+    }
+}
+
+/// What a fresh injection is remembered by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    /// The Pod's parsed annotations.
+    pub spec: InjectionSpec,
+    /// The Pod's shape.
+    pub shape: Shape,
+}
+
+/// A fresh injection's answer, ready to send.
+#[derive(Debug)]
+pub struct FreshPatch {
+    /// The operations (checked against the object as sent by the webhook).
+    pub patch: Patch,
+    /// The patch as the response carries it ([`Patch::to_base64_json`]).
+    pub encoded: Box<RawValue>,
+    /// Admission warnings.
+    pub warnings: Vec<String>,
+}
+
+/// Whether a fresh injection was found in the memo (the `result` label of
+/// `wg_injector_patch_memo_lookups_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// Found: the patch was sent again.
+    Hit,
+    /// Computed with the diff, then remembered.
+    Miss,
+}
+
+impl Lookup {
+    /// The metrics label.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Lookup::Hit => "hit",
+            Lookup::Miss => "miss",
+        }
+    }
+}
+
+/// A bounded map from [`Key`] to the [`FreshPatch`] computed for it, valid for one
+/// configuration.
+#[derive(Debug)]
+pub struct PatchMemo {
+    capacity: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// The configuration the entries were computed with; held so its address is not reused.
+    config: Option<Arc<Config>>,
+    entries: HashMap<Key, Arc<FreshPatch>>,
+}
+
+impl Default for PatchMemo {
+    fn default() -> Self {
+        Self::new(DEFAULT_CAPACITY)
+    }
+}
+
+impl PatchMemo {
+    /// A memo of at most `capacity` entries (0 keeps nothing).
+    #[must_use]
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// The entry for `key` under `config`, if one was stored under that same configuration.
+    #[must_use]
+    pub fn get(&self, config: &Arc<Config>, key: &Key) -> Option<Arc<FreshPatch>> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        match &inner.config {
+            Some(current) if Arc::ptr_eq(current, config) => inner.entries.get(key).cloned(),
+            _ => None,
+        }
+    }
+
+    /// Remember `value` for `key` under `config`. A different configuration than the stored
+    /// entries' empties the memo first; a full memo drops one entry.
+    pub fn insert(&self, config: &Arc<Config>, key: Key, value: Arc<FreshPatch>) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if !inner
+            .config
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, config))
+        {
+            inner.entries.clear();
+            inner.config = Some(Arc::clone(config));
+        }
+        if inner.entries.len() >= self.capacity && !inner.entries.contains_key(&key) {
+            // An arbitrary entry (the hash map's iteration order is randomly seeded).
+            if let Some(evicted) = inner.entries.keys().next().cloned() {
+                inner.entries.remove(&evicted);
+            }
+        }
+        inner.entries.insert(key, value);
+    }
+
+    /// Entries held now.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entries
+            .len()
+    }
+
+    /// Whether the memo holds nothing.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::annotations::KeySource;
+
+    fn key(mtu: u16) -> Key {
+        Key {
+            spec: InjectionSpec {
+                gateway: None,
+                routes: None,
+                dns: None,
+                endpoints: None,
+                mtu: Some(mtu),
+                keepalive: None,
+                key_source: KeySource::Vault,
+                vault_role: None,
+                vault_path: None,
+                kill_switch: None,
+                sidecar_mode: None,
+                resources: crate::annotations::ResourceOverrides::default(),
+            },
+            shape: Shape {
+                annotations: true,
+                labels: false,
+                containers: 1,
+                init_containers: None,
+                volumes: Some(1),
+            },
+        }
+    }
+
+    fn entry() -> Arc<FreshPatch> {
+        Arc::new(FreshPatch {
+            patch: Patch::default(),
+            encoded: RawValue::from_string("\"W10=\"".to_owned()).unwrap(),
+            warnings: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn an_entry_is_found_only_under_the_configuration_it_was_stored_with() {
+        let memo = PatchMemo::new(4);
+        let config = Arc::new(Config::default());
+        memo.insert(&config, key(1380), entry());
+        assert!(memo.get(&config, &key(1380)).is_some());
+        assert!(memo.get(&config, &key(1400)).is_none());
+        // An equal but newly loaded configuration is another configuration.
+        let reloaded = Arc::new(Config::default());
+        assert!(memo.get(&reloaded, &key(1380)).is_none());
+        memo.insert(&reloaded, key(1400), entry());
+        assert_eq!(memo.len(), 1, "a new configuration empties the memo");
+        assert!(memo.get(&config, &key(1400)).is_none());
+    }
+
+    #[test]
+    fn a_full_memo_stays_at_its_capacity() {
+        let memo = PatchMemo::new(3);
+        let config = Arc::new(Config::default());
+        for mtu in 1300..1310 {
+            memo.insert(&config, key(mtu), entry());
+        }
+        assert_eq!(memo.len(), 3);
+        assert!(
+            memo.get(&config, &key(1309)).is_some(),
+            "the newest entry is kept"
+        );
+    }
+
+    #[test]
+    fn a_memo_of_capacity_zero_keeps_nothing() {
+        let memo = PatchMemo::new(0);
+        let config = Arc::new(Config::default());
+        memo.insert(&config, key(1380), entry());
+        assert!(memo.is_empty());
+    }
+}
