@@ -302,11 +302,26 @@ struct WorkerLog {
     last_done: Option<Instant>,
 }
 
+/// Which of the bodies one worker sends: its own offset, then every `stride`-th one.
+struct Bodies {
+    all: Arc<[Bytes]>,
+    next: usize,
+    stride: usize,
+}
+
+impl Bodies {
+    fn next(&mut self) -> &Bytes {
+        let index = self.next % self.all.len();
+        self.next = index + self.stride;
+        &self.all[index]
+    }
+}
+
 async fn worker(
     target: Target,
     protocol: Protocol,
     mut sender: Option<Sender>,
-    body: Bytes,
+    mut bodies: Bodies,
     tickets: Option<Tickets>,
     deadline: Instant,
 ) -> WorkerLog {
@@ -333,8 +348,9 @@ async fn worker(
         if sender.is_none() {
             sender = connect(&target, protocol).await.ok();
         }
+        let body = bodies.next();
         let result = match sender.as_mut() {
-            Some(s) => send(s, target.addr, &body, fresh).await,
+            Some(s) => send(s, target.addr, body, fresh).await,
             None => Err("connect failed".to_owned()),
         };
         let done = Instant::now();
@@ -376,8 +392,14 @@ fn pace(
     }
 }
 
-/// Run `plan` against `target` with request body `body`.
-pub async fn run(target: &Target, plan: &Plan, body: &Bytes) -> Result<Measurement, Error> {
+/// Run `plan` against `target`, sending `bodies` in turn (at least one).
+pub async fn run(target: &Target, plan: &Plan, bodies: &[Bytes]) -> Result<Measurement, Error> {
+    let all: Arc<[Bytes]> = if bodies.is_empty() {
+        Arc::from(vec![Bytes::new()])
+    } else {
+        Arc::from(bodies)
+    };
+    let body = &all[0];
     let workers = plan.workers.max(1);
     // Connections are made (and used once) before the clock starts; only the new-connection
     // protocol pays its handshakes inside the measurement.
@@ -432,12 +454,18 @@ pub async fn run(target: &Target, plan: &Plan, body: &Bytes) -> Result<Measureme
     tokio::time::sleep_until(start.into()).await;
     let handles: Vec<_> = senders
         .into_iter()
-        .map(|sender| {
+        .enumerate()
+        .map(|(i, sender)| {
+            let bodies = Bodies {
+                all: Arc::clone(&all),
+                next: i,
+                stride: workers,
+            };
             tokio::spawn(worker(
                 target.clone(),
                 plan.protocol,
                 sender,
-                body.clone(),
+                bodies,
                 tickets.clone(),
                 deadline,
             ))

@@ -18,6 +18,46 @@ pub struct Payload {
     pub pod_bytes: usize,
     /// The whole `AdmissionReview` request body.
     pub body: Bytes,
+    /// When not empty, the bodies sent in turn instead of `body` (see [`distinct`]).
+    pub variants: Vec<Bytes>,
+}
+
+impl Payload {
+    /// The bodies a load run sends in turn.
+    #[must_use]
+    pub fn bodies(&self) -> &[Bytes] {
+        if self.variants.is_empty() {
+            std::slice::from_ref(&self.body)
+        } else {
+            &self.variants
+        }
+    }
+}
+
+/// Distinct Pods sent in turn by [`distinct`]: far more than the injector's patch memo holds
+/// (256), so nearly every review computes its patch.
+pub const DISTINCT_PODS: usize = 4096;
+
+/// Like [`payload`], but [`DISTINCT_PODS`] Pods that differ in their
+/// `wg-injector.io/routes` annotation (one /24 each), so no two reviews in a row share a patch:
+/// the injector's path for a Pod unlike any it saw recently.
+#[must_use]
+pub fn distinct(kib: usize) -> Payload {
+    let mut pod = pod_of_size(kib * 1024);
+    let pod_bytes = serde_json::to_vec(&pod).map_or(0, |v| v.len());
+    let variants = (0..DISTINCT_PODS)
+        .map(|i| {
+            pod["metadata"]["annotations"]["wg-injector.io/routes"] =
+                json!(format!("10.{}.{}.0/24", 64 + i / 256, i % 256));
+            Bytes::from(serde_json::to_vec(&review(&pod)).unwrap_or_default())
+        })
+        .collect::<Vec<_>>();
+    Payload {
+        label: format!("{kib} KiB, distinct"),
+        pod_bytes,
+        body: variants.first().cloned().unwrap_or_default(),
+        variants,
+    }
 }
 
 fn container(name: &str, env_count: usize) -> Value {
@@ -121,6 +161,7 @@ pub fn payload(kib: usize) -> Payload {
         label: format!("{kib} KiB"),
         pod_bytes,
         body: body.into(),
+        variants: Vec::new(),
     }
 }
 
@@ -146,5 +187,23 @@ mod tests {
         assert_eq!(answer.outcome, wg_injector::review::Outcome::Injected);
         let text = String::from_utf8(answer.body).unwrap();
         assert!(text.contains("\"patchType\":\"JSONPatch\""), "{text}");
+    }
+
+    #[test]
+    fn distinct_pods_are_each_patched_differently() {
+        let p = distinct(2);
+        assert_eq!(p.bodies().len(), DISTINCT_PODS);
+        let config = wg_injector::config::Config::default();
+        let patches: std::collections::HashSet<String> = p
+            .bodies()
+            .iter()
+            .take(300)
+            .map(|body| {
+                let answer = wg_injector::review::answer(body, &config).unwrap();
+                assert_eq!(answer.outcome, wg_injector::review::Outcome::Injected);
+                String::from_utf8(answer.body).unwrap()
+            })
+            .collect();
+        assert_eq!(patches.len(), 300);
     }
 }

@@ -142,7 +142,7 @@ impl Sampler {
 
 async fn measure(server: &Server, plan: &Plan, body: &payload::Payload) -> Result<Summary, Error> {
     let sampler = Sampler::start(vec![server.process.pid()]);
-    let measured = load::run(&server.target, plan, &body.body).await;
+    let measured = load::run(&server.target, plan, body.bodies()).await;
     let peak = sampler.finish().first().copied().unwrap_or(0);
     Ok(Summary::of(&measured?, peak))
 }
@@ -208,13 +208,20 @@ fn cells(
         Protocol::NewConnection { resume: true },
         Rate::Max,
     ));
+    // The patch memo's miss path: distinct Pods, so (nearly) every review computes its patch.
+    for p in payloads {
+        if let Some(kib) = p.label.strip_suffix(" KiB").and_then(|k| k.parse().ok()) {
+            cells.push((payload::distinct(kib), Protocol::Http1, Rate::Max));
+        }
+    }
     cells
 }
 
 fn setup(settings: &Settings) -> String {
     format!(
-        "Each cell runs {:.0} s per server, ours first, on loopback with TLS (ECDSA P-256 certificate from `--self-signed`). Open-loop rates use {} workers and measure latency from the intended send time (no coordinated omission); `max` is a closed loop with {} workers (HTTP/1.1: one connection each; HTTP/2: streams over {} connections). New-connection cells use HTTP/1.1 with `Connection: close` and count the TCP + TLS handshake in the latency; \"full handshake\" disables client session resumption like Go's default client (the kube-apiserver's). Servers run with their default logging (info).",
+        "Each cell runs {:.0} s per server, ours first, on loopback with TLS (ECDSA P-256 certificate from `--self-signed`). Every cell but the last sends one Pod per size again and again, as a Deployment's rollout does, so after the first review the injector sends the patch from its memo (see docs/operations.md, \"The patch memo\"); the `distinct` cells cycle through {} Pods that differ in their `wg-injector.io/routes` annotation, far more than the memo holds, so they measure the injector computing every patch (not a target, shown for honesty). Open-loop rates use {} workers and measure latency from the intended send time (no coordinated omission); `max` is a closed loop with {} workers (HTTP/1.1: one connection each; HTTP/2: streams over {} connections). New-connection cells use HTTP/1.1 with `Connection: close` and count the TCP + TLS handshake in the latency; \"full handshake\" disables client session resumption like Go's default client (the kube-apiserver's). Servers run with their default logging (info).",
         settings.duration.as_secs_f64(),
+        payload::DISTINCT_PODS,
         settings.open_loop_workers,
         settings.workers,
         settings.h2_connections
@@ -274,7 +281,7 @@ pub async fn run(settings: &Settings) -> Result<Report, Error> {
         duration: Duration::from_secs(1),
     };
     for server in [&ours, &floor] {
-        load::run(&server.target, &warm, &check.body).await?;
+        load::run(&server.target, &warm, check.bodies()).await?;
     }
     let cells = cells(settings, &payloads, &check);
     let mut rows = Vec::new();

@@ -46,9 +46,13 @@ async fn every_transport_gets_every_request_answered_in_a_closed_loop() {
         Protocol::NewConnection { resume: false },
         Protocol::NewConnection { resume: true },
     ] {
-        let m = load::run(&target, &plan(protocol, Rate::Max), &body)
-            .await
-            .unwrap();
+        let m = load::run(
+            &target,
+            &plan(protocol, Rate::Max),
+            std::slice::from_ref(&body),
+        )
+        .await
+        .unwrap();
         assert_eq!(m.errors, 0, "{protocol:?}");
         assert!(m.ok >= 10, "{protocol:?}: only {} answers", m.ok);
         assert_eq!(m.latencies_ns.len() as u64, m.ok);
@@ -60,9 +64,13 @@ async fn every_transport_gets_every_request_answered_in_a_closed_loop() {
 async fn an_open_loop_run_sends_rate_times_duration_requests() {
     let target = floor().await;
     let body = wg_bench::payload::payload(2).body;
-    let m = load::run(&target, &plan(Protocol::Http1, Rate::PerSecond(200)), &body)
-        .await
-        .unwrap();
+    let m = load::run(
+        &target,
+        &plan(Protocol::Http1, Rate::PerSecond(200)),
+        std::slice::from_ref(&body),
+    )
+    .await
+    .unwrap();
     // 300 ms at 200/s: tickets at 0, 5, …, 295 ms.
     assert_eq!(m.ok + m.errors, 60);
     assert_eq!(m.errors, 0);
