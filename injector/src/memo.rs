@@ -4,6 +4,10 @@
 //! one Deployment, Job or StatefulSet share all three, so the patch the diff gave for the first
 //! of them is kept and sent again.
 //!
+//! A patch is kept only when its key is seen a second time within the last
+//! [`DOORKEEPER_FACTOR`] × capacity distinct keys: a stream of Pods that are each unlike the
+//! others (a batch of one-off Pods) then costs one hash per Pod instead of churning the memo.
+//!
 //! Owns only the bounded map and its invalidation (a new configuration empties it). It never
 //! decides anything: [`crate::admission::decide_with`] computes every entry with the same diff
 //! as [`crate::admission::decide`], runs every per-Pod check before looking an entry up, and in
@@ -16,7 +20,8 @@
 //! ever compare equal to themselves. The positions and whole-map/whole-list choices are what
 //! [`Shape`] records.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -29,6 +34,10 @@ use crate::patch::Patch;
 /// Entries kept by default: a cluster has about one entry per Pod template that opts in and is
 /// scaled or rolled out at the same time; each entry holds one patch (a few KiB).
 pub const DEFAULT_CAPACITY: usize = 256;
+
+/// How many recently seen keys (as a multiple of the capacity) are remembered by hash to tell a
+/// second sighting from a first.
+pub const DOORKEEPER_FACTOR: usize = 4;
 
 /// What the diff of a fresh Pod depends on besides the injection: whether each map or list the
 /// injection adds to exists, and how long the lists are.
@@ -102,6 +111,7 @@ impl Lookup {
 #[derive(Debug)]
 pub struct PatchMemo {
     capacity: usize,
+    hasher: RandomState,
     inner: Mutex<Inner>,
 }
 
@@ -110,6 +120,8 @@ struct Inner {
     /// The configuration the entries were computed with; held so its address is not reused.
     config: Option<Arc<Config>>,
     entries: HashMap<Key, Arc<FreshPatch>>,
+    /// Hashes of keys seen once (emptied when it reaches `DOORKEEPER_FACTOR` × capacity).
+    seen: HashSet<u64>,
 }
 
 impl Default for PatchMemo {
@@ -124,6 +136,7 @@ impl PatchMemo {
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity,
+            hasher: RandomState::new(),
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -138,12 +151,14 @@ impl PatchMemo {
         }
     }
 
-    /// Remember `value` for `key` under `config`. A different configuration than the stored
+    /// Offer `value` for `key` under `config`: kept when `key` was offered before (see the
+    /// module docs), and then returns `true`. A different configuration than the stored
     /// entries' empties the memo first; a full memo drops one entry.
-    pub fn insert(&self, config: &Arc<Config>, key: Key, value: Arc<FreshPatch>) {
+    pub fn insert(&self, config: &Arc<Config>, key: Key, value: Arc<FreshPatch>) -> bool {
         if self.capacity == 0 {
-            return;
+            return false;
         }
+        let hash = self.hasher.hash_one(&key);
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if !inner
             .config
@@ -151,7 +166,15 @@ impl PatchMemo {
             .is_some_and(|c| Arc::ptr_eq(c, config))
         {
             inner.entries.clear();
+            inner.seen.clear();
             inner.config = Some(Arc::clone(config));
+        }
+        if !inner.seen.remove(&hash) {
+            if inner.seen.len() >= self.capacity.saturating_mul(DOORKEEPER_FACTOR) {
+                inner.seen.clear();
+            }
+            inner.seen.insert(hash);
+            return false;
         }
         if inner.entries.len() >= self.capacity && !inner.entries.contains_key(&key) {
             // An arbitrary entry (the hash map's iteration order is randomly seeded).
@@ -160,6 +183,7 @@ impl PatchMemo {
             }
         }
         inner.entries.insert(key, value);
+        true
     }
 
     /// Entries held now.
@@ -223,14 +247,28 @@ mod tests {
     fn an_entry_is_found_only_under_the_configuration_it_was_stored_with() {
         let memo = PatchMemo::new(4);
         let config = Arc::new(Config::default());
-        memo.insert(&config, key(1380), entry());
+        assert!(
+            !memo.insert(&config, key(1380), entry()),
+            "a first sighting is not kept"
+        );
+        assert!(memo.get(&config, &key(1380)).is_none());
+        assert!(
+            memo.insert(&config, key(1380), entry()),
+            "a second sighting is kept"
+        );
         assert!(memo.get(&config, &key(1380)).is_some());
         assert!(memo.get(&config, &key(1400)).is_none());
         // An equal but newly loaded configuration is another configuration.
         let reloaded = Arc::new(Config::default());
         assert!(memo.get(&reloaded, &key(1380)).is_none());
         memo.insert(&reloaded, key(1400), entry());
-        assert_eq!(memo.len(), 1, "a new configuration empties the memo");
+        assert!(memo.is_empty(), "a new configuration empties the memo");
+        assert!(
+            !memo.insert(&reloaded, key(1380), entry()),
+            "and forgets what it saw"
+        );
+        memo.insert(&reloaded, key(1400), entry());
+        assert_eq!(memo.len(), 1);
         assert!(memo.get(&config, &key(1400)).is_none());
     }
 
@@ -239,6 +277,7 @@ mod tests {
         let memo = PatchMemo::new(3);
         let config = Arc::new(Config::default());
         for mtu in 1300..1310 {
+            memo.insert(&config, key(mtu), entry());
             memo.insert(&config, key(mtu), entry());
         }
         assert_eq!(memo.len(), 3);
@@ -249,9 +288,23 @@ mod tests {
     }
 
     #[test]
+    fn keys_seen_once_each_never_fill_the_memo() {
+        let memo = PatchMemo::new(2);
+        let config = Arc::new(Config::default());
+        // A cycle longer than the doorkeeper remembers: every offer is a first sighting.
+        for _ in 0..3 {
+            for mtu in 1280..1300 {
+                assert!(!memo.insert(&config, key(mtu), entry()));
+            }
+        }
+        assert!(memo.is_empty());
+    }
+
+    #[test]
     fn a_memo_of_capacity_zero_keeps_nothing() {
         let memo = PatchMemo::new(0);
         let config = Arc::new(Config::default());
+        memo.insert(&config, key(1380), entry());
         memo.insert(&config, key(1380), entry());
         assert!(memo.is_empty());
     }
