@@ -144,6 +144,30 @@ fn bench_answer(c: &mut Criterion) {
                 b.iter(|| wg_injector::review::answer_with(black_box(body), &shared, &memo));
             },
         );
+        // The miss path: Pods that differ in their routes, more than the memo remembers.
+        let distinct: Vec<Vec<u8>> = (0..4096)
+            .map(|i| {
+                let mut pod = pod.clone();
+                pod.metadata.annotations.as_mut().unwrap().insert(
+                    "wg-injector.io/routes".to_owned(),
+                    format!("10.{}.{}.0/24", 64 + i / 256, i % 256),
+                );
+                review_body(&pod)
+            })
+            .collect();
+        let mut next = 0;
+        group.bench_function(BenchmarkId::new("injector-memo-miss", &size), |b| {
+            b.iter(|| {
+                next = (next + 1) % distinct.len();
+                wg_injector::review::answer_with(black_box(&distinct[next]), &shared, &memo)
+            });
+        });
+        group.bench_function(BenchmarkId::new("injector-distinct", &size), |b| {
+            b.iter(|| {
+                next = (next + 1) % distinct.len();
+                wg_injector::review::answer(black_box(&distinct[next]), &config)
+            });
+        });
         group.bench_with_input(BenchmarkId::new("floor", &size), &body, |b, body| {
             b.iter(|| floor_answer(black_box(body)));
         });
