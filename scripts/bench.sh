@@ -4,7 +4,10 @@
 #
 #  1. wg-bench run: `wg-injector serve` vs the floor server on the same TLS + HTTP stack,
 #     2/10/64 KiB Pods, HTTP/1.1 and HTTP/2 at 100/s, 1 000/s and max, plus a new TLS
-#     connection per request (about 3-4 minutes; loopback only).
+#     connection per request (about 3-4 minutes; loopback only). Both servers are built the
+#     way the wg-injector image is (scripts/build-images.sh: static glibc, opt-level "s", one
+#     codegen unit), so the figures are those of the binary that ships; the first such build
+#     takes 10-20 minutes on 2 cores, later ones are incremental.
 #  2. the core criterion bench (cargo bench -p wg-injector --bench inject), when it exists.
 #  3. the sidecar/gateway bench programs (sidecar/benches/*.rs, sidecar/examples/*bench*.rs),
 #     when they exist (some need root for network namespaces).
@@ -17,17 +20,29 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 failed=()
 
-echo "== building release binaries (wg-injector, wg-bench)"
-cargo build --release -p wg-injector -p wg-bench || exit 1
+# The image build's flags (scripts/build-images.sh): same target dir, so the two share a cache.
+triple=x86_64-unknown-linux-gnu
+static_dir="$target_dir/static"
+shipped="$static_dir/$triple/release"
+static_build() {
+  CARGO_PROFILE_RELEASE_OPT_LEVEL=s CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
+    RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --target "$triple" --target-dir "$static_dir" "$@"
+}
+echo "== building wg-injector as the image ships it, and the floor (wg-bench) the same way"
+# The injector with the image's package set (feature unification as in the image), then wg-bench.
+static_build -p wg-injector -p wg-sidecar || exit 1
+static_build -p wg-bench || exit 1
 
 echo "== webhook under load (wg-bench run)"
-if ! "$target_dir/release/wg-bench" run --injector "$target_dir/release/wg-injector" \
+if ! "$shipped/wg-bench" run --injector "$shipped/wg-injector" \
+    --build "built like the wg-injector image (static glibc, opt-level \"s\", one codegen unit; scripts/build-images.sh), both of them" \
     --command "make bench" --markdown "$out/load.md" ${WG_BENCH_ARGS:-} | tee "$out/load.txt"; then
   failed+=("wg-bench run")
 fi
 
 write_section() {
-  "$target_dir/release/wg-bench" write-section --file docs/benchmarks.md \
+  "$shipped/wg-bench" write-section --file docs/benchmarks.md \
     --title "Webhook under load" --body "$1" && echo "== wrote docs/benchmarks.md"
 }
 # Write the load figures now, so a later bench that fails or hangs does not lose them.

@@ -78,6 +78,13 @@ struct RunArgs {
     /// The command recorded in the report.
     #[arg(long, env = "WG_BENCH_COMMAND", default_value = "make bench")]
     command: String,
+    /// How the two server binaries were built, recorded in the report.
+    #[arg(
+        long,
+        env = "WG_BENCH_BUILD",
+        default_value = "the binaries given, as built by the caller"
+    )]
+    build: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -120,6 +127,7 @@ fn main() -> anyhow::Result<()> {
                 h2_connections: args.h2_connections,
                 log_dir: std::env::temp_dir(),
                 command: args.command,
+                build: args.build,
             };
             let report = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -40,6 +40,8 @@ pub struct Settings {
     pub log_dir: PathBuf,
     /// The command line recorded in the report.
     pub command: String,
+    /// How both server binaries were built (recorded in the report).
+    pub build: String,
 }
 
 fn free_loopback_port() -> Result<SocketAddr, Error> {
@@ -219,7 +221,8 @@ fn cells(
 
 fn setup(settings: &Settings) -> String {
     format!(
-        "Each cell runs {:.0} s per server, ours first, on loopback with TLS (ECDSA P-256 certificate from `--self-signed`). Every cell but the last sends one Pod per size again and again, as a Deployment's rollout does, so after the first review the injector sends the patch from its memo (see docs/operations.md, \"The patch memo\"); the `distinct` cells cycle through {} Pods that differ in their `wg-injector.io/routes` annotation, far more than the memo holds, so they measure the injector computing every patch (not a target, shown for honesty). Open-loop rates use {} workers and measure latency from the intended send time (no coordinated omission); `max` is a closed loop with {} workers (HTTP/1.1: one connection each; HTTP/2: streams over {} connections). New-connection cells use HTTP/1.1 with `Connection: close` and count the TCP + TLS handshake in the latency; \"full handshake\" disables client session resumption like Go's default client (the kube-apiserver's). Servers run with their default logging (info).",
+        "Servers: {}. Each cell runs {:.0} s per server, ours first, on loopback with TLS (ECDSA P-256 certificate from `--self-signed`). Every cell but the last sends one Pod per size again and again, as a Deployment's rollout does, so after the first review the injector sends the patch from its memo (see docs/operations.md, \"The patch memo\"); the `distinct` cells cycle through {} Pods that differ in their `wg-injector.io/routes` annotation, far more than the memo holds, so they measure the injector computing every patch (not a target, shown for honesty). Open-loop rates use {} workers and measure latency from the intended send time (no coordinated omission); `max` is a closed loop with {} workers (HTTP/1.1: one connection each; HTTP/2: streams over {} connections). New-connection cells use HTTP/1.1 with `Connection: close` and count the TCP + TLS handshake in the latency; \"full handshake\" disables client session resumption like Go's default client (the kube-apiserver's). Servers run with their default logging (info).",
+        settings.build,
         settings.duration.as_secs_f64(),
         payload::DISTINCT_PODS,
         settings.open_loop_workers,
