@@ -115,9 +115,9 @@ struct ResponseOut<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     patch_type: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    patch: Option<Box<RawValue>>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    warnings: Vec<String>,
+    patch: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    warnings: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -128,11 +128,18 @@ struct StatusOut {
     message: String,
 }
 
+/// The patch a response carries: encoded for this request, or shared with the memo (sent as it
+/// is, with its warnings, without a copy).
+enum PatchOut {
+    Encoded(Box<RawValue>),
+    Remembered(Arc<FreshPatch>),
+}
+
 /// What the response carries, before encoding.
 struct Verdict {
     allowed: bool,
     status: Option<StatusOut>,
-    patch: Option<Box<RawValue>>,
+    patch: Option<PatchOut>,
     warnings: Vec<String>,
     outcome: Outcome,
     memo: Option<Lookup>,
@@ -196,6 +203,13 @@ fn answer_inner(
         .request
         .ok_or_else(|| Error::DecodeReview("the AdmissionReview has no request".to_owned()))?;
     let verdict = judge(&request, config, memo);
+    let (patch, warnings): (Option<&RawValue>, &[String]) = match &verdict.patch {
+        Some(PatchOut::Encoded(patch)) => (Some(patch), &verdict.warnings),
+        Some(PatchOut::Remembered(fresh)) => (Some(&fresh.encoded), &fresh.warnings),
+        None => (None, &verdict.warnings),
+    };
+    // Room for the patch and the envelope, so the buffer is not regrown while writing.
+    let mut body = Vec::with_capacity(512 + patch.map_or(0, |p| p.get().len()));
     let out = ReviewOut {
         api_version: review.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION),
         kind: review.kind.as_deref().unwrap_or(DEFAULT_KIND),
@@ -203,12 +217,12 @@ fn answer_inner(
             uid: &request.uid,
             allowed: verdict.allowed,
             status: verdict.status,
-            patch_type: verdict.patch.as_ref().map(|_| "JSONPatch"),
-            patch: verdict.patch,
-            warnings: verdict.warnings,
+            patch_type: patch.map(|_| "JSONPatch"),
+            patch,
+            warnings,
         },
     };
-    let body = serde_json::to_vec(&out).map_err(Error::EncodeReview)?;
+    serde_json::to_writer(&mut body, &out).map_err(Error::EncodeReview)?;
     Ok(Answer {
         body,
         outcome: verdict.outcome,
@@ -291,7 +305,7 @@ fn judge(
             .and_then(|()| patch.to_base64_json().map_err(|e| e.to_string()))
         {
             Ok(encoded) => Verdict {
-                patch: Some(encoded),
+                patch: Some(PatchOut::Encoded(encoded)),
                 warnings,
                 ..Verdict::allow(Outcome::Injected)
             },
@@ -303,11 +317,10 @@ fn judge(
 }
 
 /// The verdict for a fresh injection: its patch, once checked against the object as sent.
-fn fresh_verdict(object: &RawValue, pod: &Pod, fresh: &FreshPatch) -> Verdict {
+fn fresh_verdict(object: &RawValue, pod: &Pod, fresh: &Arc<FreshPatch>) -> Verdict {
     match applies_to_sent(object, pod, &fresh.patch) {
         Ok(()) => Verdict {
-            patch: Some(fresh.encoded.clone()),
-            warnings: fresh.warnings.clone(),
+            patch: Some(PatchOut::Remembered(Arc::clone(fresh))),
             ..Verdict::allow(Outcome::Injected)
         },
         Err(e) => cannot_patch(&e),
@@ -368,8 +381,17 @@ fn only_inserts_into_sent_parents(pod: &Pod, patch: &Patch) -> bool {
         let Operation::Add { path, .. } = op else {
             return false;
         };
-        let segments: Vec<&str> = path.as_str().split('/').skip(1).collect();
-        match segments.as_slice() {
+        // At most three segments matter; a longer path is never one of these inserts.
+        let mut segments = [""; 4];
+        let mut count = 0;
+        for segment in path.as_str().split('/').skip(1) {
+            if count == segments.len() {
+                return false;
+            }
+            segments[count] = segment;
+            count += 1;
+        }
+        match &segments[..count] {
             ["metadata", "labels" | "annotations"] => true,
             ["metadata", "labels", _] => pod.metadata.labels.is_some(),
             ["metadata", "annotations", _] => pod.metadata.annotations.is_some(),
