@@ -203,7 +203,7 @@ impl Report {
             m.idle_start_kib > 0 && m.idle_start_kib <= 15 * 1024,
         ));
         out.push((
-            "injector RSS idle, after the whole run".to_owned(),
+            "injector RSS idle, after the whole run (3 s after the last review)".to_owned(),
             format!("{:.1} MiB", mib(m.idle_after_kib)),
             "≤ 15 MiB".to_owned(),
             m.idle_after_kib > 0 && m.idle_after_kib <= 15 * 1024,

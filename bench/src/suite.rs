@@ -311,7 +311,8 @@ pub async fn run(settings: &Settings) -> Result<Report, Error> {
         println!("{}", row.line());
         rows.push(row);
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Idle: 3 s after the last answer (the injector gives freed memory back after 1 s quiet).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let ours_end = ours.process.memory().unwrap_or_default();
     let floor_end = floor.process.memory().unwrap_or_default();
     println!(

@@ -5,6 +5,7 @@
 //! never allocates for metrics. Never records anything from request content except the
 //! fixed labels of [`crate::review::Outcome`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -35,6 +36,8 @@ pub struct Metrics {
     duration: Histogram,
     memo_lookups: Family<Label, Counter>,
     certificate_expiry: Gauge,
+    /// Bodies answered on `/mutate` (reviews and invalid bodies), for [`Metrics::answered`].
+    answered: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -91,11 +94,20 @@ impl Metrics {
             duration,
             memo_lookups,
             certificate_expiry,
+            answered: AtomicU64::new(0),
         }
+    }
+
+    /// Bodies answered on `/mutate` so far (every review and every invalid body): tells the
+    /// server when it has gone quiet.
+    #[must_use]
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
     }
 
     /// Record one answered review.
     pub fn record(&self, outcome: &Outcome, elapsed: Duration) {
+        self.answered.fetch_add(1, Ordering::Relaxed);
         self.reviews
             .get_or_create(&[("outcome", outcome.label())])
             .inc();
@@ -128,6 +140,7 @@ impl Metrics {
 
     /// Record a body that was not a usable `AdmissionReview` (HTTP 4xx).
     pub fn record_invalid(&self) {
+        self.answered.fetch_add(1, Ordering::Relaxed);
         self.reviews.get_or_create(&[("outcome", "invalid")]).inc();
     }
 

@@ -299,6 +299,7 @@ pub async fn run(settings: crate::cli::ServeSettings) -> Result<(), Error> {
     let tls = tls_config(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>)?;
     let native_sidecars = config.native_sidecars;
     let state = crate::webhook::AppState::new(config, Some(resolver));
+    spawn_heap_release(Arc::clone(&state.metrics));
     if let (true, Some(client)) = (settings.cluster.discover_version, client) {
         let refreshed = state.clone();
         crate::cluster::spawn_version_refresh(
@@ -326,4 +327,69 @@ pub async fn run(settings: crate::cli::ServeSettings) -> Result<(), Error> {
     )
     .await;
     Ok(())
+}
+
+/// After a burst, give the allocator's freed memory back to the OS: once a second, when no body
+/// was answered in the last second but some were since the last release ([`QuietAfterBurst`]),
+/// run [`wg_heap::release_free_memory`] on a blocking thread. A busy webhook never pays for it;
+/// an idle one returns close to its start-up size instead of staying at its peak.
+fn spawn_heap_release(metrics: Arc<crate::metrics::Metrics>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut quiet = QuietAfterBurst::new(metrics.answered());
+        loop {
+            tick.tick().await;
+            if quiet.tick(metrics.answered()) {
+                let released = tokio::task::spawn_blocking(wg_heap::release_free_memory)
+                    .await
+                    .unwrap_or(false);
+                tracing::debug!(released, "gave freed memory back to the OS after a burst");
+            }
+        }
+    });
+}
+
+/// Tells, from a counter read once per tick, when traffic has just stopped: the first quiet
+/// tick after some activity, once per burst.
+#[derive(Debug, Clone, Copy)]
+struct QuietAfterBurst {
+    last_seen: u64,
+    released_at: u64,
+}
+
+impl QuietAfterBurst {
+    fn new(count: u64) -> Self {
+        Self {
+            last_seen: count,
+            released_at: count,
+        }
+    }
+
+    /// `true` when `count` did not move since the last tick but did since the last `true`.
+    fn tick(&mut self, count: u64) -> bool {
+        let quiet_after_burst = count == self.last_seen && count != self.released_at;
+        if quiet_after_burst {
+            self.released_at = count;
+        }
+        self.last_seen = count;
+        quiet_after_burst
+    }
+}
+
+#[cfg(test)]
+mod quiet_tests {
+    use super::QuietAfterBurst;
+
+    #[test]
+    fn memory_is_released_once_on_the_first_quiet_tick_after_a_burst() {
+        let mut quiet = QuietAfterBurst::new(0);
+        assert!(!quiet.tick(0), "no traffic yet: nothing to give back");
+        assert!(!quiet.tick(500), "busy");
+        assert!(!quiet.tick(900), "still busy");
+        assert!(quiet.tick(900), "the first quiet second after the burst");
+        assert!(!quiet.tick(900), "once per burst");
+        assert!(!quiet.tick(901), "a new request");
+        assert!(quiet.tick(901), "quiet again");
+    }
 }
