@@ -1,8 +1,8 @@
 //! The webhook's memo of fresh injections: the patch for a Pod that carries nothing of an
 //! earlier injection is a function of the injector's configuration, the Pod's parsed
 //! annotations ([`InjectionSpec`]) and a few facts about the Pod's shape ([`Shape`]); Pods of
-//! one Deployment, Job or StatefulSet share all three, so the patch the diff gave for the first
-//! of them is kept and sent again.
+//! one Deployment, Job or StatefulSet share all three, so the patch the diff gave for one of
+//! them is kept and sent again for the next.
 //!
 //! A patch is kept only when its key is seen a second time within the last
 //! [`DOORKEEPER_FACTOR`] × capacity distinct keys: a stream of Pods that are each unlike the

@@ -4,7 +4,9 @@
 //! which requests are ours (Pods, CREATE, no subresource) and how a [`Decision`] becomes a
 //! response (base64 `JSONPatch`, warnings, `allowed: false` with a 403 status and the message).
 //! Never does IO, never logs, never looks at HTTP: [`crate::webhook`] does that. The object is
-//! captured as raw JSON and parsed once, as a `Pod`, only when it is one.
+//! captured as raw JSON and parsed once, as a `Pod`, only when it is one. [`answer_with`] (the
+//! webhook's) takes fresh injections from a [`PatchMemo`] and sends a remembered patch without
+//! copying it; its answers are the same as [`answer`]'s.
 
 use std::sync::Arc;
 
