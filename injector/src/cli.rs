@@ -108,6 +108,14 @@ pub struct ServeArgs {
         value_name = "SECONDS"
     )]
     pub request_timeout: u64,
+    /// Patches of fresh injections kept for Pods of the same template (docs/operations.md,
+    /// "The patch memo"); 0 turns the memo off.
+    #[arg(
+        long,
+        env = "WG_INJECTOR_PATCH_MEMO_ENTRIES",
+        default_value_t = crate::memo::DEFAULT_CAPACITY
+    )]
+    pub patch_memo_entries: usize,
     /// Log format.
     #[arg(long, env = "WG_INJECTOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
@@ -152,6 +160,8 @@ pub struct ServeSettings {
     pub config: Option<PathBuf>,
     /// Connection limits and timeouts.
     pub limits: Limits,
+    /// `--patch-memo-entries`.
+    pub patch_memo_entries: usize,
     /// `--log-format`.
     pub log_format: LogFormat,
     /// `--log-filter`.
@@ -256,6 +266,7 @@ impl ServeArgs {
             certificate,
             config: self.config,
             limits,
+            patch_memo_entries: self.patch_memo_entries,
             log_format: self.log_format,
             log_filter: self.log_filter,
             cluster: self.cluster,
@@ -298,6 +309,15 @@ mod tests {
         assert_eq!(s.listen, "0.0.0.0:8443".parse().unwrap());
         assert_eq!(s.limits.max_connections, 1024);
         assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(s.patch_memo_entries, crate::memo::DEFAULT_CAPACITY);
+    }
+
+    #[test]
+    fn the_patch_memo_can_be_sized_or_turned_off() {
+        let off = settings(&["--self-signed", "--patch-memo-entries", "0"]).unwrap();
+        assert_eq!(off.patch_memo_entries, 0);
+        let big = settings(&["--self-signed", "--patch-memo-entries", "4096"]).unwrap();
+        assert_eq!(big.patch_memo_entries, 4096);
     }
 
     #[test]

@@ -298,7 +298,8 @@ pub async fn run(settings: crate::cli::ServeSettings) -> Result<(), Error> {
     };
     let tls = tls_config(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>)?;
     let native_sidecars = config.native_sidecars;
-    let state = crate::webhook::AppState::new(config, Some(resolver));
+    let mut state = crate::webhook::AppState::new(config, Some(resolver));
+    state.memo = Arc::new(crate::memo::PatchMemo::new(settings.patch_memo_entries));
     spawn_heap_release(Arc::clone(&state.metrics));
     if let (true, Some(client)) = (settings.cluster.discover_version, client) {
         let refreshed = state.clone();
