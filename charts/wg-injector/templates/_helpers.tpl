@@ -144,6 +144,7 @@ passes flags so `kubectl describe pod` shows the whole configuration.
 - --listen=0.0.0.0:{{ .Values.webhook.port }}
 - --config=/etc/wg-injector/config/config.yaml
 - --log-format={{ .Values.logFormat }}
+- --patch-memo-entries={{ int .Values.patchMemoEntries }}
 {{- if eq .Values.certificates.mode "selfManaged" }}
 - --cert-mode=self-managed
 - --cert-secret={{ include "wg-injector.tlsSecretName" . }}
