@@ -320,6 +320,20 @@ pub fn install_batch(interface: &str, sources: &[IpNet], private: &[IpNet]) -> (
     b.nft(NFT_MSG_NEWTABLE, NLM_F_CREATE, &[s(1, &table)]);
     b.nft(NFT_MSG_DELTABLE, 0, &[s(1, &table)]);
     b.nft(NFT_MSG_NEWTABLE, NLM_F_CREATE, &[s(1, &table)]);
+    // A base chain of `kind` on `hook` at `priority`, policy accept.
+    let base_chain = |b: &mut Batch, chain: &str, kind: &str, hook: u32, priority: u32| {
+        b.nft(
+            NFT_MSG_NEWCHAIN,
+            NLM_F_CREATE,
+            &[
+                s(1, &table),
+                s(3, chain),
+                Attr::Nested(4, vec![be32(1, hook), be32(2, priority)]),
+                be32(5, NF_ACCEPT),
+                s(7, kind),
+            ],
+        );
+    };
     let rule = |b: &mut Batch, chain: &str, exprs: Vec<Attr>| {
         b.nft(
             NFT_MSG_NEWRULE,
@@ -328,20 +342,7 @@ pub fn install_batch(interface: &str, sources: &[IpNet], private: &[IpNet]) -> (
         );
     };
     if !sources.is_empty() {
-        b.nft(
-            NFT_MSG_NEWCHAIN,
-            NLM_F_CREATE,
-            &[
-                s(1, &table),
-                s(3, CHAIN),
-                Attr::Nested(
-                    4,
-                    vec![be32(1, NF_INET_POST_ROUTING), be32(2, NAT_SRC_PRIORITY)],
-                ),
-                be32(5, NF_ACCEPT),
-                s(7, "nat"),
-            ],
-        );
+        base_chain(&mut b, CHAIN, "nat", NF_INET_POST_ROUTING, NAT_SRC_PRIORITY);
         for net in sources {
             if private.is_empty() {
                 rule(&mut b, CHAIN, masquerade_rule(interface, *net, None));
@@ -355,16 +356,12 @@ pub fn install_batch(interface: &str, sources: &[IpNet], private: &[IpNet]) -> (
         }
     }
     if !private.is_empty() {
-        b.nft(
-            NFT_MSG_NEWCHAIN,
-            NLM_F_CREATE,
-            &[
-                s(1, &table),
-                s(3, FORWARD_CHAIN),
-                Attr::Nested(4, vec![be32(1, NF_INET_FORWARD), be32(2, FILTER_PRIORITY)]),
-                be32(5, NF_ACCEPT),
-                s(7, "filter"),
-            ],
+        base_chain(
+            &mut b,
+            FORWARD_CHAIN,
+            "filter",
+            NF_INET_FORWARD,
+            FILTER_PRIORITY,
         );
         for net in private {
             rule(&mut b, FORWARD_CHAIN, accept_rule(interface, *net));
