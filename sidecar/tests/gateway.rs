@@ -54,6 +54,22 @@ struct Lab {
 
 /// OpenBao dev server in `ns` listening on every address of the namespace (the gateways reach
 /// it over their veth), root token `devroot`.
+/// Python's static file server for `dir` on `addr`:8080 inside `ns`, stopped when dropped.
+fn serve_http(ns: &Netns, addr: &str, dir: &Path, what: &str) -> ChildGuard {
+    let child = ns
+        .command(find_binary("python3").unwrap())
+        .args(["-m", "http.server", "--bind", addr, "8080", "--directory"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    ChildGuard {
+        child,
+        what: what.into(),
+    }
+}
+
 fn start_openbao(ns: &Netns) -> OpenBao {
     let bao = find_binary("bao").unwrap();
     let home = scratch();
@@ -115,18 +131,7 @@ impl Lab {
         let www = dir.path().join("www");
         fs::create_dir_all(&www).unwrap();
         fs::write(www.join("hello.txt"), "hello from the private network\n").unwrap();
-        let http = private
-            .command(find_binary("python3").unwrap())
-            .args(["-m", "http.server", "--bind", SERVER, "8080", "--directory"])
-            .arg(&www)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let http = ChildGuard {
-            child: http,
-            what: "http server".into(),
-        };
+        let http = serve_http(&private, SERVER, &www, "http server");
         assert!(wait_for(Duration::from_secs(5), || private
             .http_get(&format!("http://{SERVER}:8080/hello.txt"))
             .is_ok_and(|r| r.0 == 200)));
@@ -468,19 +473,12 @@ fn with_private_networks_the_pod_reaches_the_listed_network_and_not_another_the_
     lab.private
         .ip(&["route", "add", POOL, "via", "10.30.0.1"])
         .unwrap();
-    let other = lab
-        .private
-        .command(find_binary("python3").unwrap())
-        .args(["-m", "http.server", "--bind", OTHER, "8080", "--directory"])
-        .arg(lab.dir.path().join("www"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _other = ChildGuard {
-        child: other,
-        what: "http server on the unlisted network".into(),
-    };
+    let _other = serve_http(
+        &lab.private,
+        OTHER,
+        &lab.dir.path().join("www"),
+        "http server on the unlisted network",
+    );
     let other_url = format!("http://{OTHER}:8080/hello.txt");
     assert!(
         wait_for(Duration::from_secs(5), || lab
