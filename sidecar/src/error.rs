@@ -112,6 +112,32 @@ pub enum SidecarError {
         /// What went wrong.
         reason: String,
     },
+    /// Listing the network namespace's interfaces over rtnetlink failed (to turn on IPv4
+    /// forwarding on each of them).
+    #[error("failed to list the network interfaces over rtnetlink: {source}")]
+    ListInterfaces {
+        /// The cause (with the errno when the kernel refused).
+        #[source]
+        source: std::io::Error,
+    },
+    /// Turning on IPv4 forwarding on one interface over rtnetlink failed.
+    #[error("failed to turn on IPv4 forwarding on interface {interface} over rtnetlink: {source}")]
+    InterfaceForwarding {
+        /// The interface.
+        interface: String,
+        /// The cause (with the errno when the kernel refused).
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing a forwarding sysctl under `/proc/sys` failed.
+    #[error("failed to write 1 to {path}: {source}")]
+    ForwardingSysctl {
+        /// The sysctl file.
+        path: &'static str,
+        /// The cause (read-only `/proc/sys` in a Pod: EROFS).
+        #[source]
+        source: std::io::Error,
+    },
     /// Installing or removing the gateway's NAT (masquerade) rules failed.
     #[error("failed to {op} NAT rules: {reason}")]
     Nat {

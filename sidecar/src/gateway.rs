@@ -30,6 +30,7 @@ use prometheus_client::{
 
 use crate::{
     error::{Result, SidecarError},
+    forwarding::{self, Ipv4Forwarding},
     health::HANDSHAKE_FRESH,
     keys::{list_identities, PeerRecord, VaultArgs},
     keysource::{GatewayRecord, PrivateRecord},
@@ -795,6 +796,42 @@ fn install_rules(cfg: &GatewayConfig, pool: &[IpNet]) -> Result<Option<Nat>> {
     Ok(Some(n))
 }
 
+/// Turns IP forwarding on (IPv6 too with `ipv6`) and logs which way; a failure is a warning and
+/// the gateway serves on (the node or the Pod spec may still forward).
+async fn enable_forwarding(ipv6: bool) {
+    match forwarding::enable_ipv4().await {
+        Ok(Ipv4Forwarding::PerInterface {
+            interfaces,
+            sysctl_error,
+        }) => tracing::info!(
+            forwarding = "per-interface netlink",
+            interfaces = %interfaces.join(","),
+            sysctl_error = %sysctl_error,
+            "IPv4 forwarding on: {} is not writable, so it is on for each interface instead",
+            forwarding::IPV4_SYSCTL
+        ),
+        Ok(way) => tracing::info!(
+            forwarding = way.way(),
+            already_on = matches!(way, Ipv4Forwarding::AlreadyOn),
+            "IPv4 forwarding on"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "IPv4 forwarding is off: tunnel traffic will not reach the private network"
+        ),
+    }
+    if !ipv6 {
+        return;
+    }
+    match forwarding::enable_ipv6() {
+        Ok(already_on) => tracing::info!(forwarding = "sysctl", already_on, "IPv6 forwarding on"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "IPv6 forwarding is off: IPv6 has no per-interface setting over netlink; set net.ipv6.conf.all.forwarding=1 in the Pod's securityContext.sysctls"
+        ),
+    }
+}
+
 /// Runs the gateway until `shutdown` completes; then removes the NAT table and the interface.
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
     tokio::pin!(shutdown);
@@ -828,10 +865,10 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
         cfg.listen_port,
     )?;
     tracing::info!(interface = %cfg.interface, port = cfg.listen_port, %public_key, mode = tunnel.mode().as_str(), "gateway interface up");
+    // After the interface exists: without a writable /proc/sys, IPv4 forwarding is turned on
+    // per interface, and only interfaces present now get it.
     let ipv6 = private.addresses.iter().any(|a| a.addr().is_ipv6());
-    if let Err(e) = nat::enable_forwarding(ipv6) {
-        tracing::warn!(error = %e, "IP forwarding is off: tunnel traffic will not reach the private network");
-    }
+    enable_forwarding(ipv6).await;
     let nat = install_rules(&cfg, &private.addresses)?;
     let mut gw = Gateway {
         cfg,

@@ -10,6 +10,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod error;
+pub mod forwarding;
 pub mod gateway;
 pub mod health;
 pub mod init;

@@ -1,13 +1,14 @@
-//! The gateway's forwarding and masquerading: IP forwarding sysctls and one nftables table,
-//! written over netfilter netlink (no `nft` binary: the gateway image is `FROM scratch`).
+//! The gateway's masquerading and forward filter: one nftables table, written over netfilter
+//! netlink (no `nft` binary: the gateway image is `FROM scratch`). Turning IP forwarding on is
+//! [`crate::forwarding`]'s job.
 //!
 //! Owns: the pure encoding of one `nf_tables` batch (table `inet wg_gateway_<interface>`, a NAT
 //! postrouting chain, one rule per tunnel source range: `ip[6] saddr <pool> oifname != <wg>
 //! masquerade`, or with private networks one per (pool, network) pair of one family:
 //! `ip[6] saddr <pool> ip[6] daddr <net> oifname != <wg> masquerade`; and with private networks a
 //! forward filter chain: `iifname <wg> ip[6] daddr <net> accept` per network, then
-//! `iifname <wg> drop`), sending it and reading the kernel's acknowledgements, deleting the
-//! table, and turning on IP forwarding in the gateway's network namespace.
+//! `iifname <wg> drop`), sending it and reading the kernel's acknowledgements, and deleting the
+//! table.
 //! Must never: touch any table but its own, or leave a half-applied ruleset (the batch is one
 //! `nf_tables` transaction: create, delete, re-create and fill the table, all or nothing).
 //!
@@ -440,27 +441,6 @@ impl Nat {
         let (batch, acks) = remove_batch(&self.interface);
         transact(&batch, acks, "remove")
     }
-}
-
-/// Turns on IPv4 (and with `ipv6`, IPv6) forwarding in this network namespace.
-pub fn enable_forwarding(ipv6: bool) -> Result<()> {
-    let mut files = vec!["/proc/sys/net/ipv4/ip_forward"];
-    if ipv6 {
-        files.push("/proc/sys/net/ipv6/conf/all/forwarding");
-    }
-    for f in files {
-        let current = std::fs::read_to_string(f).unwrap_or_default();
-        if current.trim() == "1" {
-            continue;
-        }
-        std::fs::write(f, "1").map_err(|e| SidecarError::Nat {
-            op: "enable forwarding for",
-            reason: format!(
-                "{f}: {e} (set the sysctl in the Pod spec, or run with NET_ADMIN and a writable /proc/sys)"
-            ),
-        })?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
