@@ -3,7 +3,9 @@
 # binaries. No base image is pulled and no registry is contacted.
 #
 #   bash scripts/build-images.sh            # localhost/wg-injector:<version>, localhost/wg-sidecar:<version>,
-#                                           # and the test-only localhost/wg-e2e-http-get:<version>
+#                                           # and the test-only localhost/wg-e2e-http-get:<version>,
+#                                           # localhost/wg-e2e-app:<version> and localhost/wg-e2e-pause:3.4
+#                                           # (the real-node tier; pause needs scripts/lab-install.sh)
 #
 # Linking: only the x86_64-unknown-linux-gnu target exists here (no musl), so the binaries link
 # glibc statically (RUSTFLAGS=-C target-feature=+crt-static, a static-pie). They go to a separate
@@ -77,4 +79,15 @@ ca=/etc/ssl/certs/ca-certificates.crt
 build_image wg-injector images/wg-injector.Containerfile "$out/wg-injector"
 build_image wg-sidecar images/wg-sidecar.Containerfile "$out/wg-sidecar" "$ca"
 build_image wg-e2e-http-get images/http-get.Containerfile "$out/http-get"
-log "done: localhost/wg-injector:$version localhost/wg-sidecar:$version localhost/wg-e2e-http-get:$version"
+
+# The real-node tier's test-only images: the sandbox image from Kubernetes' pause.c (compiled by
+# scripts/lab-install.sh) and an app image with busybox + http-get.
+pause="${WG_LAB_BIN:-$root/.cache/lab/bin}/pause"
+[ -x "$pause" ] || { log "missing $pause: run 'bash scripts/lab-install.sh'"; exit 1; }
+busybox=$(command -v busybox || true)
+[ -n "$busybox" ] || { log "missing busybox (Debian package busybox-static): run 'bash scripts/lab-install.sh'"; exit 1; }
+check_static "$pause"; check_static "$busybox"
+build_image wg-e2e-app images/app.Containerfile "$busybox" "$out/http-get"
+build_image wg-e2e-pause images/pause.Containerfile "$pause"
+"${podman[@]}" tag "localhost/wg-e2e-pause:$version" localhost/wg-e2e-pause:3.4
+log "done: localhost/wg-injector:$version localhost/wg-sidecar:$version localhost/wg-e2e-http-get:$version localhost/wg-e2e-app:$version localhost/wg-e2e-pause:3.4"

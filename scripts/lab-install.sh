@@ -20,7 +20,8 @@ log() { printf '[lab-install] %s\n' "$*" >&2; }
 
 apt_pkgs=(wireguard-go wireguard-tools iperf3 iputils-ping iproute2 nftables tcpdump
   etcd-server golang-go dpkg-dev rsync jq golang-github-modern-go-reflect2-dev
-  podman runc uidmap slirp4netns fuse-overlayfs python3-venv curl openssl procps)
+  podman runc uidmap slirp4netns fuse-overlayfs python3-venv curl openssl procps
+  containerd containernetworking-plugins busybox-static gcc libc6-dev util-linux iptables conntrack)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -61,8 +62,13 @@ if [ ! -x "$cache/venv/bin/kubernetes-validate" ] || ! "$cache/venv/bin/python" 
 fi
 ln -sfn "$cache/venv/bin/kubernetes-validate" "$bin/kubernetes-validate"
 
-# kube-apiserver + kube-controller-manager 1.20.2 from Debian's source package.
-if [ ! -x "$bin/kube-apiserver" ] || [ ! -x "$bin/kube-controller-manager" ]; then
+# Kubernetes 1.20.2 from Debian's source package: the control plane (kube-apiserver,
+# kube-controller-manager, kube-scheduler), the node (kubelet, kube-proxy) and kubectl, all from
+# one tree so their versions agree. Missing binaries are built in one `make` (one Go link cache).
+k8s_bins=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
+k8s_missing=()
+for what in "${k8s_bins[@]}"; do [ -x "$bin/$what" ] || k8s_missing+=("$what"); done
+if [ ${#k8s_missing[@]} -gt 0 ]; then
   src="$cache/src"
   mkdir -p "$src"
   if [ ! -f /etc/apt/sources.list.d/debian-src.sources ]; then
@@ -81,15 +87,22 @@ if [ ! -x "$bin/kube-apiserver" ] || [ ! -x "$bin/kube-controller-manager" ]; th
     rm -f "$tree/vendor/github.com/modern-go/reflect2/go.mod"
     mkdir -p "$tree/.go/src/k8s.io" && ln -sfn ../../.. "$tree/.go/src/k8s.io/kubernetes"
   fi
-  for what in kube-apiserver kube-controller-manager; do
-    if [ ! -x "$bin/$what" ]; then
-      log "kubernetes: building $what (several minutes on 2 cores, once)"
-      (cd "$tree" && env GOPATH="$tree/.go" GOCACHE="$cache/gocache" CGO_ENABLED=0 HOME="$cache/home" \
-        make WHAT=cmd/$what >/dev/null)
-      install -m 0755 "$tree/_output/bin/$what" "$bin/$what"
-    fi
-  done
+  whats=$(printf 'cmd/%s ' "${k8s_missing[@]}")
+  log "kubernetes: building ${k8s_missing[*]} (about 5 minutes on 2 cores, once)"
+  (cd "$tree" && env GOPATH="$tree/.go" GOCACHE="$cache/gocache" CGO_ENABLED=0 HOME="$cache/home" \
+    make WHAT="${whats% }" >/dev/null)
+  for what in "${k8s_missing[@]}"; do install -m 0755 "$tree/_output/bin/$what" "$bin/$what"; done
 fi
+
+# The pause image's binary: Kubernetes' own build/pause/linux/pause.c, compiled statically (the
+# node's sandbox image; no registry is reachable). Kept in the cache beside the tree's source.
+if [ ! -x "$bin/pause" ]; then
+  tree=$(find "$cache/src" -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
+  log "pause: compiling $tree/build/pause/linux/pause.c"
+  gcc -Os -Wall -Werror -static -DVERSION=v3.4-wg-injector -o "$bin/pause" "$tree/build/pause/linux/pause.c"
+  strip "$bin/pause"
+fi
+
 # Cargo tools for CI: licence/ban/source checks and the fuzzers (nightly toolchain).
 if ! command -v cargo-deny >/dev/null; then
   log "cargo-deny: cargo install --locked cargo-deny"
@@ -104,5 +117,6 @@ if ! rustup toolchain list | grep -q '^nightly'; then
   # toolchain with RUSTC_BOOTSTRAP=1 (its sanitizer runtimes ship with stable on x86_64).
   log "rust: no nightly toolchain; the fuzzers will use stable with RUSTC_BOOTSTRAP=1"
 fi
-for t in etcd wireguard-go wg iperf3 nft podman runc; do command -v "$t" >/dev/null || { log "missing $t"; exit 1; }; done
+for t in etcd wireguard-go wg iperf3 nft podman runc containerd ctr nsenter unshare busybox; do command -v "$t" >/dev/null || { log "missing $t"; exit 1; }; done
+[ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] && [ -x /usr/lib/cni/loopback ] || { log "missing CNI plugins in /usr/lib/cni"; exit 1; }
 log "ready: $(ls "$bin" | tr '\n' ' ')"

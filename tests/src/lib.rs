@@ -8,6 +8,7 @@ pub mod charts;
 pub mod control_plane;
 pub mod injector;
 pub mod lab;
+pub mod node;
 pub mod openbao;
 pub mod podman;
 pub mod process;
