@@ -367,4 +367,32 @@ mod tests {
         };
         assert_eq!(d.reason, "unknown_annotation");
     }
+
+    #[test]
+    fn the_memo_does_not_give_a_jobs_pod_the_warnings_of_a_deployments_pod_with_the_same_annotations(
+    ) {
+        let config = Arc::new(Config {
+            inject_by_default: true,
+            ..Config::default()
+        });
+        let memo = PatchMemo::new(4);
+        let forever = pod(PLAIN);
+        let once = pod("metadata: {name: web}\nspec:\n  restartPolicy: Never\n  containers: [{name: app, image: nginx}]\n");
+        let warnings = |p: &Pod| match decide_with(p, "shop", &config, &memo) {
+            Answered::Fresh(fresh, _) => fresh.warnings.clone(),
+            Answered::Decided(d) => panic!("{d:?}"),
+        };
+        // Twice, so the Deployment-like Pod's answer is remembered.
+        for _ in 0..2 {
+            assert_eq!(warnings(&forever), [inject::PRIVILEGED_WARNING]);
+        }
+        assert_eq!(
+            warnings(&once),
+            [
+                inject::PRIVILEGED_WARNING.to_owned(),
+                inject::classic_run_once_warning()
+            ]
+        );
+        assert_eq!(warnings(&forever), [inject::PRIVILEGED_WARNING]);
+    }
 }

@@ -85,6 +85,23 @@ pub const SERVICE_ACCOUNT_ENV: &str = "WG_POD_SERVICE_ACCOUNT";
 /// Admission warning sent with every injection.
 pub const PRIVILEGED_WARNING: &str = "wg-injector: the injected containers add the NET_ADMIN capability, which puts this Pod at the `privileged` Pod Security level";
 
+/// Admission warning for a run-once Pod (`restartPolicy` `Never` or `OnFailure`, as a Job's)
+/// injected in classic mode, where `wg-sidecar` is an ordinary container that never exits.
+#[must_use]
+pub fn classic_run_once_warning() -> String {
+    format!("wg-injector: in classic mode the sidecar never exits by itself: the Pod completes only after a container POSTs http://localhost:{HEALTH_PORT}/quitquitquit (or use Kubernetes >= 1.29)")
+}
+
+/// Whether `pod` runs to completion (`restartPolicy` `Never` or `OnFailure`) rather than
+/// forever (`Always`, the default).
+#[must_use]
+pub fn runs_once(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.restart_policy.as_deref())
+        .is_some_and(|p| p == "Never" || p == "OnFailure")
+}
+
 /// The injected Pod and what the user should be told.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
@@ -247,6 +264,9 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
             SidecarMode::Native
         }
     };
+    if mode == SidecarMode::Classic && runs_once(pod) {
+        warnings.push(classic_run_once_warning());
+    }
     let resources = resources(spec, config)?;
 
     let join = |items: Vec<String>| items.join(",");
@@ -722,6 +742,76 @@ mod tests {
             expand_kubelet_vars("a$$(WG_POD_NAMESPACE)b$", &vars),
             "a$(WG_POD_NAMESPACE)b$"
         );
+    }
+
+    fn pod_with_restart_policy(mode: &str, restart_policy: Option<&str>) -> Pod {
+        let mut pod: Pod = serde_yaml_ng::from_str(&format!(
+            "metadata: {{name: once, annotations: {{wg-injector.io/sidecar-mode: {mode}}}}}\nspec:\n  containers: [{{name: app, image: busybox}}]\n"
+        ))
+        .unwrap();
+        pod.spec.as_mut().unwrap().restart_policy = restart_policy.map(str::to_owned);
+        pod
+    }
+
+    fn warnings_of(pod: &Pod, config: &Config) -> Vec<String> {
+        let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+        let spec = annotations::parse(&annotations).unwrap();
+        inject(pod, &spec, config).unwrap().warnings
+    }
+
+    #[test]
+    fn a_run_once_pod_in_classic_mode_is_warned_that_it_completes_only_after_quitquitquit() {
+        for restart_policy in ["Never", "OnFailure"] {
+            // `auto` on a cluster without native sidecars resolves to classic, like `classic`.
+            for mode in ["classic", "auto"] {
+                let pod = pod_with_restart_policy(mode, Some(restart_policy));
+                let warnings = warnings_of(&pod, &Config::default());
+                assert_eq!(
+                    warnings,
+                    [PRIVILEGED_WARNING.to_owned(), classic_run_once_warning()],
+                    "{mode} {restart_policy}"
+                );
+            }
+        }
+        let warning = classic_run_once_warning();
+        assert!(
+            warning.contains(&format!("http://localhost:{HEALTH_PORT}/quitquitquit")),
+            "{warning}"
+        );
+        assert!(!warning.contains('\n'), "one line: {warning}");
+    }
+
+    #[test]
+    fn a_run_once_pod_in_native_mode_gets_no_quitquitquit_warning() {
+        let native_cluster = Config {
+            native_sidecars: true,
+            ..Config::default()
+        };
+        for (mode, config) in [
+            ("native", &native_cluster),
+            ("auto", &native_cluster),
+            // Asked for native on a classic cluster: warned about that, not about completion.
+            ("native", &Config::default()),
+        ] {
+            let pod = pod_with_restart_policy(mode, Some("Never"));
+            let warnings = warnings_of(&pod, config);
+            assert!(
+                !warnings.contains(&classic_run_once_warning()),
+                "{mode}: {warnings:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pod_that_restarts_always_gets_no_quitquitquit_warning_in_classic_mode() {
+        for restart_policy in [Some("Always"), None] {
+            let pod = pod_with_restart_policy("classic", restart_policy);
+            assert_eq!(
+                warnings_of(&pod, &Config::default()),
+                [PRIVILEGED_WARNING],
+                "{restart_policy:?}"
+            );
+        }
     }
 
     #[test]

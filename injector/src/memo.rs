@@ -18,7 +18,9 @@
 //! injected view adds the label and the annotation (or the whole maps), inserts the containers
 //! at fixed positions and appends the volumes after the Pod's own; the Pod's own elements only
 //! ever compare equal to themselves. The positions and whole-map/whole-list choices are what
-//! [`Shape`] records.
+//! [`Shape`] records. The warnings depend on the configuration and the annotations, and on one
+//! fact of the Pod's spec that [`Shape`] records too: whether it runs once (a Job's Pod in
+//! classic mode is warned that the sidecar never exits by itself; a Deployment's is not).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
@@ -29,6 +31,7 @@ use serde_json::value::RawValue;
 
 use crate::annotations::InjectionSpec;
 use crate::config::Config;
+use crate::inject;
 use crate::patch::Patch;
 
 /// Entries kept by default: a cluster has about one entry per Pod template that opts in and is
@@ -40,7 +43,8 @@ pub const DEFAULT_CAPACITY: usize = 256;
 pub const DOORKEEPER_FACTOR: usize = 4;
 
 /// What the diff of a fresh Pod depends on besides the injection: whether each map or list the
-/// injection adds to exists, and how long the lists are.
+/// injection adds to exists, and how long the lists are; and what its warnings depend on
+/// besides the injection: whether the Pod runs once ([`inject::runs_once`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Shape {
     annotations: bool,
@@ -48,6 +52,7 @@ pub struct Shape {
     containers: usize,
     init_containers: Option<usize>,
     volumes: Option<usize>,
+    runs_once: bool,
 }
 
 impl Shape {
@@ -61,6 +66,7 @@ impl Shape {
             containers: spec.containers.len(),
             init_containers: spec.init_containers.as_ref().map(Vec::len),
             volumes: spec.volumes.as_ref().map(Vec::len),
+            runs_once: inject::runs_once(pod),
         })
     }
 }
@@ -231,6 +237,7 @@ mod tests {
                 containers: 1,
                 init_containers: None,
                 volumes: Some(1),
+                runs_once: false,
             },
         }
     }

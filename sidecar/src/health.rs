@@ -1,8 +1,12 @@
-//! `/healthz`, `/ready` and `/metrics` on one port, and the pure readiness rule.
+//! `/healthz`, `/ready`, `/metrics` and `POST /quitquitquit` on one port, and the pure readiness
+//! rule.
 //!
-//! Owns: the HTTP router over a shared [`HealthState`] and the rule "ready = interface up and a
-//! handshake with the gateway younger than 180 s".
-//! Must never: do WireGuard or Vault IO itself; it only reports what the control loop recorded.
+//! Owns: the HTTP router over a shared [`HealthState`], the rule "ready = interface up and a
+//! handshake with the gateway younger than 180 s", and the [`ShutdownRequest`] that
+//! `/quitquitquit` raises (so a Job's app container can stop a classic-mode sidecar, like
+//! Istio's pilot-agent endpoint of the same name).
+//! Must never: do WireGuard or Vault IO itself; it only reports what the control loop recorded,
+//! and a shutdown request only raises a flag that `run` and `main` treat like SIGTERM.
 
 use std::{
     net::SocketAddr,
@@ -10,7 +14,14 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+use axum::{
+    extract::{connect_info::ConnectInfo, rejection::ExtensionRejection, State},
+    http::StatusCode,
+    response::IntoResponse,
+    routing::{get, post},
+    Router,
+};
+use tokio::sync::watch;
 
 use crate::{
     error::{Result, SidecarError},
@@ -53,6 +64,43 @@ pub fn readiness(
     }
 }
 
+/// A sticky "shut down now" flag: raised by `POST /quitquitquit`, awaited like SIGTERM.
+/// Clones share the flag.
+#[derive(Debug, Clone)]
+pub struct ShutdownRequest(Arc<watch::Sender<bool>>);
+
+impl Default for ShutdownRequest {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(false).0))
+    }
+}
+
+impl ShutdownRequest {
+    /// A flag not raised yet.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Raises the flag; returns true the first time.
+    #[must_use = "whether this call raised the flag (false: it already was)"]
+    pub fn raise(&self) -> bool {
+        !self.0.send_replace(true)
+    }
+
+    /// Whether the flag is raised.
+    #[must_use]
+    pub fn is_raised(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Completes once the flag is raised (at once if it already is).
+    pub async fn raised(&self) {
+        // The sender lives in `self`, so the channel cannot close while this waits.
+        let _ = self.0.subscribe().wait_for(|raised| *raised).await;
+    }
+}
+
 /// What the control loop shares with the HTTP handlers.
 #[derive(Debug)]
 pub struct HealthState {
@@ -60,16 +108,19 @@ pub struct HealthState {
     readiness: Mutex<Readiness>,
     /// The metrics served on `/metrics`.
     pub metrics: Metrics,
+    /// Raised by `POST /quitquitquit`.
+    pub shutdown: ShutdownRequest,
 }
 
 impl HealthState {
-    /// Fresh state: alive, not ready.
+    /// Fresh state: alive, not ready; `POST /quitquitquit` raises `shutdown`.
     #[must_use]
-    pub fn new(metrics: Metrics) -> Arc<Self> {
+    pub fn new(metrics: Metrics, shutdown: ShutdownRequest) -> Arc<Self> {
         Arc::new(Self {
             last_tick: Mutex::new(Instant::now()),
             readiness: Mutex::new(Readiness::NotReady("starting".into())),
             metrics,
+            shutdown,
         })
     }
 
@@ -142,12 +193,42 @@ async fn metrics(State(s): State<Arc<HealthState>>) -> impl IntoResponse {
     )
 }
 
-/// The health router.
+/// `POST /quitquitquit`: stop the sidecar as on SIGTERM, so a run-once Pod (a Job's) can
+/// complete in classic mode, where the sidecar is an ordinary container. Only a peer on the
+/// loopback (the Pod's own containers) may ask, as with Istio's endpoint of the same name: the
+/// health port listens on every address, and anyone else in the cluster could otherwise take
+/// the Pod's tunnel down. Other methods get 405 with `Allow: POST` (from the method router).
+async fn quitquitquit(
+    State(s): State<Arc<HealthState>>,
+    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
+) -> impl IntoResponse {
+    let peer = peer.ok().map(|ConnectInfo(addr)| addr);
+    match peer {
+        Some(peer) if peer.ip().to_canonical().is_loopback() => {
+            if s.shutdown.raise() {
+                tracing::info!(%peer, "shutdown requested over /quitquitquit");
+            }
+            (StatusCode::OK, "shutting down\n")
+        }
+        _ => {
+            tracing::warn!(peer = ?peer, "refused /quitquitquit from outside the Pod's loopback");
+            (
+                StatusCode::FORBIDDEN,
+                "only the Pod's own containers (over localhost) may stop the sidecar\n",
+            )
+        }
+    }
+}
+
+/// The health router of `wg-sidecar run` (the gateway has its own, without `/quitquitquit`).
+/// `/quitquitquit` needs the peer address: serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()` (as [`serve`] does).
 pub fn router(state: Arc<HealthState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/quitquitquit", post(quitquitquit))
         .with_state(state)
 }
 
@@ -166,7 +247,8 @@ pub async fn serve(addr: SocketAddr, state: Arc<HealthState>) -> Result<SocketAd
             source,
         })?;
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(state)).await {
+        let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "health server stopped");
         }
     });
@@ -176,13 +258,34 @@ pub async fn serve(addr: SocketAddr, state: Arc<HealthState>) -> Result<SocketAd
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::time::{Duration, SystemTime};
+    use std::{
+        net::SocketAddr,
+        time::{Duration, SystemTime},
+    };
 
-    use axum::{body::Body, http::Request};
+    use axum::{
+        body::{to_bytes, Body},
+        extract::connect_info::MockConnectInfo,
+        http::{header::ALLOW, Request},
+    };
     use tower::ServiceExt;
 
-    use super::{readiness, router, HealthState, Readiness};
+    use super::{readiness, router, HealthState, Readiness, ShutdownRequest};
     use crate::metrics::Metrics;
+
+    fn state() -> std::sync::Arc<HealthState> {
+        HealthState::new(Metrics::new(), ShutdownRequest::new())
+    }
+
+    /// The router as `serve` runs it for a request from `peer`.
+    fn from(peer: &str, s: &std::sync::Arc<HealthState>) -> axum::Router {
+        let peer: SocketAddr = peer.parse().unwrap();
+        router(s.clone()).layer(MockConnectInfo(peer))
+    }
+
+    fn post(path: &str) -> Request<Body> {
+        Request::post(path).body(Body::empty()).unwrap()
+    }
 
     #[test]
     fn ready_needs_the_interface_and_a_handshake_younger_than_180_seconds() {
@@ -204,7 +307,7 @@ mod tests {
 
     #[tokio::test]
     async fn ready_endpoint_goes_from_503_to_200() {
-        let s = HealthState::new(Metrics::new());
+        let s = state();
         let get = |p: &'static str| Request::get(p).body(Body::empty()).unwrap();
         let r = router(s.clone()).oneshot(get("/ready")).await.unwrap();
         assert_eq!(r.status(), 503);
@@ -215,5 +318,75 @@ mod tests {
         assert_eq!(r.status(), 200);
         let r = router(s).oneshot(get("/metrics")).await.unwrap();
         assert_eq!(r.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn a_post_to_quitquitquit_from_localhost_answers_200_and_raises_the_shutdown_request() {
+        let s = state();
+        assert!(!s.shutdown.is_raised());
+        let r = from("127.0.0.1:40000", &s)
+            .oneshot(post("/quitquitquit"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body = to_bytes(r.into_body(), 1024).await.unwrap();
+        assert_eq!(&body[..], b"shutting down\n");
+        assert!(s.shutdown.is_raised());
+        // What `run` and `main` wait on completes at once now.
+        tokio::time::timeout(Duration::from_secs(1), s.shutdown.raised())
+            .await
+            .unwrap();
+        // Asking again is harmless.
+        let r = from("[::1]:40000", &s)
+            .oneshot(post("/quitquitquit"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn quitquitquit_accepts_ipv6_and_ipv4_mapped_loopback_peers() {
+        for peer in ["[::1]:40000", "[::ffff:127.0.0.1]:40000"] {
+            let s = state();
+            let r = from(peer, &s).oneshot(post("/quitquitquit")).await.unwrap();
+            assert_eq!(r.status(), 200, "{peer}");
+            assert!(s.shutdown.is_raised(), "{peer}");
+        }
+    }
+
+    #[tokio::test]
+    async fn other_methods_on_quitquitquit_get_405_with_allow_post_and_do_not_stop_the_sidecar() {
+        let s = state();
+        for method in ["GET", "PUT", "DELETE", "HEAD"] {
+            let req = Request::builder()
+                .method(method)
+                .uri("/quitquitquit")
+                .body(Body::empty())
+                .unwrap();
+            let r = from("127.0.0.1:40000", &s).oneshot(req).await.unwrap();
+            assert_eq!(r.status(), 405, "{method}");
+            assert_eq!(r.headers().get(ALLOW).unwrap(), "POST", "{method}");
+        }
+        assert!(!s.shutdown.is_raised());
+    }
+
+    #[tokio::test]
+    async fn quitquitquit_from_outside_the_pods_loopback_is_refused_with_403() {
+        let s = state();
+        for peer in [
+            "10.244.1.7:40000",
+            "[fd00::7]:40000",
+            "[::ffff:10.0.0.1]:40000",
+        ] {
+            let r = from(peer, &s).oneshot(post("/quitquitquit")).await.unwrap();
+            assert_eq!(r.status(), 403, "{peer}");
+        }
+        // Without the peer address (a router not served with connect info) it fails closed.
+        let r = router(s.clone())
+            .oneshot(post("/quitquitquit"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+        assert!(!s.shutdown.is_raised());
     }
 }

@@ -1,4 +1,5 @@
-//! The `wg-sidecar` binary: parse flags, set up logging, dispatch, map SIGTERM to shutdown.
+//! The `wg-sidecar` binary: parse flags, set up logging, dispatch, map SIGTERM (and, for `run`,
+//! `POST /quitquitquit`) to shutdown.
 
 use anyhow::Context;
 use clap::Parser;
@@ -47,12 +48,18 @@ async fn main() -> anyhow::Result<()> {
             .context("wg-sidecar init failed"),
         Command::Run(args) => {
             let cfg = args.into_config().context("invalid flags")?;
-            // The signal is watched by its own task, so a busy control loop cannot delay it;
-            // a watchdog guarantees exit 0 within a second even if cleanup hangs (the TUN
-            // device disappears with the process anyway).
+            // The signal (or `POST /quitquitquit`, which is handled exactly like it) is watched
+            // by its own task, so a busy control loop cannot delay it; a watchdog guarantees
+            // exit 0 within a second even if cleanup hangs (the TUN device disappears with the
+            // process anyway).
+            let request = wg_sidecar::health::ShutdownRequest::new();
+            let requested = request.clone();
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
             tokio::spawn(async move {
-                shutdown_signal().await;
+                tokio::select! {
+                    () = shutdown_signal() => {}
+                    () = requested.raised() => {}
+                }
                 std::thread::spawn(|| {
                     std::thread::sleep(SHUTDOWN_DEADLINE);
                     tracing::warn!("cleanup exceeded the shutdown deadline; exiting now");
@@ -60,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
                 });
                 let _ = tx.send(());
             });
-            wg_sidecar::run::run(cfg, async {
+            wg_sidecar::run::run(cfg, request, async {
                 let _ = rx.await;
             })
             .await

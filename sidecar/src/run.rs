@@ -2,7 +2,8 @@
 //!
 //! Owns: the order of startup (health port → kill switch → keys with retry → interface → peer →
 //! routes), the 1 s tick (statistics, readiness, failover), the jittered KV poll (rotation in
-//! place) and shutdown (remove the interface, keep the kill switch).
+//! place) and shutdown (remove the interface, keep the kill switch) on SIGTERM or on
+//! `POST /quitquitquit` alike.
 //! Must never: log key material, recreate the interface to apply a change, or exit non-zero on a
 //! clean shutdown.
 
@@ -19,7 +20,7 @@ use crate::{
     backoff::{jittered, Backoff},
     cli::{KeySourceConfig, RunConfig},
     error::{Result, SidecarError},
-    health::{self, readiness, HealthState, Readiness},
+    health::{self, readiness, HealthState, Readiness, ShutdownRequest},
     keysource::{FileKeySource, GatewayRecord, KeySource, PrivateRecord, VaultKeySource},
     metrics::{set_version, Metrics},
     rotation::{plan, session_silent, should_fail_over, Applied},
@@ -37,11 +38,22 @@ fn unit() -> f64 {
     rand::random::<f64>()
 }
 
-/// Runs the sidecar until `shutdown` completes; then removes the interface and returns.
-/// `on_health_bound` receives the bound health address (useful with port 0 in tests).
-pub async fn run(cfg: RunConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+/// Runs the sidecar until `shutdown` completes or `request` is raised (`POST /quitquitquit`);
+/// then removes the interface and returns. Both end the same way; the caller may also wait on
+/// `request` to give the cleanup the deadline it gives SIGTERM.
+pub async fn run(
+    cfg: RunConfig,
+    request: ShutdownRequest,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     let metrics = Metrics::new();
-    let health = HealthState::new(metrics);
+    let health = HealthState::new(metrics, request.clone());
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = request.raised() => {}
+        }
+    };
     let bound = health::serve(cfg.health_addr, health.clone()).await?;
     tracing::info!(addr = %bound, "health endpoints listening");
     match &cfg.key_source {

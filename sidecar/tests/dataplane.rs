@@ -355,6 +355,98 @@ fn ready_returns_to_503_when_the_gateway_goes_away() {
     );
 }
 
+/// `curl ARGS… URL` inside `ns`: (status, body).
+fn curl(ns: &Netns, args: &[&str], url: &str) -> (u16, String) {
+    let mut a = vec!["-s", "-m", "2", "-w", "\n%{http_code}"];
+    a.extend_from_slice(args);
+    a.push(url);
+    let out = ns.run("curl", &a).unwrap();
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_owned())
+}
+
+#[test]
+fn a_post_to_quitquitquit_over_the_pods_loopback_stops_the_sidecar_like_sigterm() {
+    require_root();
+    let (pod, gw, _vp) = topology();
+    let dir = scratch();
+    let (pod_priv, pod_pub) = keypair();
+    let gwkey = keypair();
+    file_keys(dir.path(), &pod_priv, &gwkey.1, "192.168.77.1:51820");
+    let gwpeer = WgGoPeer::start_with_key(&gw, GW_TUN, 51820, &gwkey).unwrap();
+    gwpeer.set_peer(&pod_pub, POD_TUN, None).unwrap();
+    let log = dir.path().join("sidecar.log");
+    let ifname = lab::unique("ws");
+    let mut sidecar = spawn_sidecar(
+        &pod,
+        &strings(&[
+            "run",
+            "--interface",
+            &ifname,
+            "--gateway",
+            "corp",
+            "--routes",
+            ROUTE,
+            "--key-source",
+            "file",
+            "--key-dir",
+            dir.path().join("keys").to_str().unwrap(),
+            "--health-addr",
+            "0.0.0.0:9901",
+        ]),
+        &log,
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || get_ready(&pod) == 200),
+        "{}",
+        log_of(&log)
+    );
+    let quit = "http://127.0.0.1:9901/quitquitquit";
+    // A GET does nothing; a POST to the Pod's own (non-loopback) address is refused.
+    assert_eq!(curl(&pod, &[], quit).0, 405);
+    assert_eq!(
+        curl(
+            &pod,
+            &["-X", "POST"],
+            "http://192.168.77.2:9901/quitquitquit"
+        )
+        .0,
+        403
+    );
+    assert!(sidecar.running(), "{}", log_of(&log));
+
+    let (code, body) = curl(&pod, &["-X", "POST"], quit);
+    assert_eq!((code, body.as_str()), (200, "shutting down\n"));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = sidecar.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "still running 3 s after /quitquitquit: {}",
+            log_of(&log)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0), "{}", log_of(&log));
+    assert!(
+        log_of(&log).contains("shutdown requested over /quitquitquit"),
+        "{}",
+        log_of(&log)
+    );
+    assert!(
+        pod.ip(&["link", "show", &ifname]).is_err(),
+        "interface still there"
+    );
+    let route = pod.ip(&["route", "show", ROUTE]).unwrap();
+    assert!(
+        route.contains("unreachable") && !route.contains(&ifname),
+        "{route}"
+    );
+}
+
 #[test]
 fn keys_rotate_in_place_from_openbao_approle_and_a_tcp_connection_survives() {
     require_root();
