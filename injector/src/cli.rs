@@ -108,6 +108,16 @@ pub struct ServeArgs {
         value_name = "SECONDS"
     )]
     pub request_timeout: u64,
+    /// Seconds between SIGTERM and closing the listener: `/readyz` answers 503 while requests
+    /// are still served, so the Pod leaves the Service before it stops accepting (0: close at
+    /// once). Keep the Pod's terminationGracePeriodSeconds above this plus 10 s of draining.
+    #[arg(
+        long,
+        env = "WG_INJECTOR_SHUTDOWN_DELAY",
+        default_value_t = 5,
+        value_name = "SECONDS"
+    )]
+    pub shutdown_delay: u64,
     /// Patches of fresh injections kept for Pods of the same template (docs/operations.md,
     /// "The patch memo"); 0 turns the memo off.
     #[arg(
@@ -259,6 +269,7 @@ impl ServeArgs {
             tls_handshake_timeout: seconds("--tls-handshake-timeout", self.tls_handshake_timeout)?,
             header_read_timeout: seconds("--header-read-timeout", self.header_read_timeout)?,
             request_timeout: seconds("--request-timeout", self.request_timeout)?,
+            shutdown_delay: Duration::from_secs(self.shutdown_delay),
             ..Limits::default()
         };
         Ok(ServeSettings {

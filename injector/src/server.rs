@@ -39,6 +39,10 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Time open connections get to finish after shutdown starts.
     pub drain_timeout: Duration,
+    /// Time between SIGTERM and closing the listener: `/readyz` answers 503 and new
+    /// connections are still served while the endpoints controller and kube-proxy take the Pod
+    /// out of the Service (`--shutdown-delay`), so a rollout refuses no admission request.
+    pub shutdown_delay: Duration,
 }
 
 impl Default for Limits {
@@ -49,6 +53,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
+            shutdown_delay: Duration::from_secs(5),
         }
     }
 }
@@ -299,6 +304,8 @@ pub async fn run(settings: crate::cli::ServeSettings) -> Result<(), Error> {
     let tls = tls_config(Arc::clone(&resolver) as Arc<dyn ResolvesServerCert>)?;
     let native_sidecars = config.native_sidecars;
     let mut state = crate::webhook::AppState::new(config, Some(resolver));
+    let draining = Arc::clone(&state.draining);
+    let shutdown_delay = settings.limits.shutdown_delay;
     state.memo = Arc::new(crate::memo::PatchMemo::new(settings.patch_memo_entries));
     spawn_heap_release(Arc::clone(&state.metrics));
     if let (true, Some(client)) = (settings.cluster.discover_version, client) {
@@ -319,12 +326,21 @@ pub async fn run(settings: crate::cli::ServeSettings) -> Result<(), Error> {
         max_connections = settings.limits.max_connections,
         "serving the admission webhook"
     );
+    let shutdown = async move {
+        shutdown_signal().await;
+        draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(
+            shutdown_delay_seconds = shutdown_delay.as_secs(),
+            "shutting down: /readyz answers 503; still serving until the Pod leaves the Service"
+        );
+        tokio::time::sleep(shutdown_delay).await;
+    };
     serve(
         listener,
         crate::webhook::router(state),
         tls,
         &settings.limits,
-        shutdown_signal(),
+        shutdown,
     )
     .await;
     Ok(())

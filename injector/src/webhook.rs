@@ -35,6 +35,8 @@ pub struct AppState {
     pub memo: Arc<PatchMemo>,
     /// The serving certificate; `/readyz` is ready only once one is loaded.
     pub certificate: Option<Arc<ReloadingResolver>>,
+    /// Set on SIGTERM: `/readyz` answers 503 so the Pod leaves the Service while it still serves.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -46,6 +48,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             memo: Arc::new(PatchMemo::default()),
             certificate,
+            draining: Arc::default(),
         }
     }
 }
@@ -188,7 +191,9 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.certificate.is_some() {
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    } else if state.certificate.is_some() {
         plain(StatusCode::OK, "ready")
     } else {
         plain(

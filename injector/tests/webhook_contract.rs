@@ -338,6 +338,26 @@ async fn healthz_is_always_ok_and_readyz_waits_for_a_certificate() {
 }
 
 #[tokio::test]
+async fn after_sigterm_readyz_is_503_while_mutate_still_answers() {
+    let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+    let shared = state(true);
+    shared
+        .draining
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (status, body) = send(shared.clone(), get("/readyz")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body, b"shutting down\n");
+    let input = pod(&json!({"wg-injector.io/inject": "true"}));
+    let answer = mutate(
+        shared,
+        &review("admission.k8s.io/v1", "d1", "CREATE", "Pod", &input),
+    )
+    .await;
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    assert!(answer["response"]["patch"].is_string(), "{answer}");
+}
+
+#[tokio::test]
 async fn metrics_count_reviews_by_outcome_and_expose_the_certificate_expiry() {
     let shared = state(true);
     let input = pod(&json!({"wg-injector.io/inject": "true"}));
