@@ -185,7 +185,9 @@ impl Node {
         cmd
     }
 
-    fn path_env(&self) -> String {
+    /// The `PATH` commands inside the node get: the lab binaries first, then the system.
+    #[must_use]
+    pub fn path_env(&self) -> String {
         format!(
             "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             self.bin_dir.display()
@@ -418,6 +420,11 @@ impl Node {
             "dev",
             "lo",
         ])?;
+        // The node has no default route, and a local connect() to a Service address needs a
+        // route before kube-proxy's OUTPUT DNAT rewrites it (then the kernel re-routes). Source
+        // the node address, which the Pods can answer.
+        let netns = self.netns.as_str();
+        ip(&["-n", netns, "route", "add", SERVICE_CIDR, "dev", "lo", "src", NODE_IP])?;
         Ok(())
     }
 

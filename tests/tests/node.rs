@@ -1,0 +1,740 @@
+//! Tier 5, the real node: the user's path end to end on a real kubelet.
+//!
+//! One node (`wg_e2e::node::Node`: etcd, kube-apiserver, controller manager, scheduler,
+//! kube-proxy, containerd and a kubelet in namespaces of their own) runs the project's own images
+//! (`scripts/build-images.sh`, `FROM scratch`). OpenBao runs on the node's address; a "private
+//! network" (a network namespace joined to the node, `10.20.0.0/24`) holds an HTTP service that
+//! answers with the address it saw. Then the test does what `docs/install.md` ("First run, step by
+//! step") tells a user, by running that section's `bash` blocks in order, and checks what a user
+//! would see: every Pod Ready, the app container's requests reaching the private service through
+//! the tunnel (the service sees a gateway Pod's address), the kill switch under the kubelet, a
+//! gateway Pod's loss, a Job that completes, and an injector rollout that refuses no Pod.
+//!
+//! One test function because every step needs the ones before it (a node costs ~15 s and
+//! ~1 GiB); each step prints its name and timing. Run it alone with
+//! `cargo build -p wg-sidecar && cargo test -p wg-e2e --test node -- --nocapture`
+//! (as root; `WG_E2E_USE_BUILT_IMAGES=1` skips the image rebuild when iterating).
+//! Prerequisites: `bash scripts/lab-install.sh`. A missing component fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use wg_e2e::control_plane::random_token;
+use wg_e2e::lab::{cargo_binary, workspace_root};
+use wg_e2e::node::{Node, API_PORT, NODE_IP};
+use wg_e2e::podman::{build_images, image_version};
+use wg_e2e::process::ChildGuard;
+
+/// The private network behind the gateway and its HTTP service.
+const PRIVATE_PREFIX: &str = "10.20.0";
+const PRIVATE_NETWORK: &str = "10.20.0.0/24";
+const SERVICE_URL: &str = "http://10.20.0.2:8080/";
+/// The gateway's NodePort: Pods dial the node's address (there is no load balancer here).
+const GATEWAY_NODE_PORT: u16 = 31820;
+const VAULT_PORT: u16 = 8200;
+
+fn step(t0: Instant, what: &str) {
+    eprintln!("\n=== [{:7.2}s] {what}", t0.elapsed().as_secs_f64());
+}
+
+/// The `bash` blocks of docs/install.md's "First run, step by step" section, in order.
+fn first_run_blocks() -> Vec<String> {
+    let text = std::fs::read_to_string(workspace_root().join("docs/install.md")).unwrap();
+    let start = text
+        .find("## First run, step by step")
+        .expect("docs/install.md has a \"First run, step by step\" section");
+    let section = &text[start..];
+    let end = section[3..].find("\n## ").map_or(section.len(), |i| i + 3);
+    let mut blocks = Vec::new();
+    let mut rest = &section[..end];
+    while let Some(open) = rest.find("```bash\n") {
+        let body = &rest[open + 8..];
+        let close = body.find("\n```").expect("a closed code block");
+        blocks.push(body[..close].to_owned());
+        rest = &body[close + 4..];
+    }
+    assert!(blocks.len() >= 5, "the First run section lost its steps");
+    blocks
+}
+
+/// The private HTTP service: answers every GET with `client=<the address it saw>`.
+const SERVICE_PY: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("client=%s\n" % self.client_address[0]).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, fmt, *args):
+        sys.stderr.write("seen %s\n" % self.client_address[0]); sys.stderr.flush()
+http.server.ThreadingHTTPServer(("10.20.0.2", 8080), H).serve_forever()
+"#;
+
+fn workload(image: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: shop}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata:
+      labels: {{app: web}}
+      annotations: {{wg-injector.io/inject: "true"}}
+    spec:
+      serviceAccountName: web
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: app
+        image: {image}
+        imagePullPolicy: Never
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: plain, namespace: shop, labels: {{app: plain}}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: {image}
+    imagePullPolicy: Never
+"#
+    )
+}
+
+fn job(image: &str) -> String {
+    format!(
+        r#"apiVersion: batch/v1
+kind: Job
+metadata: {{name: report, namespace: shop}}
+spec:
+  backoffLimit: 0
+  activeDeadlineSeconds: 120
+  template:
+    metadata:
+      annotations: {{wg-injector.io/inject: "true"}}
+    spec:
+      serviceAccountName: web
+      restartPolicy: Never
+      containers:
+      - name: app
+        image: {image}
+        imagePullPolicy: Never
+        command: ["/bin/busybox", "sh", "-c"]
+        args:
+        - |
+          for i in $(busybox seq 60); do /http-get {SERVICE_URL} && break; busybox sleep 1; done
+          /http-get --post http://127.0.0.1:9901/quitquitquit
+"#
+    )
+}
+
+fn pods(node: &Node, ns: &str, selector: &str) -> anyhow::Result<Vec<Value>> {
+    let list = node.kubectl_json(&["-n", ns, "get", "pods", "-l", selector])?;
+    Ok(list["items"].as_array().cloned().unwrap_or_default())
+}
+
+fn all_ready(pod: &Value) -> bool {
+    pod["metadata"]["deletionTimestamp"].is_null()
+        && pod["status"]["containerStatuses"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty() && s.iter().all(|c| c["ready"] == true))
+}
+
+fn ready_pods(
+    node: &Node,
+    ns: &str,
+    selector: &str,
+    n: usize,
+) -> anyhow::Result<Option<Vec<Value>>> {
+    let pods: Vec<Value> = pods(node, ns, selector)?
+        .into_iter()
+        .filter(all_ready)
+        .collect();
+    Ok((pods.len() == n).then_some(pods))
+}
+
+fn describe(node: &Node, ns: &str) -> String {
+    let pods = node
+        .run("kubectl", &["-n", ns, "describe", "pods"])
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let events = node
+        .run(
+            "kubectl",
+            &["-n", ns, "get", "events", "--sort-by=.lastTimestamp"],
+        )
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    format!("--- describe pods -n {ns}\n{pods}\n--- events\n{events}")
+}
+
+fn logs(node: &Node, ns: &str, pod: &str, container: &str) -> String {
+    node.run(
+        "kubectl",
+        &["-n", ns, "logs", pod, "-c", container, "--tail=40"],
+    )
+    .map(|o| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+    .unwrap_or_default()
+}
+
+/// The app container's request to the private service: `Ok(body)` or `Err(reason)`.
+fn app_request(node: &Node, pod: &str) -> Result<String, String> {
+    let out = node
+        .run(
+            "kubectl",
+            &[
+                "-n",
+                "shop",
+                "exec",
+                pod,
+                "-c",
+                "app",
+                "--",
+                "/http-get",
+                SERVICE_URL,
+            ],
+        )
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(format!(
+            "{} {}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn pod_ip(pod: &Value) -> String {
+    pod["status"]["podIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn name(pod: &Value) -> String {
+    pod["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Packets from `ip` to the private network that crossed the node in the clear (the node's
+/// forward hook sees every packet from a Pod's veth to the private network; tunnelled traffic is
+/// UDP to the gateway instead).
+fn clear_packets(node: &Node, ip: &str) -> anyhow::Result<u64> {
+    let out = node.run_ok("nft", &["-j", "list", "chain", "ip", "wg_leak", "forward"])?;
+    let json: Value = serde_json::from_str(&out)?;
+    for item in json["nftables"].as_array().into_iter().flatten() {
+        let rule = &item["rule"];
+        if rule.is_null() || !rule.to_string().contains(&format!("\"{ip}\"")) {
+            continue;
+        }
+        for expr in rule["expr"].as_array().into_iter().flatten() {
+            if let Some(packets) = expr["counter"]["packets"].as_u64() {
+                return Ok(packets);
+            }
+        }
+    }
+    bail!("no counter for {ip} in table ip wg_leak:\n{out}")
+}
+
+fn count_clear_packets_from(node: &Node, ip: &str) -> anyhow::Result<()> {
+    let _ = node.run("nft", &["add", "table", "ip", "wg_leak"]);
+    let _ = node.run(
+        "nft",
+        &["add chain ip wg_leak forward { type filter hook forward priority -300; policy accept; }"],
+    );
+    node.run_ok(
+        "nft",
+        &[
+            "add",
+            "rule",
+            "ip",
+            "wg_leak",
+            "forward",
+            "ip",
+            "saddr",
+            ip,
+            "ip",
+            "daddr",
+            PRIVATE_NETWORK,
+            "counter",
+        ],
+    )?;
+    Ok(())
+}
+
+/// The containerd id of `container` in Pod `pod` (from the Pod's status).
+fn container_id(pod: &Value, container: &str) -> Option<String> {
+    pod["status"]["containerStatuses"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == container)?["containerID"]
+        .as_str()?
+        .strip_prefix("containerd://")
+        .map(str::to_owned)
+}
+
+fn restart_count(pod: &Value, container: &str) -> u64 {
+    pod["status"]["containerStatuses"]
+        .as_array()
+        .and_then(|s| s.iter().find(|c| c["name"] == container))
+        .and_then(|c| c["restartCount"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_users_path_on_a_real_node() {
+    let t0 = Instant::now();
+    let root = workspace_root();
+    let version = image_version();
+    let sidecar_bin = cargo_binary("wg-sidecar").unwrap();
+    step(t0, "images: scripts/build-images.sh (incremental)");
+    build_images(&root).unwrap();
+    let images = [
+        format!("localhost/wg-injector:{version}"),
+        format!("localhost/wg-sidecar:{version}"),
+        format!("localhost/wg-e2e-app:{version}"),
+    ];
+    let app_image = &images[2];
+
+    step(t0, "node: up from nothing");
+    let mut node = Node::start(&images.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    eprintln!("node Ready after {:.2} s (from nothing: netns, containerd, images, control plane, kubelet)", node.ready_after.as_secs_f64());
+    let private_ns = format!("wgp-{}", std::process::id());
+    node.attach_network(&private_ns, PRIVATE_PREFIX).unwrap();
+    let service_log = node.dir().join("logs/private-service.log");
+    let mut service = {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &private_ns, "python3", "-c", SERVICE_PY]);
+        ChildGuard::spawn("private-service", cmd, &node.dir().join("logs")).unwrap()
+    };
+    let vault_token = random_token("root");
+    let _vault = node
+        .spawn(
+            "openbao",
+            &wg_e2e::lab::find_binary("bao")
+                .unwrap()
+                .display()
+                .to_string(),
+            &[
+                "server",
+                "-dev",
+                &format!("-dev-root-token-id={vault_token}"),
+                &format!("-dev-listen-address={NODE_IP}:{VAULT_PORT}"),
+            ],
+        )
+        .unwrap();
+    let vault_addr = format!("http://{NODE_IP}:{VAULT_PORT}");
+    Node::wait_for("OpenBao", Duration::from_secs(30), || {
+        Ok(node
+            .bash("bao status >/dev/null", &[("BAO_ADDR", &vault_addr)])?
+            .status
+            .success()
+            .then_some(()))
+    })
+    .unwrap();
+
+    step(t0, "docs/install.md, First run: every bash block in order");
+    let sidecar_dir = sidecar_bin.parent().unwrap().display().to_string();
+    let path = format!("{sidecar_dir}:{}", node.path_env());
+    let gateway_endpoint = format!("{NODE_IP}:{GATEWAY_NODE_PORT}");
+    let gateway_service =
+        format!("--set service.type=NodePort --set service.nodePort={GATEWAY_NODE_PORT}");
+    let kube_host = format!("https://{NODE_IP}:{API_PORT}");
+    let env: Vec<(&str, &str)> = vec![
+        ("VAULT_ADDR", &vault_addr),
+        ("BAO_ADDR", &vault_addr),
+        ("VAULT_TOKEN", &vault_token),
+        ("BAO_TOKEN", &vault_token),
+        ("VAULT_KUBERNETES_HOST", &kube_host),
+        ("GATEWAY_ENDPOINT", &gateway_endpoint),
+        ("GATEWAY_SERVICE", &gateway_service),
+        ("PRIVATE_NETWORKS", PRIVATE_NETWORK),
+        ("TUNNEL_POOL", "10.203.0.0/24"),
+        ("APP_NAMESPACE", "shop"),
+        ("APP_SERVICE_ACCOUNT", "web"),
+    ];
+    let blocks = first_run_blocks();
+    let mut script = String::new();
+    for (i, block) in blocks.iter().enumerate() {
+        script.push_str(block);
+        script.push('\n');
+        let t = Instant::now();
+        // Each block runs with the ones before it (they export the variables).
+        let mut cmd_env = env.clone();
+        cmd_env.push(("PATH", &path));
+        let out = node.bash(&script, &cmd_env).unwrap();
+        assert!(
+            out.status.success(),
+            "docs/install.md First run, block {} failed:\n{block}\n--- stdout\n{}\n--- stderr\n{}\n{}\n{}",
+            i + 1,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            describe(&node, "vpn"),
+            describe(&node, "wg-system"),
+        );
+        eprintln!("block {} ok in {:.1} s", i + 1, t.elapsed().as_secs_f64());
+        // Blocks are idempotent, but re-running earlier installs would fail: keep only exports.
+        script = script
+            .lines()
+            .filter(|l| l.starts_with("export "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+    }
+
+    step(
+        t0,
+        "a Deployment in the labelled namespace: injected, every container Ready",
+    );
+    let t_apply = Instant::now();
+    node.apply(&workload(app_image)).unwrap();
+    let web = Node::wait_for("the web Pod Ready", Duration::from_secs(120), || {
+        ready_pods(&node, "shop", "app=web", 1)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", describe(&node, "shop")));
+    let web = web.into_iter().next().unwrap();
+    let web_name = name(&web);
+    eprintln!(
+        "Deployment Pod {web_name} Ready {:.2} s after apply",
+        t_apply.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "{}",
+        node.kubectl(&["get", "pods", "-A", "-o", "wide"]).unwrap_or_default()
+    );
+    let containers: Vec<&str> = web["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    let inits: Vec<&str> = web["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(inits, ["wg-init"], "{web}");
+    assert!(
+        containers.contains(&"wg-sidecar") && containers.contains(&"app"),
+        "{containers:?}"
+    );
+    // wg-init ran (and finished) before any container started.
+    let init_done = web["status"]["initContainerStatuses"][0]["state"]["terminated"]["finishedAt"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        web["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"],
+        0
+    );
+    for c in web["status"]["containerStatuses"].as_array().unwrap() {
+        let started = c["state"]["running"]["startedAt"].as_str().unwrap();
+        assert!(
+            started >= init_done.as_str(),
+            "{} started {started} before wg-init finished {init_done}",
+            c["name"]
+        );
+    }
+    // The sidecar's spec holds no key or token: only flags, paths and fieldRefs.
+    let sidecar = web["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "wg-sidecar")
+        .unwrap();
+    let spec_text = format!("{} {}", sidecar["args"], sidecar["env"]).to_lowercase();
+    for secret in [
+        vault_token.to_lowercase(),
+        "private_key".into(),
+        "token=".into(),
+        "secret_id".into(),
+    ] {
+        assert!(
+            !spec_text.contains(&secret),
+            "the sidecar's args/env carry {secret:?}: {spec_text}"
+        );
+    }
+    // The kubelet expanded $(VAR) in the args: the sidecar logged in with the role of its own
+    // namespace and service account (the role exists only as wg-shop-web).
+    let sidecar_log = logs(&node, "shop", &web_name, "wg-sidecar");
+    assert!(
+        !sidecar_log.contains(&vault_token),
+        "the sidecar logged the Vault token"
+    );
+
+    step(
+        t0,
+        "the app container's request reaches the private service through the tunnel",
+    );
+    let gateways = ready_pods(&node, "vpn", "app.kubernetes.io/name=wg-gateway", 2)
+        .unwrap()
+        .expect("two gateway Pods Ready");
+    let gateway_ips: Vec<String> = gateways.iter().map(pod_ip).collect();
+    let body = Node::wait_for(
+        "a request through the tunnel",
+        Duration::from_secs(30),
+        || Ok(app_request(&node, &web_name).ok()),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{}",
+            logs(&node, "shop", &web_name, "wg-sidecar"),
+            describe(&node, "vpn")
+        )
+    });
+    let seen = body.strip_prefix("client=").unwrap_or_default().to_owned();
+    assert!(
+        gateway_ips.contains(&seen),
+        "the service saw {seen}, not a gateway Pod ({gateway_ips:?}): not tunnelled"
+    );
+    assert_ne!(seen, pod_ip(&web));
+    eprintln!(
+        "app -> private service: seen as {seen} (gateway Pods {gateway_ips:?}, app Pod {})",
+        pod_ip(&web)
+    );
+
+    step(
+        t0,
+        "kill switch: the sidecar SIGKILLed, requests fail at once and nothing leaves in the clear",
+    );
+    let plain = ready_pods(&node, "shop", "app=plain", 1)
+        .unwrap()
+        .expect("the plain Pod")
+        .remove(0);
+    count_clear_packets_from(&node, &pod_ip(&web)).unwrap();
+    count_clear_packets_from(&node, &pod_ip(&plain)).unwrap();
+    // The counter counts: a Pod without the tunnel reaches the service in the clear.
+    let out = node
+        .kubectl(&[
+            "-n",
+            "shop",
+            "exec",
+            "plain",
+            "-c",
+            "app",
+            "--",
+            "/http-get",
+            SERVICE_URL,
+        ])
+        .unwrap();
+    assert_eq!(out.trim(), format!("client={}", pod_ip(&plain)));
+    assert!(
+        clear_packets(&node, &pod_ip(&plain)).unwrap() > 0,
+        "the leak counter saw nothing from the plain Pod"
+    );
+    let sidecar_id = container_id(&web, "wg-sidecar").unwrap();
+    let sock = node.dir().join("run/containerd.sock").display().to_string();
+    let restarts = restart_count(&web, "wg-sidecar");
+    node.run_ok(
+        "ctr",
+        &[
+            "--address",
+            &sock,
+            "-n",
+            "k8s.io",
+            "tasks",
+            "kill",
+            "-s",
+            "SIGKILL",
+            &sidecar_id,
+        ],
+    )
+    .unwrap();
+    let t_kill = Instant::now();
+    let mut refused = 0;
+    for _ in 0..3 {
+        let t = Instant::now();
+        match app_request(&node, &web_name) {
+            Ok(body) => panic!("a request succeeded with the sidecar killed: {body}"),
+            Err(e) => {
+                refused += 1;
+                eprintln!("refused in {:.2} s: {e}", t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    assert_eq!(refused, 3);
+    assert_eq!(
+        clear_packets(&node, &pod_ip(&web)).unwrap(),
+        0,
+        "packets from the app Pod reached the private network in the clear"
+    );
+    let body = Node::wait_for(
+        "traffic back after the kubelet restarts the sidecar",
+        Duration::from_secs(90),
+        || Ok(app_request(&node, &web_name).ok()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", describe(&node, "shop")));
+    // The kubelet restarted the container (its status may trail the new process briefly).
+    Node::wait_for("the sidecar's restartCount to rise", Duration::from_secs(30), || {
+        let pod = node.kubectl_json(&["-n", "shop", "get", "pod", &web_name])?;
+        Ok((restart_count(&pod, "wg-sidecar") > restarts).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", describe(&node, "shop")));
+    assert!(
+        body.starts_with("client=") && gateway_ips.contains(&body[7..].to_owned()),
+        "{body}"
+    );
+    assert_eq!(
+        clear_packets(&node, &pod_ip(&web)).unwrap(),
+        0,
+        "clear packets while the sidecar restarted"
+    );
+    eprintln!(
+        "traffic back {:.2} s after the kill (kubelet restart + tunnel up)",
+        t_kill.elapsed().as_secs_f64()
+    );
+
+    step(t0, "a gateway Pod deleted: the peers are served again");
+    let serving = gateways.iter().find(|g| pod_ip(g) == body[7..]).unwrap();
+    let t_del = Instant::now();
+    node.kubectl(&["-n", "vpn", "delete", "pod", &name(serving), "--wait=false"])
+        .unwrap();
+    let body = Node::wait_for(
+        "a request through another gateway Pod",
+        Duration::from_secs(120),
+        || {
+            Ok(app_request(&node, &web_name)
+                .ok()
+                .filter(|b| b != &format!("client={}", pod_ip(serving))))
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\n{}",
+            logs(&node, "shop", &web_name, "wg-sidecar"),
+            describe(&node, "vpn")
+        )
+    });
+    eprintln!(
+        "gateway Pod deleted -> served again (as {body}) after {:.2} s",
+        t_del.elapsed().as_secs_f64()
+    );
+    Node::wait_for(
+        "the gateway Deployment back at two Ready Pods",
+        Duration::from_secs(120),
+        || ready_pods(&node, "vpn", "app.kubernetes.io/name=wg-gateway", 2),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", describe(&node, "vpn")));
+
+    step(
+        t0,
+        "a Job with an injected Pod completes (classic mode: the app stops the sidecar)",
+    );
+    let t_job = Instant::now();
+    node.apply(&job(app_image)).unwrap();
+    Node::wait_for("the Job to complete", Duration::from_secs(150), || {
+        let j = node.kubectl_json(&["-n", "shop", "get", "job", "report"])?;
+        if j["status"]["failed"].as_u64().unwrap_or(0) > 0 {
+            bail!("the Job failed: {}", j["status"]);
+        }
+        Ok((j["status"]["succeeded"].as_u64() == Some(1)).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", describe(&node, "shop")));
+    eprintln!(
+        "Job complete {:.2} s after apply",
+        t_job.elapsed().as_secs_f64()
+    );
+
+    step(
+        t0,
+        "wg-injector rolled while Pods are created in a loop: no Pod refused",
+    );
+    let refusals = rollout_under_load(&node).unwrap();
+    assert!(
+        refusals.is_empty(),
+        "Pods refused during the rollout:\n{}",
+        refusals.join("\n")
+    );
+
+    step(t0, "teardown: nothing left behind");
+    service.stop();
+    let seen_log = std::fs::read_to_string(&service_log).unwrap_or_default();
+    assert!(
+        !seen_log.contains(&format!("seen {}", pod_ip(&web))),
+        "the service saw the app Pod's own address:\n{seen_log}"
+    );
+    drop(_vault);
+    let left = node.stop();
+    assert!(left.0.is_empty(), "left behind: {:#?}", left.0);
+    eprintln!("whole test {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// `kubectl rollout restart` of the injector while Pods are created one after another until the
+/// rollout is done; returns the refusals (and Pods created without the sidecar).
+fn rollout_under_load(node: &Node) -> anyhow::Result<Vec<String>> {
+    let before = node.kubectl_json(&["-n", "wg-system", "get", "deployment", "wg-injector"])?;
+    let generation = before["metadata"]["generation"].as_i64().unwrap_or(0);
+    node.kubectl(&[
+        "-n",
+        "wg-system",
+        "rollout",
+        "restart",
+        "deployment/wg-injector",
+    ])?;
+    let t = Instant::now();
+    let mut refusals = Vec::new();
+    let mut created = 0;
+    let mut done_at = None;
+    while t.elapsed() < Duration::from_secs(180) {
+        let pod = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: burst-{created}, namespace: shop, labels: {{burst: \"1\"}}, annotations: {{wg-injector.io/inject: \"true\"}}}}\nspec:\n  serviceAccountName: web\n  nodeName: not-a-node\n  containers: [{{name: app, image: localhost/none:0}}]\n"
+        );
+        match node.apply(&pod) {
+            Ok(_) => {}
+            Err(e) => refusals.push(format!("burst-{created}: {e:#}")),
+        }
+        created += 1;
+        let d = node.kubectl_json(&["-n", "wg-system", "get", "deployment", "wg-injector"])?;
+        let status = &d["status"];
+        let rolled = d["metadata"]["generation"].as_i64().unwrap_or(0) > generation
+            && status["observedGeneration"] == d["metadata"]["generation"]
+            && status["updatedReplicas"] == d["spec"]["replicas"]
+            && status["replicas"] == d["spec"]["replicas"]
+            && status["availableReplicas"] == d["spec"]["replicas"];
+        if rolled && done_at.is_none() {
+            done_at = Some(t.elapsed());
+        }
+        // A few more after the rollout: the old Pods' last seconds included.
+        if done_at.is_some_and(|d| t.elapsed() > d + Duration::from_secs(5)) {
+            break;
+        }
+    }
+    let done_at = done_at.context("the injector rollout did not finish in 180 s")?;
+    // Every Pod that was admitted got the sidecar.
+    let list = node.kubectl_json(&["-n", "shop", "get", "pods"])?;
+    for p in list["items"].as_array().into_iter().flatten() {
+        let n = name(p);
+        if n.starts_with("burst-") && !p["spec"]["containers"].to_string().contains("wg-sidecar") {
+            refusals.push(format!("{n}: admitted without the sidecar"));
+        }
+    }
+    eprintln!(
+        "rollout done after {:.1} s; {created} Pods created during it, {} refused",
+        done_at.as_secs_f64(),
+        refusals.len()
+    );
+    node.kubectl(&[
+        "-n",
+        "shop",
+        "delete",
+        "pods",
+        "-l",
+        "burst",
+        "--wait=false",
+    ])
+    .ok();
+    Ok(refusals)
+}
