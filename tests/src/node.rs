@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-/// The node's address (on `lo` of its network namespace): kubelet, apiserver and NodePorts.
+/// The node's address (on `lo` of its network namespace): kubelet, apiserver and `NodePorts`.
 pub const NODE_IP: &str = "10.201.0.1";
 /// The Pods' network (CNI bridge `cni0`, host-local IPAM); the bridge holds `.1`.
 pub const POD_CIDR: &str = "10.244.0.0/24";
@@ -45,12 +45,16 @@ const WATCHED_SYSCTLS: &[&str] = &[
     "net/ipv4/ip_forward",
 ];
 
+/// Nodes started by this process (part of the netns and cgroup names).
+static NODES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// A running node; everything is killed by PID on [`Node::stop`] or drop.
 pub struct Node {
     /// The network namespace (`/run/netns/<name>`).
     pub netns: String,
     /// Time from nothing to `Ready` of the node object.
     pub ready_after: Duration,
+    started: Instant,
     admin_token: String,
     cgroup_root: String,
     host_sysctls: Vec<(String, String)>,
@@ -112,7 +116,6 @@ impl Node {
         if !Path::new("/usr/lib/cni/bridge").is_file() {
             bail!("CNI plugins missing in /usr/lib/cni; run `bash scripts/lab-install.sh`");
         }
-        static NODES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let netns = format!("wgn-{}-{n}", std::process::id());
         // Short paths: containerd's sockets must fit in 108 bytes.
@@ -123,6 +126,7 @@ impl Node {
         let mut node = Self {
             netns: netns.clone(),
             ready_after: Duration::ZERO,
+            started: t0,
             admin_token: random_token("admin"),
             cgroup_root: netns.clone(),
             host_sysctls: read_sysctls(),
@@ -136,7 +140,9 @@ impl Node {
         node.write_files()?;
         node.make_netns()?;
         node.start_holder()?;
-        node.start_daemons(images)?;
+        node.start_runtime(images)?;
+        node.start_control_plane()?;
+        node.start_kubelet()?;
         node.ready_after = t0.elapsed();
         Ok(node)
     }
@@ -424,7 +430,17 @@ impl Node {
         // route before kube-proxy's OUTPUT DNAT rewrites it (then the kernel re-routes). Source
         // the node address, which the Pods can answer.
         let netns = self.netns.as_str();
-        ip(&["-n", netns, "route", "add", SERVICE_CIDR, "dev", "lo", "src", NODE_IP])?;
+        ip(&[
+            "-n",
+            netns,
+            "route",
+            "add",
+            SERVICE_CIDR,
+            "dev",
+            "lo",
+            "src",
+            NODE_IP,
+        ])?;
         Ok(())
     }
 
@@ -482,12 +498,18 @@ impl Node {
         self.daemon_log(name)
     }
 
-    fn start_daemons(&mut self, images: &[&str]) -> anyhow::Result<()> {
+    fn stamp(&self, what: &str) {
+        eprintln!(
+            "[node {:6.2}s] {what}",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+
+    /// containerd (with the images) and etcd.
+    fn start_runtime(&mut self, images: &[&str]) -> anyhow::Result<()> {
         let d = self.dir.path().to_path_buf();
         let p = |rel: &str| d.join(rel).display().to_string();
         let bin = |name: &str| find_binary(name);
-        let t0 = Instant::now();
-        let stamp = |what: &str| eprintln!("[node {:6.2}s] {what}", t0.elapsed().as_secs_f64());
 
         self.daemon(
             "containerd",
@@ -525,12 +547,19 @@ impl Node {
                 .then_some(()))
         })
         .map_err(|e| anyhow::anyhow!("{e}\n{}", self.daemon_log("containerd")))?;
-        stamp("containerd up");
+        self.stamp("containerd up");
         let mut refs: Vec<&str> = images.to_vec();
         refs.push(PAUSE_IMAGE);
         self.import_images(&refs)?;
-        stamp("images imported");
+        self.stamp("images imported");
+        Ok(())
+    }
 
+    /// kube-apiserver, controller manager, scheduler and kube-proxy.
+    fn start_control_plane(&mut self) -> anyhow::Result<()> {
+        let d = self.dir.path().to_path_buf();
+        let p = |rel: &str| d.join(rel).display().to_string();
+        let bin = |name: &str| find_binary(name);
         let api_args = [
             "--etcd-servers=http://127.0.0.1:22379".to_owned(),
             format!("--cert-dir={}", p("apiserver")),
@@ -553,7 +582,7 @@ impl Node {
                 .map(|_| Some(()))
         })
         .map_err(|e| anyhow::anyhow!("{e}\n{}", self.daemon_log("kube-apiserver")))?;
-        stamp("kube-apiserver ready");
+        self.stamp("kube-apiserver ready");
 
         let kc = self.kubeconfig().display().to_string();
         self.daemon(
@@ -598,6 +627,16 @@ impl Node {
                 "--healthz-bind-address=127.0.0.1:10256".into(),
             ],
         )?;
+        Ok(())
+    }
+
+    /// The kubelet, until the node is Ready and the default ServiceAccount exists.
+    fn start_kubelet(&mut self) -> anyhow::Result<()> {
+        let d = self.dir.path().to_path_buf();
+        let p = |rel: &str| d.join(rel).display().to_string();
+        let bin = |name: &str| find_binary(name);
+        let ctr_sock = p("run/containerd.sock");
+        let kc = self.kubeconfig().display().to_string();
 
         // The kubelet's own cgroup root, in every v1 hierarchy it needs.
         for h in cgroup_hierarchies() {
@@ -647,7 +686,7 @@ impl Node {
             Ok((String::from_utf8_lossy(&out.stdout).trim() == "True").then_some(()))
         })
         .map_err(|e| anyhow::anyhow!("{e}\n{}", self.daemon_log("kubelet")))?;
-        stamp("node Ready");
+        self.stamp("node Ready");
         Self::wait_for(
             "the default ServiceAccount",
             Duration::from_secs(60),
@@ -707,6 +746,7 @@ impl Node {
 
     /// Stop everything (by PID), remove the namespaces and cgroups, and report what is left:
     /// mounts of the node's folder, its netns, cgroups, or a changed host sysctl.
+    #[must_use]
     pub fn stop(mut self) -> Leftovers {
         self.teardown();
         let mut left = Vec::new();
@@ -797,8 +837,7 @@ impl Node {
         for _ in 0..50 {
             let running = self
                 .run("ctr", &[&ctr[..], &["tasks", "ls"]].concat())
-                .map(|o| String::from_utf8_lossy(&o.stdout).contains("RUNNING"))
-                .unwrap_or(false);
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("RUNNING"));
             if !running {
                 break;
             }
@@ -850,7 +889,7 @@ fn shim_pids(sock: &str) -> Vec<u32> {
         let is_shim = args
             .first()
             .is_some_and(|a| String::from_utf8_lossy(a).contains("containerd-shim"));
-        if is_shim && args.iter().any(|a| *a == sock.as_bytes()) {
+        if is_shim && args.contains(&sock.as_bytes()) {
             pids.push(pid);
         }
     }
@@ -913,7 +952,7 @@ fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
 fn ns_init_script(d: &Path) -> String {
     let d = d.display();
     format!(
-        r#"#!/bin/sh
+        r"#!/bin/sh
 set -e
 mount --bind {d}/sysctl/overcommit_memory /proc/sys/vm/overcommit_memory
 mount --bind {d}/sysctl/panic /proc/sys/kernel/panic
@@ -924,7 +963,7 @@ for p in /var/lib /var/log /run; do
 done
 echo ready > {d}/run/ns-ready
 exec sleep 2147483647
-"#
+"
     )
 }
 

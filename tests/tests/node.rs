@@ -30,7 +30,7 @@ use wg_e2e::process::ChildGuard;
 const PRIVATE_PREFIX: &str = "10.20.0";
 const PRIVATE_NETWORK: &str = "10.20.0.0/24";
 const SERVICE_URL: &str = "http://10.20.0.2:8080/";
-/// The gateway's NodePort: Pods dial the node's address (there is no load balancer here).
+/// The gateway's `NodePort`: Pods dial the node's address (there is no load balancer here).
 const GATEWAY_NODE_PORT: u16 = 31820;
 const VAULT_PORT: u16 = 8200;
 
@@ -321,7 +321,7 @@ fn the_users_path_on_a_real_node() {
         ChildGuard::spawn("private-service", cmd, &node.dir().join("logs")).unwrap()
     };
     let vault_token = random_token("root");
-    let _vault = node
+    let vault = node
         .spawn(
             "openbao",
             &wg_e2e::lab::find_binary("bao")
@@ -387,11 +387,14 @@ fn the_users_path_on_a_real_node() {
         );
         eprintln!("block {} ok in {:.1} s", i + 1, t.elapsed().as_secs_f64());
         // Blocks are idempotent, but re-running earlier installs would fail: keep only exports.
-        script = script
-            .lines()
-            .filter(|l| l.starts_with("export "))
-            .map(|l| format!("{l}\n"))
-            .collect();
+        script = script.lines().filter(|l| l.starts_with("export ")).fold(
+            String::new(),
+            |mut kept, l| {
+                kept.push_str(l);
+                kept.push('\n');
+                kept
+            },
+        );
     }
 
     step(
@@ -403,7 +406,28 @@ fn the_users_path_on_a_real_node() {
     let web = Node::wait_for("the web Pod Ready", Duration::from_secs(120), || {
         ready_pods(&node, "shop", "app=web", 1)
     })
-    .unwrap_or_else(|e| panic!("{e}\n{}", describe(&node, "shop")));
+    .unwrap_or_else(|e| {
+        let sidecars = node
+            .run(
+                "kubectl",
+                &[
+                    "-n",
+                    "shop",
+                    "logs",
+                    "-l",
+                    "app=web",
+                    "-c",
+                    "wg-sidecar",
+                    "--tail=20",
+                ],
+            )
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        panic!(
+            "{e}\n{}\n--- wg-sidecar logs\n{sidecars}",
+            describe(&node, "shop")
+        )
+    });
     let web = web.into_iter().next().unwrap();
     let web_name = name(&web);
     eprintln!(
@@ -412,7 +436,8 @@ fn the_users_path_on_a_real_node() {
     );
     eprintln!(
         "{}",
-        node.kubectl(&["get", "pods", "-A", "-o", "wide"]).unwrap_or_default()
+        node.kubectl(&["get", "pods", "-A", "-o", "wide"])
+            .unwrap_or_default()
     );
     let containers: Vec<&str> = web["spec"]["containers"]
         .as_array()
@@ -578,10 +603,14 @@ fn the_users_path_on_a_real_node() {
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", describe(&node, "shop")));
     // The kubelet restarted the container (its status may trail the new process briefly).
-    Node::wait_for("the sidecar's restartCount to rise", Duration::from_secs(30), || {
-        let pod = node.kubectl_json(&["-n", "shop", "get", "pod", &web_name])?;
-        Ok((restart_count(&pod, "wg-sidecar") > restarts).then_some(()))
-    })
+    Node::wait_for(
+        "the sidecar's restartCount to rise",
+        Duration::from_secs(30),
+        || {
+            let pod = node.kubectl_json(&["-n", "shop", "get", "pod", &web_name])?;
+            Ok((restart_count(&pod, "wg-sidecar") > restarts).then_some(()))
+        },
+    )
     .unwrap_or_else(|e| panic!("{e}\n{}", describe(&node, "shop")));
     assert!(
         body.starts_with("client=") && gateway_ips.contains(&body[7..].to_owned()),
@@ -666,7 +695,7 @@ fn the_users_path_on_a_real_node() {
         !seen_log.contains(&format!("seen {}", pod_ip(&web))),
         "the service saw the app Pod's own address:\n{seen_log}"
     );
-    drop(_vault);
+    drop(vault);
     let left = node.stop();
     assert!(left.0.is_empty(), "left behind: {:#?}", left.0);
     eprintln!("whole test {:.1} s", t0.elapsed().as_secs_f64());
