@@ -116,6 +116,7 @@ impl Node {
         if !Path::new("/usr/lib/cni/bridge").is_file() {
             bail!("CNI plugins missing in /usr/lib/cni; run `bash scripts/lab-install.sh`");
         }
+        remove_stale_netns();
         let n = NODES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let netns = format!("wgn-{}-{n}", std::process::id());
         // Short paths: containerd's sockets must fit in 108 bytes.
@@ -1028,4 +1029,27 @@ fn cni_config(d: &Path) -> String {
 }}
 "#
     )
+}
+
+/// A test process killed before its `Node` dropped (a CI timeout, a ^C) leaves its network
+/// namespaces behind; their processes died with it. Remove the `wgn-<pid>-<n>` namespaces (and
+/// the `wgp-<pid>` networks tests attach) whose test process no longer exists.
+fn remove_stale_netns() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("wgn-")
+            .and_then(|rest| rest.split('-').next())
+            .or_else(|| name.strip_prefix("wgp-"))
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new("/proc").join(pid.to_string()).exists() {
+                eprintln!("[node] removing netns {name} left by test process {pid}, which is gone");
+                let _ = ip(&["netns", "del", &name]);
+            }
+        }
+    }
 }
