@@ -575,12 +575,12 @@ pub fn router(state: Arc<GatewayHealth>) -> Router {
 }
 
 /// Reads every peer record under `peers_path` (16 reads in flight). Unreadable or invalid
-/// records are left out and counted in the returned error list.
+/// records are left out and returned as `(identity, error)` pairs (see [`keep_last_known`]).
 pub async fn load_peer_records(
     vault: &Vault,
     mount: &str,
     peers_path: &str,
-) -> Result<(Vec<(String, PeerRecord)>, Vec<String>)> {
+) -> Result<(Vec<(String, PeerRecord)>, Vec<(String, String)>)> {
     let ids = list_identities(vault, mount, peers_path).await?;
     let results: Vec<(String, Result<PeerRecord>)> = stream::iter(ids)
         .map(|id| async move {
@@ -598,10 +598,29 @@ pub async fn load_peer_records(
     for (id, r) in results {
         match r {
             Ok(rec) => ok.push((id, rec)),
-            Err(e) => errors.push(format!("{id}: {e}")),
+            Err(e) => errors.push((id, e.to_string())),
         }
     }
     Ok((ok, errors))
+}
+
+/// The records to reconcile with: the ones read now, plus — for every identity that is still
+/// listed but whose read failed this time — the record last read for it. A failed Vault read
+/// (timeout, 5xx, a record half-written by a rotation) must never take a working peer off the
+/// gateway; only an identity that is no longer listed is removed. Updates `last` to the result.
+pub fn keep_last_known(
+    fresh: Vec<(String, PeerRecord)>,
+    failed: &[(String, String)],
+    last: &mut BTreeMap<String, PeerRecord>,
+) -> Vec<(String, PeerRecord)> {
+    let mut kept: BTreeMap<String, PeerRecord> = fresh.into_iter().collect();
+    for (id, _) in failed {
+        if let Some(previous) = last.get(id) {
+            kept.entry(id.clone()).or_insert_with(|| previous.clone());
+        }
+    }
+    *last = kept.clone();
+    kept.into_iter().collect()
 }
 
 async fn bind(addr: SocketAddr, state: Arc<GatewayHealth>) -> Result<SocketAddr> {
@@ -625,6 +644,8 @@ struct Gateway {
     health: Arc<GatewayHealth>,
     tunnel: WgTunnel,
     running: PeerTable,
+    /// The peer records last read successfully, by identity ([`keep_last_known`]).
+    last_records: BTreeMap<String, PeerRecord>,
     next_activation: Option<Timestamp>,
     /// KV version of the private record whose key is in use.
     key_version: u64,
@@ -663,11 +684,13 @@ impl Gateway {
     async fn reconcile(&mut self) -> Result<()> {
         let started = Instant::now();
         self.reconcile_key().await?;
-        let (records, errors) =
+        let (fresh, errors) =
             load_peer_records(&self.vault, &self.cfg.kv_mount, &self.cfg.peers_path).await?;
-        for e in &errors {
-            tracing::warn!(error = %e, "peer record left out");
+        for (id, e) in &errors {
+            let kept = self.last_records.contains_key(id);
+            tracing::warn!(identity = %id, error = %e, kept_last_known = kept, "peer record not read");
         }
+        let records = keep_last_known(fresh, &errors, &mut self.last_records);
         let desired = desired_peers(&records, Timestamp::now());
         for (id, why) in &desired.conflicts {
             tracing::warn!(identity = %id, reason = %why, "peer left out");
@@ -876,6 +899,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
         health: health.clone(),
         tunnel,
         running: PeerTable::new(),
+        last_records: BTreeMap::new(),
         next_activation: None,
         key_version: private.version,
         key_due: None,
@@ -930,11 +954,12 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use jiff::{SignedDuration, Timestamp};
 
-    use super::{apply_diff, desired_peers, diff, IpNet, PeerTable};
+    use super::{apply_diff, desired_peers, diff, keep_last_known, IpNet, PeerTable};
     use crate::{
         keys::{generate_keypair, PeerRecord},
         tunnel::{Mode, PeerSpec, PeerStats, Tunnel},
     };
+    use std::collections::BTreeMap;
 
     fn rec(key: &str, addr: &str) -> PeerRecord {
         PeerRecord {
@@ -951,6 +976,44 @@ mod tests {
             .iter()
             .map(|(k, a)| ((*k).to_owned(), vec![a.parse().unwrap()]))
             .collect()
+    }
+
+    #[test]
+    fn a_failed_read_keeps_the_last_known_record_and_an_unlisted_identity_goes() {
+        let mut last = BTreeMap::new();
+        let first = keep_last_known(
+            vec![
+                ("shop/web".into(), rec("A", "10.9.0.2/32")),
+                ("shop/api".into(), rec("B", "10.9.0.3/32")),
+            ],
+            &[],
+            &mut last,
+        );
+        assert_eq!(first.len(), 2);
+        // shop/web's read fails this time: its peer stays, exactly as it was.
+        let second = keep_last_known(
+            vec![("shop/api".into(), rec("B", "10.9.0.3/32"))],
+            &[("shop/web".into(), "503 from Vault".into())],
+            &mut last,
+        );
+        assert_eq!(
+            second,
+            vec![
+                ("shop/api".to_owned(), rec("B", "10.9.0.3/32")),
+                ("shop/web".to_owned(), rec("A", "10.9.0.2/32")),
+            ]
+        );
+        // shop/web no longer listed: gone. A failed read of a never-seen identity adds nothing.
+        let third = keep_last_known(
+            vec![("shop/api".into(), rec("B", "10.9.0.3/32"))],
+            &[("shop/new".into(), "403".into())],
+            &mut last,
+        );
+        assert_eq!(
+            third,
+            vec![("shop/api".to_owned(), rec("B", "10.9.0.3/32"))]
+        );
+        assert_eq!(last.len(), 1);
     }
 
     #[test]
