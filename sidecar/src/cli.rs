@@ -54,6 +54,8 @@ pub enum Command {
     Gateway(Box<crate::gateway::GatewayArgs>),
     /// Key operations in Vault: provision, rotate, provision-gateway.
     Keys(Box<crate::keys::KeysArgs>),
+    /// Vault administration: bootstrap (the policies and roles of a gateway and its Pods).
+    Vault(Box<crate::bootstrap::VaultCommandArgs>),
 }
 
 /// Flags of `wg-sidecar init`.

@@ -51,6 +51,18 @@ pub enum SidecarError {
         /// HTTP status when Vault answered with an error.
         status: Option<u16>,
     },
+    /// A Vault administration call (`vault bootstrap`) failed.
+    #[error("failed to {op} {target} in Vault: {reason}")]
+    VaultAdmin {
+        /// `list auth methods of`, `write policy`, `write role`.
+        op: &'static str,
+        /// The auth mount, policy or role.
+        target: String,
+        /// What went wrong (the API's errors, or the fix when the mount is missing).
+        reason: String,
+        /// HTTP status when Vault answered with an error.
+        status: Option<u16>,
+    },
     /// A key record (Vault or file) is missing a field or has a bad value.
     #[error("invalid key record {source_name}: {reason}")]
     InvalidRecord {

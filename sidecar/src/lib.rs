@@ -8,6 +8,7 @@
 //! Must never: put key material in argv, environment, logs, metrics or errors.
 
 pub mod backoff;
+pub mod bootstrap;
 pub mod cli;
 pub mod error;
 pub mod forwarding;

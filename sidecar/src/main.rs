@@ -82,5 +82,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Keys(args) => wg_sidecar::keys::run(*args)
             .await
             .context("wg-sidecar keys failed"),
+        Command::Vault(args) => wg_sidecar::bootstrap::run(*args)
+            .await
+            .context("wg-sidecar vault failed"),
     }
 }

@@ -356,6 +356,90 @@ impl Vault {
         first
     }
 
+    /// The accessor of the auth method mounted at `mount` (policies name alias metadata by it).
+    pub async fn auth_accessor(&self, mount: &str) -> Result<String> {
+        let client = self.client.read().await;
+        let mounts = vaultrs::sys::auth::list(&*client).await.map_err(|e| {
+            let (reason, status) = client_error_reason(&e);
+            SidecarError::VaultAdmin {
+                op: "list the auth methods for",
+                target: format!("{mount}/"),
+                reason,
+                status,
+            }
+        })?;
+        let key = format!("{}/", mount.trim_matches('/'));
+        match mounts.get(&key) {
+            Some(m) if m.mount_type == "kubernetes" => Ok(m.accessor.clone()),
+            Some(m) => Err(SidecarError::VaultAdmin {
+                op: "use",
+                target: format!("auth mount {key}"),
+                reason: format!("it is a {} auth method, not kubernetes", m.mount_type),
+                status: None,
+            }),
+            None => Err(SidecarError::VaultAdmin {
+                op: "find",
+                target: format!("auth mount {key}"),
+                reason: format!(
+                    "it is not enabled: run `bao auth enable -path={} kubernetes` and write its \
+                     config (docs/install.md, First run, step 1)",
+                    key.trim_end_matches('/')
+                ),
+                status: None,
+            }),
+        }
+    }
+
+    /// Writes (creates or replaces) an ACL policy.
+    pub async fn write_policy(&self, name: &str, hcl: &str) -> Result<()> {
+        let client = self.client.read().await;
+        vaultrs::sys::policy::set(&*client, name, hcl)
+            .await
+            .map_err(|e| {
+                let (reason, status) = client_error_reason(&e);
+                SidecarError::VaultAdmin {
+                    op: "write policy",
+                    target: name.to_owned(),
+                    reason,
+                    status,
+                }
+            })
+    }
+
+    /// Writes (creates or replaces) a Kubernetes-auth role.
+    pub async fn write_kubernetes_role(
+        &self,
+        mount: &str,
+        role: &crate::bootstrap::RoleSpec,
+        audience: &str,
+        ttl: &str,
+    ) -> Result<()> {
+        let client = self.client.read().await;
+        let mut builder = api::auth::kubernetes::requests::CreateKubernetesRoleRequest::builder();
+        builder
+            .bound_service_account_names(role.service_accounts.clone())
+            .bound_service_account_namespaces(role.namespaces.clone())
+            .audience(audience)
+            .token_ttl(ttl)
+            .token_policies(role.policies.clone());
+        vaultrs::auth::kubernetes::role::create(
+            &*client,
+            mount.trim_matches('/'),
+            &role.name,
+            Some(&mut builder),
+        )
+        .await
+        .map_err(|e| {
+            let (reason, status) = client_error_reason(&e);
+            SidecarError::VaultAdmin {
+                op: "write role",
+                target: format!("auth/{}/role/{}", mount.trim_matches('/'), role.name),
+                reason,
+                status,
+            }
+        })
+    }
+
     async fn list_once(&self, mount: &str, path: &str) -> Result<Vec<String>> {
         let client = self.client.read().await;
         let client = &*client;

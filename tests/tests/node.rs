@@ -104,6 +104,35 @@ spec:
     )
 }
 
+/// A Pod of another service account (not injected) holding a projected Vault-audience token.
+fn other_pod(image: &str) -> String {
+    format!(
+        r"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: other, namespace: shop}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: other, namespace: shop, labels: {{app: other}}}}
+spec:
+  serviceAccountName: other
+  # Only the Vault-audience token below; and no wait for a 1.20 legacy token Secret.
+  automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: {image}
+    imagePullPolicy: Never
+    volumeMounts: [{{name: vault-token, mountPath: /var/run/secrets/vault, readOnly: true}}]
+  volumes:
+  - name: vault-token
+    projected:
+      sources:
+      - serviceAccountToken: {{audience: vault, expirationSeconds: 600, path: token}}
+"
+    )
+}
+
 fn job(image: &str) -> String {
     format!(
         r#"apiVersion: batch/v1
@@ -492,13 +521,60 @@ fn the_users_path_on_a_real_node() {
             "the sidecar's args/env carry {secret:?}: {spec_text}"
         );
     }
-    // The kubelet expanded $(VAR) in the args: the sidecar logged in with the role of its own
-    // namespace and service account (the role exists only as wg-shop-web).
+    // The kubelet expanded $(VAR) in the args: the sidecar read --vault-key-path
+    // wg/keys/$(WG_POD_NAMESPACE)/$(WG_POD_SERVICE_ACCOUNT), and the wg-pod policy allows
+    // exactly wg/keys/shop/web to this caller (a literal "$(...)" path would be a 403).
     let sidecar_log = logs(&node, "shop", &web_name, "wg-sidecar");
     assert!(
         !sidecar_log.contains(&vault_token),
         "the sidecar logged the Vault token"
     );
+
+    step(
+        t0,
+        "the one wg-pod role: another service account's Pod gets 403 on shop/web's key",
+    );
+    node.apply(&other_pod(app_image)).unwrap();
+    Node::wait_for("the other Pod Ready", Duration::from_secs(60), || {
+        ready_pods(&node, "shop", "app=other", 1)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", describe(&node, "shop")));
+    let jwt = node
+        .kubectl(&[
+            "-n",
+            "shop",
+            "exec",
+            "other",
+            "-c",
+            "app",
+            "--",
+            "/bin/busybox",
+            "cat",
+            "/var/run/secrets/vault/token",
+        ])
+        .unwrap();
+    let read_as_other = |path: &str| {
+        node.bash(
+            "export BAO_TOKEN=$(printenv JWT | bao write -field=token auth/kubernetes/login role=wg-pod jwt=-)\n\
+             bao kv get -format=json \"$KV_PATH\"",
+            &[("BAO_ADDR", &vault_addr), ("JWT", jwt.trim()), ("KV_PATH", path)],
+        )
+        .unwrap()
+    };
+    let denied = read_as_other("secret/wg/keys/shop/web");
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(
+        !denied.status.success() && stderr.contains("403"),
+        "shop/other read shop/web's key: {stderr}"
+    );
+    let own = read_as_other("secret/wg/keys/shop/other");
+    let stderr = String::from_utf8_lossy(&own.stderr);
+    // Its own path is allowed (and empty: nothing provisioned for it).
+    assert!(
+        !stderr.contains("403"),
+        "shop/other may not even look at its own path: {stderr}"
+    );
+    eprintln!("shop/other -> wg/keys/shop/web: 403; -> wg/keys/shop/other: allowed (no record)");
 
     step(
         t0,

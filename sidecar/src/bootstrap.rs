@@ -1,0 +1,328 @@
+//! `wg-sidecar vault bootstrap`: the Vault policies and Kubernetes-auth roles of one gateway, so
+//! that no workload needs a role or a policy of its own.
+//!
+//! Owns: the pure [`plan`] (policy texts and role specs, golden-tested) and writing it with an
+//! admin token. Pods log in to ONE role (`wg-pod` by default) bound to every service account of
+//! every namespace; its policy is *templated* on the caller's Kubernetes-auth alias metadata, so a
+//! Pod can read only `wg/keys/<its namespace>/<its service account>` and the gateway's public
+//! record. The gateway and the rotation job get their own roles, bound to the chart's service
+//! accounts.
+//! Must never: read or write key material, or weaken a policy it finds (it overwrites its own
+//! policies and roles with exactly the plan; nothing else is touched).
+
+use crate::{
+    error::Result,
+    keys::{LayoutArgs, VaultArgs},
+    vault::Vault,
+};
+
+/// `wg-sidecar vault …`
+#[derive(Debug, Clone, clap::Args)]
+pub struct VaultCommandArgs {
+    /// The operation.
+    #[command(subcommand)]
+    pub op: VaultOp,
+}
+
+/// Vault administration.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum VaultOp {
+    /// Write the policies and Kubernetes-auth roles of a gateway and its Pods (idempotent).
+    Bootstrap(BootstrapArgs),
+}
+
+/// Flags of `vault bootstrap` (each also `WG_SIDECAR_<FLAG>`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct BootstrapArgs {
+    /// The gateway profile: its public record is `<gateways-prefix>/<name>`.
+    #[arg(long, env = "WG_SIDECAR_GATEWAY")]
+    pub gateway: String,
+    /// Namespace the gateway chart is installed in.
+    #[arg(long, env = "WG_SIDECAR_GATEWAY_NAMESPACE")]
+    pub gateway_namespace: String,
+    /// The gateway's service account (default: the chart's name for a release called like the
+    /// gateway: `<gateway>-wg-gateway`, or `<gateway>` when it already contains `wg-gateway`).
+    #[arg(long, env = "WG_SIDECAR_GATEWAY_SERVICE_ACCOUNT")]
+    pub gateway_service_account: Option<String>,
+    /// The rotation job's service account (default: the gateway's plus `-rotate`).
+    #[arg(long, env = "WG_SIDECAR_ROTATE_SERVICE_ACCOUNT")]
+    pub rotate_service_account: Option<String>,
+    /// The one role every injected Pod logs in to (the injector chart's `config.vault.roleTemplate`).
+    #[arg(long, env = "WG_SIDECAR_POD_ROLE", default_value = "wg-pod")]
+    pub pod_role: String,
+    /// The gateway's role (the gateway chart's `vault.role`).
+    #[arg(long, env = "WG_SIDECAR_GATEWAY_ROLE", default_value = "wg-gateway")]
+    pub gateway_role: String,
+    /// The rotation job's role (the gateway chart's `rotation.vaultRole`).
+    #[arg(
+        long,
+        env = "WG_SIDECAR_ROTATE_ROLE",
+        default_value = "wg-gateway-rotate"
+    )]
+    pub rotate_role: String,
+    /// Kubernetes-auth mount the roles are written to (it must be enabled and configured).
+    #[arg(
+        long,
+        env = "WG_SIDECAR_KUBERNETES_AUTH_MOUNT",
+        default_value = "kubernetes"
+    )]
+    pub kubernetes_auth_mount: String,
+    /// Audience the projected tokens carry.
+    #[arg(long, env = "WG_SIDECAR_TOKEN_AUDIENCE", default_value = "vault")]
+    pub audience: String,
+    /// Lifetime of the Vault tokens the roles issue.
+    #[arg(long, env = "WG_SIDECAR_TOKEN_TTL", default_value = "10m")]
+    pub token_ttl: String,
+    /// Folder of the gateways' public records.
+    #[arg(
+        long,
+        env = "WG_SIDECAR_GATEWAYS_PREFIX",
+        default_value = "wg/gateways"
+    )]
+    pub gateways_prefix: String,
+    /// Folder of the gateways' private records.
+    #[arg(
+        long,
+        env = "WG_SIDECAR_GATEWAY_KEYS_PREFIX",
+        default_value = "wg/gateway-keys"
+    )]
+    pub gateway_keys_prefix: String,
+    /// Record layout.
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+    /// Vault connection (an admin token: `--vault-auth token --vault-token-file …`).
+    #[command(flatten)]
+    pub vault: VaultArgs,
+}
+
+/// One Kubernetes-auth role.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RoleSpec {
+    /// Role name.
+    pub name: String,
+    /// `bound_service_account_names`.
+    pub service_accounts: Vec<String>,
+    /// `bound_service_account_namespaces`.
+    pub namespaces: Vec<String>,
+    /// `token_policies`.
+    pub policies: Vec<String>,
+}
+
+/// Everything `bootstrap` writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// `(name, HCL)` of each policy.
+    pub policies: Vec<(String, String)>,
+    /// The roles.
+    pub roles: Vec<RoleSpec>,
+}
+
+/// The gateway chart's service-account name for a release called `gateway`.
+#[must_use]
+pub fn chart_service_account(gateway: &str) -> String {
+    if gateway.contains("wg-gateway") {
+        gateway.to_owned()
+    } else {
+        format!("{gateway}-wg-gateway")
+    }
+}
+
+/// The policies and roles for `args`; `accessor` is the Kubernetes-auth mount's accessor (the
+/// templated policy names the caller's alias metadata through it).
+#[must_use]
+pub fn plan(args: &BootstrapArgs, accessor: &str) -> Plan {
+    let kv = args.vault.vault_kv_mount.trim_matches('/');
+    let gw = &args.gateway;
+    let gateway_record = format!("{kv}/data/{}/{gw}", args.gateways_prefix);
+    let meta = |field: &str| format!("{{{{identity.entity.aliases.{accessor}.metadata.{field}}}}}");
+    let pod_policy = format!(
+        "# Written by `wg-sidecar vault bootstrap`: every injected Pod, scoped to its own\n\
+         # namespace and service account by the Kubernetes-auth alias metadata; the gateways'\n\
+         # records are public (public key, endpoints, networks).\n\
+         path \"{kv}/data/{keys}/{ns}/{sa}\" {{ capabilities = [\"read\"] }}\n\
+         path \"{kv}/data/{gateways}/*\" {{ capabilities = [\"read\"] }}\n",
+        gateways = args.gateways_prefix,
+        keys = args.layout.keys_prefix,
+        ns = meta("service_account_namespace"),
+        sa = meta("service_account_name"),
+    );
+    let gateway_policy = format!(
+        "# Written by `wg-sidecar vault bootstrap`: the gateway {gw} reads the peers and its keys.\n\
+         path \"{kv}/data/{peers}/*\" {{ capabilities = [\"read\"] }}\n\
+         path \"{kv}/metadata/{peers}/*\" {{ capabilities = [\"list\"] }}\n\
+         path \"{gateway_record}\" {{ capabilities = [\"read\"] }}\n\
+         path \"{kv}/data/{gateway_keys}/{gw}\" {{ capabilities = [\"read\"] }}\n",
+        peers = args.layout.peers_prefix,
+        gateway_keys = args.gateway_keys_prefix,
+    );
+    let rotate_policy = format!(
+        "# Written by `wg-sidecar vault bootstrap`: the rotation job writes with check-and-set.\n\
+         path \"{kv}/data/wg/*\" {{ capabilities = [\"create\", \"update\", \"read\"] }}\n\
+         path \"{kv}/metadata/wg/*\" {{ capabilities = [\"list\", \"read\"] }}\n"
+    );
+    let gateway_sa = args
+        .gateway_service_account
+        .clone()
+        .unwrap_or_else(|| chart_service_account(gw));
+    let rotate_sa = args
+        .rotate_service_account
+        .clone()
+        .unwrap_or_else(|| format!("{gateway_sa}-rotate"));
+    // Each role has the policy of its own name.
+    let pod_policy_name = args.pod_role.clone();
+    let gateway_policy_name = args.gateway_role.clone();
+    let rotate_policy_name = args.rotate_role.clone();
+    Plan {
+        roles: vec![
+            RoleSpec {
+                name: args.pod_role.clone(),
+                service_accounts: vec!["*".into()],
+                namespaces: vec!["*".into()],
+                policies: vec![pod_policy_name.clone()],
+            },
+            RoleSpec {
+                name: args.gateway_role.clone(),
+                service_accounts: vec![gateway_sa],
+                namespaces: vec![args.gateway_namespace.clone()],
+                policies: vec![gateway_policy_name.clone()],
+            },
+            RoleSpec {
+                name: args.rotate_role.clone(),
+                service_accounts: vec![rotate_sa],
+                namespaces: vec![args.gateway_namespace.clone()],
+                policies: vec![rotate_policy_name.clone()],
+            },
+        ],
+        policies: vec![
+            (pod_policy_name, pod_policy),
+            (gateway_policy_name, gateway_policy),
+            (rotate_policy_name, rotate_policy),
+        ],
+    }
+}
+
+/// `wg-sidecar vault …`
+pub async fn run(args: VaultCommandArgs) -> Result<()> {
+    match args.op {
+        VaultOp::Bootstrap(args) => bootstrap(&args).await,
+    }
+}
+
+async fn bootstrap(args: &BootstrapArgs) -> Result<()> {
+    let vault = Vault::new(args.vault.settings()?)?;
+    vault.login().await?;
+    let accessor = vault.auth_accessor(&args.kubernetes_auth_mount).await?;
+    let plan = plan(args, &accessor);
+    for (name, hcl) in &plan.policies {
+        vault.write_policy(name, hcl).await?;
+        println!(
+            "{}",
+            serde_json::json!({"kind": "policy", "name": name, "written": true})
+        );
+    }
+    for role in &plan.roles {
+        vault
+            .write_kubernetes_role(
+                &args.kubernetes_auth_mount,
+                role,
+                &args.audience,
+                &args.token_ttl,
+            )
+            .await?;
+        println!(
+            "{}",
+            serde_json::json!({"kind": "role", "mount": args.kubernetes_auth_mount, "name": role.name,
+                "service_accounts": role.service_accounts, "namespaces": role.namespaces,
+                "policies": role.policies, "written": true})
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: BootstrapArgs,
+    }
+
+    fn args(extra: &[&str]) -> BootstrapArgs {
+        let argv = [
+            "x",
+            "--gateway",
+            "vpn-gateway",
+            "--gateway-namespace",
+            "vpn",
+            "--vault-addr",
+            "http://127.0.0.1:1",
+        ]
+        .iter()
+        .chain(extra)
+        .copied();
+        Cli::try_parse_from(argv).unwrap().args
+    }
+
+    #[test]
+    fn pods_get_one_role_whose_policy_is_scoped_to_their_own_namespace_and_service_account() {
+        let p = plan(&args(&[]), "auth_kubernetes_1a2b");
+        let pod = &p.roles[0];
+        assert_eq!(pod.name, "wg-pod");
+        assert_eq!(
+            (pod.service_accounts.as_slice(), pod.namespaces.as_slice()),
+            (&["*".to_owned()][..], &["*".to_owned()][..])
+        );
+        let (name, hcl) = &p.policies[0];
+        assert_eq!(name, "wg-pod");
+        assert_eq!(pod.policies, std::slice::from_ref(name));
+        assert!(hcl.contains(
+            "path \"secret/data/wg/keys/{{identity.entity.aliases.auth_kubernetes_1a2b.metadata.service_account_namespace}}/{{identity.entity.aliases.auth_kubernetes_1a2b.metadata.service_account_name}}\" { capabilities = [\"read\"] }"
+        ), "{hcl}");
+        assert!(
+            hcl.contains("path \"secret/data/wg/gateways/*\" { capabilities = [\"read\"] }"),
+            "{hcl}"
+        );
+        // Nothing else: no wildcard over other identities, no write.
+        assert_eq!(hcl.matches("path ").count(), 2, "{hcl}");
+        assert!(!hcl.contains("update") && !hcl.contains("create"), "{hcl}");
+    }
+
+    #[test]
+    fn the_gateway_and_rotation_roles_bind_the_charts_service_accounts() {
+        let p = plan(&args(&[]), "acc");
+        assert_eq!(p.roles[1].name, "wg-gateway");
+        assert_eq!(p.roles[1].service_accounts, ["vpn-gateway-wg-gateway"]);
+        assert_eq!(p.roles[1].namespaces, ["vpn"]);
+        assert_eq!(p.roles[2].name, "wg-gateway-rotate");
+        assert_eq!(
+            p.roles[2].service_accounts,
+            ["vpn-gateway-wg-gateway-rotate"]
+        );
+        let gw = &p.policies[1].1;
+        assert!(
+            gw.contains(
+                "path \"secret/data/wg/gateway-keys/vpn-gateway\" { capabilities = [\"read\"] }"
+            ),
+            "{gw}"
+        );
+        assert!(
+            gw.contains("path \"secret/metadata/wg/peers/*\" { capabilities = [\"list\"] }"),
+            "{gw}"
+        );
+        // A release named like the chart keeps its name; explicit accounts win.
+        assert_eq!(chart_service_account("corp-wg-gateway"), "corp-wg-gateway");
+        let p = plan(
+            &args(&["--gateway-service-account", "gw", "--vault-kv-mount", "kv"]),
+            "acc",
+        );
+        assert_eq!(p.roles[1].service_accounts, ["gw"]);
+        assert_eq!(p.roles[2].service_accounts, ["gw-rotate"]);
+        assert!(p.policies[1]
+            .1
+            .contains("path \"kv/data/wg/gateways/vpn-gateway\""));
+    }
+}
