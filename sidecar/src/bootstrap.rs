@@ -12,7 +12,7 @@
 
 use crate::{
     error::Result,
-    keys::{LayoutArgs, VaultArgs},
+    keys::{GatewayLayoutArgs, LayoutArgs, VaultArgs},
     vault::Vault,
 };
 
@@ -73,20 +73,9 @@ pub struct BootstrapArgs {
     /// Lifetime of the Vault tokens the roles issue.
     #[arg(long, env = "WG_SIDECAR_TOKEN_TTL", default_value = "10m")]
     pub token_ttl: String,
-    /// Folder of the gateways' public records.
-    #[arg(
-        long,
-        env = "WG_SIDECAR_GATEWAYS_PREFIX",
-        default_value = "wg/gateways"
-    )]
-    pub gateways_prefix: String,
-    /// Folder of the gateways' private records.
-    #[arg(
-        long,
-        env = "WG_SIDECAR_GATEWAY_KEYS_PREFIX",
-        default_value = "wg/gateway-keys"
-    )]
-    pub gateway_keys_prefix: String,
+    /// Where the gateway records live.
+    #[command(flatten)]
+    pub gateway_layout: GatewayLayoutArgs,
     /// Record layout.
     #[command(flatten)]
     pub layout: LayoutArgs,
@@ -133,7 +122,7 @@ pub fn chart_service_account(gateway: &str) -> String {
 pub fn plan(args: &BootstrapArgs, accessor: &str) -> Plan {
     let kv = args.vault.vault_kv_mount.trim_matches('/');
     let gw = &args.gateway;
-    let gateway_record = format!("{kv}/data/{}/{gw}", args.gateways_prefix);
+    let gateway_record = format!("{kv}/data/{}/{gw}", args.gateway_layout.gateways_prefix);
     let meta = |field: &str| format!("{{{{identity.entity.aliases.{accessor}.metadata.{field}}}}}");
     let pod_policy = format!(
         "# Written by `wg-sidecar vault bootstrap`: every injected Pod, scoped to its own\n\
@@ -141,7 +130,7 @@ pub fn plan(args: &BootstrapArgs, accessor: &str) -> Plan {
          # records are public (public key, endpoints, networks).\n\
          path \"{kv}/data/{keys}/{ns}/{sa}\" {{ capabilities = [\"read\"] }}\n\
          path \"{kv}/data/{gateways}/*\" {{ capabilities = [\"read\"] }}\n",
-        gateways = args.gateways_prefix,
+        gateways = args.gateway_layout.gateways_prefix,
         keys = args.layout.keys_prefix,
         ns = meta("service_account_namespace"),
         sa = meta("service_account_name"),
@@ -153,7 +142,7 @@ pub fn plan(args: &BootstrapArgs, accessor: &str) -> Plan {
          path \"{gateway_record}\" {{ capabilities = [\"read\"] }}\n\
          path \"{kv}/data/{gateway_keys}/{gw}\" {{ capabilities = [\"read\"] }}\n",
         peers = args.layout.peers_prefix,
-        gateway_keys = args.gateway_keys_prefix,
+        gateway_keys = args.gateway_layout.gateway_keys_prefix,
     );
     let rotate_policy = format!(
         "# Written by `wg-sidecar vault bootstrap`: the rotation job writes with check-and-set.\n\

@@ -125,6 +125,25 @@ pub struct LayoutArgs {
     pub allocations_prefix: String,
 }
 
+/// Where the gateways' records live (prefixes under the KV mount).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayLayoutArgs {
+    /// Folder of the public gateway records.
+    #[arg(
+        long,
+        env = "WG_SIDECAR_GATEWAYS_PREFIX",
+        default_value = "wg/gateways"
+    )]
+    pub gateways_prefix: String,
+    /// Folder of the gateways' private records.
+    #[arg(
+        long,
+        env = "WG_SIDECAR_GATEWAY_KEYS_PREFIX",
+        default_value = "wg/gateway-keys"
+    )]
+    pub gateway_keys_prefix: String,
+}
+
 /// `wg-sidecar keys …`
 #[derive(Debug, Clone, clap::Args)]
 pub struct KeysArgs {
@@ -218,20 +237,9 @@ pub struct ProvisionGatewayArgs {
     /// the public record so sidecars treat a silent session as a dead gateway (0 = none).
     #[arg(long, env = "WG_SIDECAR_PEER_KEEPALIVE", default_value_t = 5)]
     pub peer_keepalive: u16,
-    /// Folder of the public gateway records.
-    #[arg(
-        long,
-        env = "WG_SIDECAR_GATEWAYS_PREFIX",
-        default_value = "wg/gateways"
-    )]
-    pub gateways_prefix: String,
-    /// Folder of the gateways' private records.
-    #[arg(
-        long,
-        env = "WG_SIDECAR_GATEWAY_KEYS_PREFIX",
-        default_value = "wg/gateway-keys"
-    )]
-    pub gateway_keys_prefix: String,
+    /// Where the gateway records live.
+    #[command(flatten)]
+    pub gateway_layout: GatewayLayoutArgs,
     /// Vault connection.
     #[command(flatten)]
     pub vault: VaultArgs,
@@ -903,8 +911,8 @@ pub async fn rotate(vault: &Vault, args: &RotateArgs) -> Result<Vec<Rotated>> {
 /// and its public record (`public_key`, `endpoints`, `allowed_ips`) always.
 pub async fn provision_gateway(vault: &Vault, args: &ProvisionGatewayArgs) -> Result<Provisioned> {
     let mount = &args.vault.vault_kv_mount;
-    let key_path = format!("{}/{}", args.gateway_keys_prefix, args.name);
-    let pub_path = format!("{}/{}", args.gateways_prefix, args.name);
+    let key_path = format!("{}/{}", args.gateway_layout.gateway_keys_prefix, args.name);
+    let pub_path = format!("{}/{}", args.gateway_layout.gateways_prefix, args.name);
     let (public_key, address, created) = if let Some(rec) =
         read_opt(vault, mount, &key_path).await?
     {
