@@ -1,6 +1,6 @@
 # wg-injector: the few commands a contributor needs. `make test` is what CI runs.
 SHELL := /bin/bash
-.PHONY: demo lab test test-unit lint bench fuzz
+.PHONY: demo lab test test-unit test-node lint bench fuzz
 
 ## Inject the sidecar into the bundled example Pod (needs nothing but cargo).
 demo:
@@ -14,6 +14,11 @@ lab:
 test: lab
 	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast
+
+## Tier 5 only: a real kubelet node, the charts installed as docs/install.md says (root).
+test-node: lab
+	cargo build -p wg-sidecar
+	cargo test -p wg-e2e --test node_fixture --test node -- --nocapture
 
 ## Unit and golden tests only (no root, no lab).
 test-unit:
