@@ -485,18 +485,14 @@ impl Node {
         Ok(())
     }
 
-    fn daemon_log(&self, name: &str) -> String {
+    /// The last output of a node daemon (`kubelet`, `containerd`, `kube-apiserver`, …).
+    #[must_use]
+    pub fn log_of(&self, name: &str) -> String {
         self.daemons
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, d)| d.log_tail(4000))
             .unwrap_or_default()
-    }
-
-    /// The last output of a node daemon (`kubelet`, `containerd`, `kube-apiserver`, …).
-    #[must_use]
-    pub fn log_of(&self, name: &str) -> String {
-        self.daemon_log(name)
     }
 
     fn stamp(&self, what: &str) {
@@ -547,7 +543,7 @@ impl Node {
                 .success()
                 .then_some(()))
         })
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.daemon_log("containerd")))?;
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.log_of("containerd")))?;
         self.stamp("containerd up");
         let mut refs: Vec<&str> = images.to_vec();
         refs.push(PAUSE_IMAGE);
@@ -582,7 +578,7 @@ impl Node {
             self.run_ok("kubectl", &["get", "--raw", "/readyz"])
                 .map(|_| Some(()))
         })
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.daemon_log("kube-apiserver")))?;
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.log_of("kube-apiserver")))?;
         self.stamp("kube-apiserver ready");
 
         let kc = self.kubeconfig().display().to_string();
@@ -686,7 +682,7 @@ impl Node {
             )?;
             Ok((String::from_utf8_lossy(&out.stdout).trim() == "True").then_some(()))
         })
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.daemon_log("kubelet")))?;
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.log_of("kubelet")))?;
         self.stamp("node Ready");
         Self::wait_for(
             "the default ServiceAccount",
@@ -709,26 +705,16 @@ impl Node {
             let tar = self
                 .path("images")
                 .join(format!("{}.tar", reference.replace(['/', ':'], "_")));
-            let out = Command::new("podman")
-                .args([
-                    "--runtime",
-                    "runc",
-                    "--cgroup-manager",
-                    "cgroupfs",
-                    "--events-backend",
-                    "file",
-                ])
-                .args(["save", "--format", "docker-archive", "-o"])
-                .arg(&tar)
-                .arg(reference)
-                .output()
-                .context("failed to run podman save")?;
-            if !out.status.success() {
-                bail!(
-                    "podman save {reference} failed (build it with `bash scripts/build-images.sh`): {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
+            let tar_path = tar.display().to_string();
+            crate::podman::podman_ok(&[
+                "save",
+                "--format",
+                "docker-archive",
+                "-o",
+                &tar_path,
+                reference,
+            ])
+            .with_context(|| format!("build {reference} with `bash scripts/build-images.sh`"))?;
             self.run_ok(
                 "ctr",
                 &[
@@ -738,7 +724,7 @@ impl Node {
                     "k8s.io",
                     "images",
                     "import",
-                    &tar.display().to_string(),
+                    &tar_path,
                 ],
             )?;
         }
