@@ -300,6 +300,28 @@ fn sidecar_with_openbao_keys_tunnels_ping_and_tcp_goes_ready_hides_keys_and_stop
     assert!(pod.run("ping", &["-c1", "-W1", GW_TUN_IP]).is_err());
 }
 
+/// `wg-sidecar run` with the file key source of [`file_keys`], the test's route and `extra` flags.
+fn file_key_run(ifname: &str, dir: &Path, health_addr: &str, extra: &[&str]) -> Vec<String> {
+    let key_dir = dir.join("keys");
+    let mut args = strings(&[
+        "run",
+        "--interface",
+        ifname,
+        "--gateway",
+        "corp",
+        "--routes",
+        ROUTE,
+        "--key-source",
+        "file",
+        "--key-dir",
+        key_dir.to_str().unwrap(),
+        "--health-addr",
+        health_addr,
+    ]);
+    args.extend(strings(extra));
+    args
+}
+
 fn file_keys(dir: &Path, private: &str, gw_pub: &str, endpoints: &str) {
     let k = dir.join("keys");
     fs::create_dir_all(&k).unwrap();
@@ -323,21 +345,7 @@ fn ready_returns_to_503_when_the_gateway_goes_away() {
     let ifname = lab::unique("ws");
     let _sidecar = spawn_sidecar(
         &pod,
-        &strings(&[
-            "run",
-            "--interface",
-            &ifname,
-            "--gateway",
-            "corp",
-            "--routes",
-            ROUTE,
-            "--key-source",
-            "file",
-            "--key-dir",
-            dir.path().join("keys").to_str().unwrap(),
-            "--health-addr",
-            "127.0.0.1:9901",
-        ]),
+        &file_key_run(&ifname, dir.path(), "127.0.0.1:9901", &[]),
         &log,
     )
     .unwrap();
@@ -379,21 +387,7 @@ fn a_post_to_quitquitquit_over_the_pods_loopback_stops_the_sidecar_like_sigterm(
     let ifname = lab::unique("ws");
     let mut sidecar = spawn_sidecar(
         &pod,
-        &strings(&[
-            "run",
-            "--interface",
-            &ifname,
-            "--gateway",
-            "corp",
-            "--routes",
-            ROUTE,
-            "--key-source",
-            "file",
-            "--key-dir",
-            dir.path().join("keys").to_str().unwrap(),
-            "--health-addr",
-            "0.0.0.0:9901",
-        ]),
+        &file_key_run(&ifname, dir.path(), "0.0.0.0:9901", &[]),
         &log,
     )
     .unwrap();
@@ -636,23 +630,12 @@ fn a_dead_first_endpoint_fails_over_to_the_second_gateway() {
     let ifname = lab::unique("ws");
     let _sidecar = spawn_sidecar(
         &pod,
-        &strings(&[
-            "run",
-            "--interface",
+        &file_key_run(
             &ifname,
-            "--gateway",
-            "corp",
-            "--routes",
-            ROUTE,
-            "--key-source",
-            "file",
-            "--key-dir",
-            dir.path().join("keys").to_str().unwrap(),
-            "--health-addr",
+            dir.path(),
             "127.0.0.1:9901",
-            "--failover-after",
-            "2",
-        ]),
+            &["--failover-after", "2"],
+        ),
         &log,
     )
     .unwrap();
