@@ -524,10 +524,28 @@ fn the_users_path_on_a_real_node() {
     // The kubelet expanded $(VAR) in the args: the sidecar read --vault-key-path
     // wg/keys/$(WG_POD_NAMESPACE)/$(WG_POD_SERVICE_ACCOUNT), and the wg-pod policy allows
     // exactly wg/keys/shop/web to this caller (a literal "$(...)" path would be a 403).
+    // The Pod's private key (read here with the admin token) appears nowhere a user or a log
+    // collector sees: not in the sidecar's log, not anywhere in the Pod object.
+    let private_key = node
+        .bash(
+            "bao kv get -field=private_key secret/wg/keys/shop/web",
+            &[("BAO_ADDR", &vault_addr), ("BAO_TOKEN", &vault_token)],
+        )
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap();
+    assert_eq!(private_key.len(), 44, "not a base64 WireGuard key");
     let sidecar_log = logs(&node, "shop", &web_name, "wg-sidecar");
     assert!(
-        !sidecar_log.contains(&vault_token),
-        "the sidecar logged the Vault token"
+        sidecar_log.contains("tunnel") || sidecar_log.contains("ready"),
+        "no sidecar log to check: {sidecar_log}"
+    );
+    assert!(
+        !sidecar_log.contains(&private_key),
+        "the sidecar logged its private key"
+    );
+    assert!(
+        !web.to_string().contains(&private_key),
+        "the Pod object carries the private key"
     );
 
     step(
