@@ -300,6 +300,17 @@ fn sidecar_with_openbao_keys_tunnels_ping_and_tcp_goes_ready_hides_keys_and_stop
     assert!(pod.run("ping", &["-c1", "-W1", GW_TUN_IP]).is_err());
 }
 
+/// A fresh Pod key folder in `dir` (see [`file_keys`]) and a `wireguard-go` gateway in `gw` that
+/// knows the Pod's key.
+fn gateway_for_file_keys(gw: &Netns, dir: &Path) -> WgGoPeer {
+    let (pod_priv, pod_pub) = keypair();
+    let gwkey = keypair();
+    file_keys(dir, &pod_priv, &gwkey.1, "192.168.77.1:51820");
+    let gwpeer = WgGoPeer::start_with_key(gw, GW_TUN, 51820, &gwkey).unwrap();
+    gwpeer.set_peer(&pod_pub, POD_TUN, None).unwrap();
+    gwpeer
+}
+
 /// `wg-sidecar run` with the file key source of [`file_keys`], the test's route and `extra` flags.
 fn file_key_run(ifname: &str, dir: &Path, health_addr: &str, extra: &[&str]) -> Vec<String> {
     let key_dir = dir.join("keys");
@@ -336,11 +347,7 @@ fn ready_returns_to_503_when_the_gateway_goes_away() {
     require_root();
     let (pod, gw, _vp) = topology();
     let dir = scratch();
-    let (pod_priv, pod_pub) = keypair();
-    let gwkey = keypair();
-    file_keys(dir.path(), &pod_priv, &gwkey.1, "192.168.77.1:51820");
-    let gwpeer = WgGoPeer::start_with_key(&gw, GW_TUN, 51820, &gwkey).unwrap();
-    gwpeer.set_peer(&pod_pub, POD_TUN, None).unwrap();
+    let gwpeer = gateway_for_file_keys(&gw, dir.path());
     let log = dir.path().join("sidecar.log");
     let ifname = lab::unique("ws");
     let _sidecar = spawn_sidecar(
@@ -378,11 +385,7 @@ fn a_post_to_quitquitquit_over_the_pods_loopback_stops_the_sidecar_like_sigterm(
     require_root();
     let (pod, gw, _vp) = topology();
     let dir = scratch();
-    let (pod_priv, pod_pub) = keypair();
-    let gwkey = keypair();
-    file_keys(dir.path(), &pod_priv, &gwkey.1, "192.168.77.1:51820");
-    let gwpeer = WgGoPeer::start_with_key(&gw, GW_TUN, 51820, &gwkey).unwrap();
-    gwpeer.set_peer(&pod_pub, POD_TUN, None).unwrap();
+    let _gwpeer = gateway_for_file_keys(&gw, dir.path());
     let log = dir.path().join("sidecar.log");
     let ifname = lab::unique("ws");
     let mut sidecar = spawn_sidecar(
