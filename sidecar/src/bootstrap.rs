@@ -124,24 +124,35 @@ pub fn plan(args: &BootstrapArgs, accessor: &str) -> Plan {
     let gw = &args.gateway;
     let gateway_record = format!("{kv}/data/{}/{gw}", args.gateway_layout.gateways_prefix);
     let meta = |field: &str| format!("{{{{identity.entity.aliases.{accessor}.metadata.{field}}}}}");
+    let ns = meta("service_account_namespace");
+    let sa = meta("service_account_name");
+    let peers = args.layout.peers_prefix.trim_end_matches('/');
+    let addresses = args.layout.addresses_prefix.trim_end_matches('/');
     let pod_policy = format!(
         "# Written by `wg-sidecar vault bootstrap`: every injected Pod, scoped to its own\n\
-         # namespace and service account by the Kubernetes-auth alias metadata; the gateways'\n\
-         # records are public (public key, endpoints, networks).\n\
-         path \"{kv}/data/{keys}/{ns}/{sa}\" {{ capabilities = [\"read\"] }}\n\
+         # namespace and service account by the Kubernetes-auth alias metadata. A Pod publishes\n\
+         # its public record below its own namespace and service account (any gateway), claims a\n\
+         # free tunnel address (create only: a claim is never overwritten or deleted by a Pod),\n\
+         # reads a static identity's per-Pod key, and reads the gateways' public records.\n\
+         path \"{kv}/data/{peers}/+/{ns}/{sa}/*\" {{ capabilities = [\"create\", \"update\", \"read\"] }}\n\
+         path \"{kv}/data/{addresses}/+/*\" {{ capabilities = [\"create\"] }}\n\
+         path \"{kv}/metadata/{addresses}/*\" {{ capabilities = [\"list\"] }}\n\
+         path \"{kv}/data/{keys}/{ns}/{sa}/*\" {{ capabilities = [\"read\"] }}\n\
          path \"{kv}/data/{gateways}/*\" {{ capabilities = [\"read\"] }}\n",
         gateways = args.gateway_layout.gateways_prefix,
         keys = args.layout.keys_prefix,
-        ns = meta("service_account_namespace"),
-        sa = meta("service_account_name"),
     );
     let gateway_policy = format!(
-        "# Written by `wg-sidecar vault bootstrap`: the gateway {gw} reads the peers and its keys.\n\
-         path \"{kv}/data/{peers}/*\" {{ capabilities = [\"read\"] }}\n\
-         path \"{kv}/metadata/{peers}/*\" {{ capabilities = [\"list\"] }}\n\
+        "# Written by `wg-sidecar vault bootstrap`: the gateway {gw} reads its Pods' records and\n\
+         # claims, releases them when a Pod is gone, and reads its keys.\n\
+         path \"{kv}/data/{peers}/{gw}/*\" {{ capabilities = [\"read\"] }}\n\
+         path \"{kv}/metadata/{peers}/{gw}/*\" {{ capabilities = [\"list\", \"read\", \"delete\"] }}\n\
+         path \"{kv}/metadata/{peers}/{gw}\" {{ capabilities = [\"list\"] }}\n\
+         path \"{kv}/data/{addresses}/{gw}/*\" {{ capabilities = [\"read\"] }}\n\
+         path \"{kv}/metadata/{addresses}/{gw}/*\" {{ capabilities = [\"list\", \"read\", \"delete\"] }}\n\
+         path \"{kv}/metadata/{addresses}/{gw}\" {{ capabilities = [\"list\"] }}\n\
          path \"{gateway_record}\" {{ capabilities = [\"read\"] }}\n\
          path \"{kv}/data/{gateway_keys}/{gw}\" {{ capabilities = [\"read\"] }}\n",
-        peers = args.layout.peers_prefix,
         gateway_keys = args.gateway_layout.gateway_keys_prefix,
     );
     let rotate_policy = format!(
@@ -268,16 +279,21 @@ mod tests {
         let (name, hcl) = &p.policies[0];
         assert_eq!(name, "wg-pod");
         assert_eq!(pod.policies, std::slice::from_ref(name));
-        assert!(hcl.contains(
-            "path \"secret/data/wg/keys/{{identity.entity.aliases.auth_kubernetes_1a2b.metadata.service_account_namespace}}/{{identity.entity.aliases.auth_kubernetes_1a2b.metadata.service_account_name}}\" { capabilities = [\"read\"] }"
-        ), "{hcl}");
-        assert!(
-            hcl.contains("path \"secret/data/wg/gateways/*\" { capabilities = [\"read\"] }"),
-            "{hcl}"
-        );
-        // Nothing else: no wildcard over other identities, no write.
-        assert_eq!(hcl.matches("path ").count(), 2, "{hcl}");
-        assert!(!hcl.contains("update") && !hcl.contains("create"), "{hcl}");
+        let id = "{{identity.entity.aliases.auth_kubernetes_1a2b.metadata.service_account_namespace}}/{{identity.entity.aliases.auth_kubernetes_1a2b.metadata.service_account_name}}";
+        let expected = [
+            format!("path \"secret/data/wg/peers/+/{id}/*\" {{ capabilities = [\"create\", \"update\", \"read\"] }}"),
+            "path \"secret/data/wg/addresses/+/*\" { capabilities = [\"create\"] }".to_owned(),
+            "path \"secret/metadata/wg/addresses/*\" { capabilities = [\"list\"] }".to_owned(),
+            format!("path \"secret/data/wg/keys/{id}/*\" {{ capabilities = [\"read\"] }}"),
+            "path \"secret/data/wg/gateways/*\" { capabilities = [\"read\"] }".to_owned(),
+        ];
+        for line in &expected {
+            assert!(hcl.contains(line.as_str()), "missing {line}\n{hcl}");
+        }
+        // Nothing else: no path over other identities, no delete, claims never updated.
+        assert_eq!(hcl.matches("path ").count(), expected.len(), "{hcl}");
+        assert!(!hcl.contains("delete"), "{hcl}");
+        assert_eq!(hcl.matches("update").count(), 1, "{hcl}");
     }
 
     #[test]
@@ -299,7 +315,7 @@ mod tests {
             "{gw}"
         );
         assert!(
-            gw.contains("path \"secret/metadata/wg/peers/*\" { capabilities = [\"list\"] }"),
+            gw.contains("path \"secret/metadata/wg/peers/vpn-gateway/*\" { capabilities = [\"list\", \"read\", \"delete\"] }"),
             "{gw}"
         );
         // A release named like the chart keeps its name; explicit accounts win.

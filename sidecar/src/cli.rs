@@ -15,6 +15,7 @@ use ipnet::IpNet;
 
 use crate::{
     error::{Result, SidecarError},
+    registration::{Layout, PodIdentity},
     vault::{VaultAuth, VaultSettings},
 };
 
@@ -167,9 +168,33 @@ pub struct RunArgs {
     /// KV v2 mount.
     #[arg(long, env = "WG_SIDECAR_VAULT_KV_MOUNT", default_value = "secret")]
     pub vault_kv_mount: String,
-    /// The Pod's private record, e.g. `wg/keys/shop/web`.
+    /// A static identity's private record (a fixed key, one per Pod, e.g.
+    /// `wg/keys/db/db/db-0`). Without it the key is born in the Pod and registered.
     #[arg(long, env = "WG_SIDECAR_VAULT_KEY_PATH")]
     pub vault_key_path: Option<String>,
+    /// Folder of the Pods' public records (`<path>/<gateway>/<ns>/<sa>/<pod-uid>`).
+    #[arg(long, env = "WG_SIDECAR_VAULT_PEERS_PATH", default_value = "wg/peers")]
+    pub vault_peers_path: String,
+    /// Folder of the tunnel-address claims (`<path>/<gateway>/<address>`).
+    #[arg(
+        long,
+        env = "WG_SIDECAR_VAULT_ADDRESSES_PATH",
+        default_value = "wg/addresses"
+    )]
+    pub vault_addresses_path: String,
+    /// The Pod's namespace (downward API).
+    #[arg(long, env = "WG_POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+    /// The Pod's service account (downward API).
+    #[arg(long, env = "WG_POD_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+    /// The Pod's name (downward API).
+    #[arg(long, env = "WG_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// The Pod's UID (downward API); with it the sidecar registers itself (see
+    /// `registration`), together with the three flags above.
+    #[arg(long, env = "WG_POD_UID")]
+    pub pod_uid: Option<String>,
     /// The gateway record (default `wg/gateways/<gateway>`).
     #[arg(long, env = "WG_SIDECAR_VAULT_GATEWAY_PATH")]
     pub vault_gateway_path: Option<String>,
@@ -185,6 +210,8 @@ pub struct RunArgs {
 }
 
 /// Where the running sidecar gets its keys, validated.
+// Built once at startup and moved into the run loop: boxing the Vault variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum KeySourceConfig {
     /// Vault / OpenBao.
@@ -193,10 +220,13 @@ pub enum KeySourceConfig {
         settings: VaultSettings,
         /// KV v2 mount.
         kv_mount: String,
-        /// The Pod's private record.
-        key_path: String,
+        /// A static identity's private record (`None`: the key is born in the Pod).
+        key_path: Option<String>,
         /// The gateway record.
         gateway_path: String,
+        /// Registration (the Pod's identity and the record layout); `None` for a hand-wired
+        /// sidecar outside Kubernetes, which reads a complete private record from `key_path`.
+        registration: Option<(PodIdentity, Layout)>,
     },
     /// A mounted folder.
     File {
@@ -236,6 +266,37 @@ pub struct RunConfig {
 const MAX_IFNAME: usize = 15;
 
 impl RunArgs {
+    /// The Pod identity and record layout when the four `--pod-*` flags are given.
+    fn registration(&self) -> Result<Option<(PodIdentity, Layout)>> {
+        let bad = |m: &str| SidecarError::InvalidConfig(m.to_owned());
+        Ok(match (
+            &self.pod_namespace,
+            &self.service_account,
+            &self.pod_name,
+            &self.pod_uid,
+        ) {
+            // An older injector sets only the namespace and service account (for
+            // its key-path placeholders): no UID, no registration.
+            (_, _, _, None) => None,
+            (Some(ns), Some(sa), Some(name), Some(uid)) => Some((
+                PodIdentity::new(ns, sa, name, uid)?,
+                Layout {
+                    kv_mount: self.vault_kv_mount.clone(),
+                    peers_prefix: self.vault_peers_path.trim_end_matches('/').to_owned(),
+                    addresses_prefix: self
+                        .vault_addresses_path
+                        .trim_end_matches('/')
+                        .to_owned(),
+                },
+            )),
+            _ => {
+                return Err(bad(
+                    "--pod-uid needs --pod-namespace, --service-account and --pod-name (WG_POD_*; the injector sets all four)",
+                ))
+            }
+        })
+    }
+
     /// Validates the flags; errors name the flag at fault.
     pub fn into_config(self) -> Result<RunConfig> {
         let bad = |m: &str| SidecarError::InvalidConfig(m.to_owned());
@@ -259,12 +320,16 @@ impl RunArgs {
         let key_source = match self.key_source {
             KeySourceKind::File => KeySourceConfig::File { dir: self.key_dir },
             KeySourceKind::Vault => {
+                let registration = self.registration()?;
                 let addr = self
                     .vault_addr
                     .ok_or_else(|| bad("--vault-addr is required with --key-source vault"))?;
-                let key_path = self
-                    .vault_key_path
-                    .ok_or_else(|| bad("--vault-key-path is required with --key-source vault"))?;
+                let key_path = self.vault_key_path;
+                if registration.is_none() && key_path.is_none() {
+                    return Err(bad(
+                        "--key-source vault needs the Pod's identity (--pod-namespace, --service-account, --pod-name, --pod-uid; the injector sets WG_POD_*) to register a key born in the Pod, or --vault-key-path for a hand-wired sidecar",
+                    ));
+                }
                 let auth = match self.vault_auth {
                     VaultAuthKind::Kubernetes => VaultAuth::Kubernetes {
                         mount: self.vault_auth_mount.unwrap_or_else(|| "kubernetes".into()),
@@ -297,6 +362,7 @@ impl RunArgs {
                     gateway_path: self
                         .vault_gateway_path
                         .unwrap_or_else(|| format!("wg/gateways/{}", self.gateway)),
+                    registration,
                 }
             }
         };

@@ -123,6 +123,13 @@ pub struct LayoutArgs {
         default_value = "wg/allocations"
     )]
     pub allocations_prefix: String,
+    /// Folder of the registered Pods' address claims (`<prefix>/<gateway>/<address>`).
+    #[arg(
+        long,
+        env = "WG_SIDECAR_ADDRESSES_PREFIX",
+        default_value = "wg/addresses"
+    )]
+    pub addresses_prefix: String,
 }
 
 /// Where the gateways' records live (prefixes under the KV mount).
@@ -256,6 +263,10 @@ pub struct PeerRecord {
     pub next_public_key: Option<String>,
     /// When `next_public_key` takes over.
     pub activate_at: Option<Timestamp>,
+    /// The per-Pod preshared key the Pod generated (registered records only).
+    pub preshared_key: Option<Secret>,
+    /// The Pod that published the record (registered records only; see [`crate::registration`]).
+    pub pod: Option<crate::registration::PodIdentity>,
     /// KV v2 version.
     pub version: u64,
 }
@@ -305,11 +316,21 @@ impl PeerRecord {
                 "next_public_key and activate_at must be set together".into()
             ));
         }
+        let preshared_key = fields
+            .get("preshared_key")
+            .filter(|v| !v.is_empty())
+            .cloned();
+        if let Some(psk) = &preshared_key {
+            decode_key(source_name, "preshared_key", psk.expose())?;
+        }
+        let pod = crate::registration::PodIdentity::from_fields(source_name, fields)?;
         Ok(Self {
             public_key,
             addresses,
             next_public_key,
             activate_at,
+            preshared_key,
+            pod,
             version,
         })
     }
@@ -323,6 +344,12 @@ impl PeerRecord {
         if let (Some(k), Some(t)) = (&self.next_public_key, self.activate_at) {
             m.insert("next_public_key".into(), Secret::new(k.clone()));
             m.insert("activate_at".into(), Secret::new(t.to_string()));
+        }
+        if let Some(psk) = &self.preshared_key {
+            m.insert("preshared_key".into(), psk.clone());
+        }
+        if let Some(pod) = &self.pod {
+            pod.write_fields(&mut m);
         }
         m
     }
@@ -351,6 +378,8 @@ fn join(nets: &[IpNet]) -> String {
 }
 
 /// What `keys rotate` does to one identity, decided from its two records.
+// One value per identity per run, matched at once: boxing `Fix` buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RotationStep {
     /// Nothing in flight: start a rotation (phase 1).
@@ -546,6 +575,8 @@ pub async fn provision(vault: &Vault, args: &ProvisionArgs) -> Result<Provisione
                 addresses: private.addresses.clone(),
                 next_public_key: None,
                 activate_at: None,
+                preshared_key: None,
+                pod: None,
                 version: 0,
             };
             vault
@@ -584,6 +615,8 @@ pub async fn provision(vault: &Vault, args: &ProvisionArgs) -> Result<Provisione
         addresses: nets.clone(),
         next_public_key: None,
         activate_at: None,
+        preshared_key: None,
+        pod: None,
         version: 0,
     };
     vault
@@ -944,6 +977,12 @@ pub async fn provision_gateway(vault: &Vault, args: &ProvisionGatewayArgs) -> Re
         "allowed_ips".to_owned(),
         Secret::new(join(&args.allowed_ips)),
     );
+    f.insert(
+        "pool".to_owned(),
+        Secret::new(join(
+            &args.pool.iter().map(IpNet::trunc).collect::<Vec<_>>(),
+        )),
+    );
     if args.peer_keepalive > 0 {
         f.insert(
             "keepalive".to_owned(),
@@ -1018,6 +1057,8 @@ mod tests {
             addresses: vec!["10.99.0.2/32".parse().unwrap()],
             next_public_key: None,
             activate_at: None,
+            preshared_key: None,
+            pod: None,
             version: 3,
         }
     }

@@ -1,7 +1,9 @@
 //! Where the sidecar's keys come from: the records, their parsing, and the [`KeySource`] seam.
 //!
-//! Owns: the typed private record (`wg/keys/<ns>/<sa>`) and gateway record (`wg/gateways/<name>`)
-//! with their validation, and the two sources — Vault KV v2 and a mounted folder.
+//! Owns: the typed private record (a static identity's, or a hand-wired sidecar's) and gateway
+//! record (`wg/gateways/<name>`) with their validation, and the sources: a key born in the Pod
+//! and registered through Vault ([`RegisteredKeySource`], the default), a private record in
+//! Vault KV v2, and a mounted folder.
 //! Must never: log a private or preshared key, or keep one outside a [`Secret`].
 
 use std::{
@@ -16,6 +18,7 @@ use ipnet::IpNet;
 
 use crate::{
     error::{Result, SidecarError},
+    registration::{Layout, PodIdentity, Registration},
     secret::Secret,
     vault::Vault,
 };
@@ -48,6 +51,9 @@ pub struct GatewayRecord {
     /// `keys provision-gateway`). When set, a session that stays silent for `--failover-after`
     /// means the gateway is gone; when absent only the handshake rule applies.
     pub keepalive: Option<u16>,
+    /// The Pods' address pools (one IPv4 and/or one IPv6 CIDR; `pool` field): registering
+    /// sidecars claim their tunnel address from them.
+    pub pool: Vec<IpNet>,
     /// Version of the record.
     pub version: u64,
 }
@@ -192,11 +198,19 @@ impl GatewayRecord {
                 }
             },
         };
+        let pool = match fields.get("pool") {
+            Some(v) => parse_cidrs(source_name, "pool", v.expose())?
+                .into_iter()
+                .map(|n| n.trunc())
+                .collect(),
+            None => Vec::new(),
+        };
         Ok(Self {
             public_key,
             endpoints,
             allowed_ips,
             keepalive,
+            pool,
             version,
         })
     }
@@ -212,6 +226,10 @@ pub trait KeySource: Send + Sync {
     fn load_private(&self) -> impl std::future::Future<Output = Result<PrivateRecord>> + Send;
     /// Loads the gateway record.
     fn load_gateway(&self) -> impl std::future::Future<Output = Result<GatewayRecord>> + Send;
+    /// True when the first load registers the Pod (failures are counted by reason).
+    fn registers(&self) -> bool {
+        false
+    }
 }
 
 /// Keys from Vault / OpenBao KV v2.
@@ -266,6 +284,158 @@ impl KeySource for VaultKeySource {
             &rec.data,
             rec.version,
         )
+    }
+}
+
+/// A key born in the Pod (or a static identity's key from Vault), registered with the gateway
+/// through Vault ([`crate::registration`]). The first load registers; later loads return the
+/// registered record without asking Vault (the key lives as long as the process).
+#[derive(Debug)]
+pub struct RegisteredKeySource {
+    vault: Arc<Vault>,
+    layout: Layout,
+    pod: PodIdentity,
+    gateway_path: String,
+    static_key_path: Option<String>,
+    registered: tokio::sync::Mutex<Option<PrivateRecord>>,
+}
+
+impl RegisteredKeySource {
+    /// A source registering `pod` with the gateway whose public record is `gateway_path`.
+    #[must_use]
+    pub fn new(
+        vault: Arc<Vault>,
+        layout: Layout,
+        pod: PodIdentity,
+        gateway_path: String,
+        static_key_path: Option<String>,
+    ) -> Self {
+        Self {
+            vault,
+            layout,
+            pod,
+            gateway_path,
+            static_key_path,
+            registered: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn read_gateway(&self) -> Result<GatewayRecord> {
+        let rec = self
+            .vault
+            .read(&self.layout.kv_mount, &self.gateway_path)
+            .await?;
+        GatewayRecord::from_fields(
+            &format!("{}/{}", self.layout.kv_mount, self.gateway_path),
+            &rec.data,
+            rec.version,
+        )
+    }
+
+    /// The key pair to register: born now, or the static identity's.
+    async fn key(&self) -> Result<(Secret, Vec<IpNet>)> {
+        match &self.static_key_path {
+            None => Ok((crate::keys::generate_keypair().0, Vec::new())),
+            Some(path) => {
+                let rec = self.vault.read(&self.layout.kv_mount, path).await?;
+                let mut fields = rec.data;
+                // A static record's address is optional: without one the pool assigns it.
+                let fixed = if let Some(a) = fields.get("address").filter(|v| !v.is_empty()) {
+                    parse_cidrs(path, "address", a.expose())?
+                } else {
+                    fields.insert("address".into(), Secret::new("0.0.0.0/32".into()));
+                    Vec::new()
+                };
+                let p = PrivateRecord::from_fields(
+                    &format!("{}/{path}", self.layout.kv_mount),
+                    &fields,
+                    rec.version,
+                )?;
+                Ok((p.private_key, fixed))
+            }
+        }
+    }
+
+    async fn register(&self) -> Result<PrivateRecord> {
+        let gateway = self.read_gateway().await?;
+        let (private_key, fixed) = self.key().await?;
+        let preshared_key = crate::keys::generate_keypair().0;
+        let public_key = public_key_of(&private_key)?;
+        let name = crate::registration::gateway_name(&self.gateway_path);
+        let r = crate::registration::register(
+            &self.vault,
+            &self.layout,
+            &Registration {
+                pod: &self.pod,
+                gateway: name,
+                gateway_record: &gateway,
+                public_key: &public_key,
+                preshared_key: &preshared_key,
+                fixed_addresses: &fixed,
+            },
+        )
+        .await?;
+        let addresses: Vec<String> = r.addresses.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            pod = %self.pod.display(),
+            uid = %self.pod.uid,
+            gateway = %name,
+            %public_key,
+            addresses = %addresses.join(","),
+            kept_address = r.reused,
+            static_identity = self.static_key_path.is_some(),
+            "registered with the gateway"
+        );
+        Ok(PrivateRecord {
+            private_key,
+            addresses: r.addresses,
+            preshared_key: Some(preshared_key),
+            not_before: None,
+            version: 1,
+        })
+    }
+}
+
+/// The base64 public key of a base64 private key.
+fn public_key_of(private_key: &Secret) -> Result<String> {
+    let mut raw = decode_key("generated key", "private_key", private_key.expose())?;
+    let key = defguard_wireguard_rs::key::Key::new(raw);
+    zeroize::Zeroize::zeroize(&mut raw);
+    Ok(key.public_key().to_string())
+}
+
+impl KeySource for RegisteredKeySource {
+    fn describe(&self) -> String {
+        format!(
+            "vault registration {}/{}",
+            self.layout.kv_mount,
+            self.layout.record_path(
+                crate::registration::gateway_name(&self.gateway_path),
+                &self.pod
+            )
+        )
+    }
+
+    fn registers(&self) -> bool {
+        true
+    }
+
+    async fn prepare(&self) -> Result<()> {
+        self.vault.login().await
+    }
+
+    async fn load_private(&self) -> Result<PrivateRecord> {
+        let mut slot = self.registered.lock().await;
+        if let Some(p) = &*slot {
+            return Ok(p.clone());
+        }
+        let p = self.register().await?;
+        *slot = Some(p.clone());
+        Ok(p)
+    }
+
+    async fn load_gateway(&self) -> Result<GatewayRecord> {
+        self.read_gateway().await
     }
 }
 

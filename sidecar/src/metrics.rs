@@ -44,6 +44,7 @@ pub struct Metrics {
     /// 1 when `/ready` answers 200.
     pub ready: Gauge,
     mode: Family<Labels, Gauge>,
+    registration_failures: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -59,6 +60,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts one failed registration under `reason` (a short stable label).
+    pub fn count_registration_failure(&self, reason: &str) {
+        self.registration_failures
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
+    }
+
     /// Creates and registers every metric.
     #[must_use]
     pub fn new() -> Self {
@@ -78,7 +86,13 @@ impl Metrics {
             endpoint_failovers: Counter::default(),
             ready: Gauge::default(),
             mode: Family::default(),
+            registration_failures: Family::default(),
         };
+        r.register(
+            "wg_sidecar_registration_failures",
+            "Failed registrations with the gateway, by reason (pool_exhausted, vault_refused, write_failed, claim_conflict, invalid_record, vault_unavailable)",
+            m.registration_failures.clone(),
+        );
         r.register(
             "wg_sidecar_peer_receive_bytes",
             "Bytes received from the peer",

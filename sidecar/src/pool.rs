@@ -85,6 +85,48 @@ pub fn first_free<S: BuildHasher>(pool: IpNet, taken: &HashSet<IpAddr, S>) -> Re
         .ok_or_else(exhausted)
 }
 
+/// A free address of `pool` chosen from a random start (`seed`), so Pods starting together
+/// rarely race for the same address; wraps around and falls back to [`first_free`].
+pub fn pick_free<S: BuildHasher>(
+    pool: IpNet,
+    taken: &HashSet<IpAddr, S>,
+    seed: u64,
+) -> Result<IpAddr> {
+    let pool = pool.trunc();
+    let span: u128 = match pool {
+        IpNet::V4(p) => (1u128 << (32 - u32::from(p.prefix_len()))).saturating_sub(3),
+        IpNet::V6(p) => {
+            let bits = 128 - u32::from(p.prefix_len());
+            if bits >= 128 {
+                V6_SCAN_LIMIT
+            } else {
+                ((1u128 << bits).saturating_sub(2)).min(V6_SCAN_LIMIT)
+            }
+        }
+    };
+    if span == 0 {
+        return first_free(pool, taken);
+    }
+    let start = u128::from(seed) % span;
+    // A bounded scan upwards from the random start, then the dense scan from the bottom.
+    for i in 0..span.min(4096) {
+        let n = 2 + (start + i) % span;
+        if let Some(a) = nth(pool, n) {
+            if !taken.contains(&a) && !is_reserved(pool, a) {
+                return Ok(a);
+            }
+        }
+    }
+    first_free(pool, taken)
+}
+
+fn is_reserved(pool: IpNet, a: IpAddr) -> bool {
+    match pool {
+        IpNet::V4(p) => a == IpAddr::V4(p.broadcast()) || a == IpAddr::V4(p.network()),
+        IpNet::V6(p) => a == IpAddr::V6(p.network()),
+    }
+}
+
 /// The host prefix of an allocated address (`/32` or `/128`): what the peer owns in the tunnel.
 #[must_use]
 pub fn host_net(addr: IpAddr) -> IpNet {

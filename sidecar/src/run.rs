@@ -21,7 +21,9 @@ use crate::{
     cli::{KeySourceConfig, RunConfig},
     error::{Result, SidecarError},
     health::{self, readiness, HealthState, Readiness, ShutdownRequest},
-    keysource::{FileKeySource, GatewayRecord, KeySource, PrivateRecord, VaultKeySource},
+    keysource::{
+        FileKeySource, GatewayRecord, KeySource, PrivateRecord, RegisteredKeySource, VaultKeySource,
+    },
     metrics::{set_version, Metrics},
     rotation::{plan, session_silent, should_fail_over, Applied},
     routes::Routes,
@@ -62,15 +64,33 @@ pub async fn run(
             kv_mount,
             key_path,
             gateway_path,
+            registration,
         } => {
             let vault = Arc::new(Vault::new(settings.clone())?);
-            let src = VaultKeySource::new(
-                vault,
-                kv_mount.clone(),
-                key_path.clone(),
-                gateway_path.clone(),
-            );
-            run_with(cfg, src, health, shutdown).await
+            match (registration, key_path) {
+                (Some((pod, layout)), static_key) => {
+                    let src = RegisteredKeySource::new(
+                        vault,
+                        layout.clone(),
+                        pod.clone(),
+                        gateway_path.clone(),
+                        static_key.clone(),
+                    );
+                    run_with(cfg, src, health, shutdown).await
+                }
+                (None, Some(key_path)) => {
+                    let src = VaultKeySource::new(
+                        vault,
+                        kv_mount.clone(),
+                        key_path.clone(),
+                        gateway_path.clone(),
+                    );
+                    run_with(cfg, src, health, shutdown).await
+                }
+                (None, None) => Err(SidecarError::InvalidConfig(
+                    "--key-source vault needs the Pod identity or --vault-key-path".into(),
+                )),
+            }
         }
         KeySourceConfig::File { dir } => {
             let src = FileKeySource::new(dir.clone());
@@ -121,8 +141,17 @@ async fn load_with_retry<S: KeySource>(
             Err(e) => {
                 count_failure(&health.metrics, &e, false);
                 let delay = backoff.next_delay(unit());
-                tracing::warn!(source = %src.describe(), error = %e, retry_in_ms = delay.as_millis(), "reading keys failed; not ready");
-                health.set_readiness(Readiness::NotReady(format!("reading keys failed: {e}")));
+                if src.registers() {
+                    let reason = crate::registration::failure_reason(&e);
+                    health.metrics.count_registration_failure(reason);
+                    tracing::warn!(source = %src.describe(), reason, error = %e, retry_in_ms = delay.as_millis(), "registration with the gateway failed; not ready");
+                    health.set_readiness(Readiness::NotReady(format!(
+                        "registration failed ({reason}): {e}"
+                    )));
+                } else {
+                    tracing::warn!(source = %src.describe(), error = %e, retry_in_ms = delay.as_millis(), "reading keys failed; not ready");
+                    health.set_readiness(Readiness::NotReady(format!("reading keys failed: {e}")));
+                }
                 sleep(delay).await;
             }
         }

@@ -68,8 +68,25 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, fmt, *args):
         sys.stderr.write("seen %s\n" % self.client_address[0]); sys.stderr.flush()
+class Stream(http.server.BaseHTTPRequestHandler):
+    # A long-lived, rate-limited stream: 16 KiB every 250 ms for 15 s.
+    def do_GET(self):
+        import time
+        chunk = b"x" * 16384
+        self.send_response(200); self.send_header("Content-Length", str(len(chunk) * 60)); self.end_headers()
+        for _ in range(60):
+            self.wfile.write(chunk); self.wfile.flush(); time.sleep(0.25)
+    def log_message(self, fmt, *args):
+        sys.stderr.write("stream to %s\n" % self.client_address[0]); sys.stderr.flush()
+import threading
+threading.Thread(target=http.server.ThreadingHTTPServer(("10.20.0.2", 8081), Stream).serve_forever, daemon=True).start()
 http.server.ThreadingHTTPServer(("10.20.0.2", 8080), H).serve_forever()
 "#;
+/// The stream's full length (60 chunks of 16 KiB).
+const STREAM_BYTES: u64 = 60 * 16384;
+/// The tunnel pool: a /29 holds five Pod addresses, fewer than the injected Pods this test
+/// starts over its run, so it passes only if the addresses of gone Pods are released and reused.
+const TUNNEL_POOL: &str = "10.203.0.0/29";
 
 fn workload(image: &str) -> String {
     format!(
@@ -391,7 +408,7 @@ fn the_users_path_on_a_real_node() {
         ("GATEWAY_ENDPOINT", &gateway_endpoint),
         ("GATEWAY_SERVICE", &gateway_service),
         ("PRIVATE_NETWORKS", PRIVATE_NETWORK),
-        ("TUNNEL_POOL", "10.203.0.0/24"),
+        ("TUNNEL_POOL", TUNNEL_POOL),
         ("APP_NAMESPACE", "shop"),
         ("APP_SERVICE_ACCOUNT", "web"),
     ];
@@ -521,36 +538,63 @@ fn the_users_path_on_a_real_node() {
             "the sidecar's args/env carry {secret:?}: {spec_text}"
         );
     }
-    // The kubelet expanded $(VAR) in the args: the sidecar read --vault-key-path
-    // wg/keys/$(WG_POD_NAMESPACE)/$(WG_POD_SERVICE_ACCOUNT), and the wg-pod policy allows
-    // exactly wg/keys/shop/web to this caller (a literal "$(...)" path would be a 403).
-    // The Pod's private key (read here with the admin token) appears nowhere a user or a log
-    // collector sees: not in the sidecar's log, not anywhere in the Pod object.
-    let private_key = node
-        .bash(
-            "bao kv get -field=private_key secret/wg/keys/shop/web",
-            &[("BAO_ADDR", &vault_addr), ("BAO_TOKEN", &vault_token)],
-        )
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap();
+    // The key was born in the Pod: Vault holds only the Pod's public record (no private key)
+    // under its own namespace, service account and UID. The private key (read here from the
+    // interface itself, through the sidecar's UAPI socket on the node) appears nowhere a user
+    // or a log collector sees: not in the sidecar's log, the Pod object or Vault.
+    let web_uid = web["metadata"]["uid"].as_str().unwrap().to_owned();
+    let record_path = format!("secret/wg/peers/vpn-gateway/shop/web/{web_uid}");
+    let record: Value = serde_json::from_slice(
+        &node
+            .bash(
+                "bao kv get -format=json \"$P\"",
+                &[
+                    ("BAO_ADDR", &vault_addr),
+                    ("BAO_TOKEN", &vault_token),
+                    ("P", &record_path),
+                ],
+            )
+            .unwrap()
+            .stdout,
+    )
+    .unwrap_or_else(|e| panic!("no public record at {record_path}: {e}"));
+    let fields = &record["data"]["data"];
+    assert_eq!(fields["pod"], web_name.as_str(), "{record}");
+    assert_eq!(fields["uid"], web_uid.as_str(), "{record}");
+    assert!(
+        fields["private_key"].is_null(),
+        "a private key in Vault: {record}"
+    );
+    let preshared_key = fields["preshared_key"].as_str().unwrap().to_owned();
+    let private_key = uapi_private_key(&node, &web_uid);
     assert_eq!(private_key.len(), 44, "not a base64 WireGuard key");
     let sidecar_log = logs(&node, "shop", &web_name, "wg-sidecar");
     assert!(
-        sidecar_log.contains("tunnel") || sidecar_log.contains("ready"),
-        "no sidecar log to check: {sidecar_log}"
+        sidecar_log.contains("registered with the gateway"),
+        "no registration in the sidecar log: {sidecar_log}"
     );
+    for (what, secret) in [
+        ("private key", &private_key),
+        ("preshared key", &preshared_key),
+    ] {
+        assert!(
+            !sidecar_log.contains(secret.as_str()),
+            "the sidecar logged its {what}"
+        );
+        assert!(
+            !web.to_string().contains(secret.as_str()),
+            "the Pod object carries the {what}"
+        );
+    }
     assert!(
-        !sidecar_log.contains(&private_key),
-        "the sidecar logged its private key"
+        !record.to_string().contains(&private_key),
+        "the private key is in Vault"
     );
-    assert!(
-        !web.to_string().contains(&private_key),
-        "the Pod object carries the private key"
-    );
+    eprintln!("shop/web's public record at {record_path}: key born in the Pod, only its public half and the preshared key in Vault");
 
     step(
         t0,
-        "the one wg-pod role: another service account's Pod gets 403 on shop/web's key",
+        "the one wg-pod role: another service account's Pod gets 403 on shop/web's record",
     );
     node.apply(&other_pod(app_image)).unwrap();
     Node::wait_for("the other Pod Ready", Duration::from_secs(60), || {
@@ -571,28 +615,36 @@ fn the_users_path_on_a_real_node() {
             "/var/run/secrets/vault/token",
         ])
         .unwrap();
-    let read_as_other = |path: &str| {
+    // `bao kv <args>` as shop/other, logged in to the one wg-pod role.
+    let read_as_other = |args: &str| {
         node.bash(
-            "export BAO_TOKEN=$(printenv JWT | bao write -field=token auth/kubernetes/login role=wg-pod jwt=-)\n\
-             bao kv get -format=json \"$KV_PATH\"",
-            &[("BAO_ADDR", &vault_addr), ("JWT", jwt.trim()), ("KV_PATH", path)],
+            &format!("export BAO_TOKEN=$(printenv JWT | bao write -field=token auth/kubernetes/login role=wg-pod jwt=-)\n\
+             bao kv {args}"),
+            &[("BAO_ADDR", &vault_addr), ("JWT", jwt.trim())],
         )
         .unwrap()
     };
-    let denied = read_as_other("secret/wg/keys/shop/web");
+    let denied = read_as_other(&format!("get -format=json {record_path}"));
     let stderr = String::from_utf8_lossy(&denied.stderr);
     assert!(
         !denied.status.success() && stderr.contains("403"),
-        "shop/other read shop/web's key: {stderr}"
+        "shop/other read shop/web's record: {stderr}"
     );
-    let own = read_as_other("secret/wg/keys/shop/other");
-    let stderr = String::from_utf8_lossy(&own.stderr);
-    // Its own path is allowed (and empty: nothing provisioned for it).
+    let forged = read_as_other(&format!(
+        "put {record_path} public_key=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA= address=10.203.0.6/32"
+    ));
+    let stderr = String::from_utf8_lossy(&forged.stderr);
     assert!(
-        !stderr.contains("403"),
-        "shop/other may not even look at its own path: {stderr}"
+        !forged.status.success() && stderr.contains("403"),
+        "shop/other wrote shop/web's record: {stderr}"
     );
-    eprintln!("shop/other -> wg/keys/shop/web: 403; -> wg/keys/shop/other: allowed (no record)");
+    let claim = read_as_other("put secret/wg/addresses/vpn-gateway/10.203.0.2 address=10.203.0.2");
+    let stderr = String::from_utf8_lossy(&claim.stderr);
+    assert!(
+        !claim.status.success() && (stderr.contains("403") || stderr.contains("check-and-set")),
+        "shop/other overwrote a claim: {stderr}"
+    );
+    eprintln!("shop/other -> shop/web's record: read 403, write 403; an existing claim: refused");
 
     step(
         t0,
@@ -787,6 +839,12 @@ fn the_users_path_on_a_real_node() {
 
     step(
         t0,
+        "one identity per Pod: the Deployment scaled 1 -> 3 -> 1 -> 3",
+    );
+    scale_one_three_one_three(&node, &vault_addr, &vault_token);
+
+    step(
+        t0,
         "a Job with an injected Pod completes (classic mode: the app stops the sidecar)",
     );
     let t_job = Instant::now();
@@ -893,4 +951,232 @@ fn rollout_under_load(node: &Node) -> anyhow::Result<Vec<String>> {
     ])
     .ok();
     Ok(refusals)
+}
+
+/// The private key of Pod `uid`'s interface, read through the sidecar's UAPI socket (in the
+/// Pod's in-memory runtime volume on the node) and printed as base64.
+fn uapi_private_key(node: &Node, uid: &str) -> String {
+    let sock = node
+        .dir()
+        .join(format!(
+            "kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/wg-runtime/wg0.sock"
+        ))
+        .display()
+        .to_string();
+    let script = r#"python3 - "$SOCK" <<'PY'
+import base64, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"get=1\n\n")
+data = b""
+while not data.endswith(b"\n\n"):
+    chunk = s.recv(65536)
+    if not chunk: break
+    data += chunk
+for line in data.decode().splitlines():
+    if line.startswith("private_key="):
+        print(base64.b64encode(bytes.fromhex(line[len("private_key="):])).decode())
+PY"#;
+    let out = node.bash(script, &[("SOCK", &sock)]).unwrap();
+    assert!(
+        out.status.success(),
+        "UAPI read of {sock} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// `wg_gateway_peers` of every Ready gateway Pod (scraped from its health port on the node).
+fn gateway_peers(node: &Node) -> anyhow::Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for g in pods(node, "vpn", "app.kubernetes.io/name=wg-gateway")?
+        .iter()
+        .filter(|p| all_ready(p))
+    {
+        let metrics = node.run_ok(
+            "curl",
+            &[
+                "-s",
+                "--max-time",
+                "2",
+                &format!("http://{}:9901/metrics", pod_ip(g)),
+            ],
+        )?;
+        let peers = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("wg_gateway_peers "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("no wg_gateway_peers in {}'s metrics", name(g)))?;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        out.push(peers as u64);
+    }
+    Ok(out)
+}
+
+/// The names of Vault's entries below `path` (`bao kv list`; empty when the folder is gone).
+fn vault_list(node: &Node, vault: (&str, &str), path: &str) -> Vec<String> {
+    let out = node
+        .bash(
+            "bao kv list -format=json \"$P\" 2>/dev/null || echo '[]'",
+            &[("BAO_ADDR", vault.0), ("BAO_TOKEN", vault.1), ("P", path)],
+        )
+        .unwrap();
+    serde_json::from_slice::<Vec<String>>(&out.stdout).unwrap_or_default()
+}
+
+/// Scales `shop/web` to `n` and waits until exactly `n` Pods are Ready and no other is left.
+fn scale_to(node: &Node, n: usize) -> Vec<Value> {
+    node.kubectl(&[
+        "-n",
+        "shop",
+        "scale",
+        "deployment/web",
+        &format!("--replicas={n}"),
+    ])
+    .unwrap();
+    Node::wait_for(
+        &format!("shop/web at {n} Ready replicas"),
+        Duration::from_secs(180),
+        || {
+            let all = pods(node, "shop", "app=web")?;
+            Ok((all.len() == n && all.iter().all(all_ready)).then_some(all))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", describe(node, "shop")))
+}
+
+/// Every replica's app reads the rate-limited 15 s stream through the tunnel at the same time;
+/// returns the bytes each received.
+fn concurrent_streams(node: &Node, replicas: &[Value]) -> Vec<(String, u64)> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = replicas
+            .iter()
+            .map(|p| {
+                let pod = name(p);
+                s.spawn(move || {
+                    let out = node.run(
+                        "kubectl",
+                        &[
+                            "-n", "shop", "exec", &pod, "-c", "app", "--", "/bin/busybox", "sh",
+                            "-c",
+                            "/bin/busybox wget -q -T 30 -O - http://10.20.0.2:8081/stream | /bin/busybox wc -c",
+                        ],
+                    );
+                    let bytes = out
+                        .ok()
+                        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+                        .unwrap_or(0);
+                    (pod, bytes)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Issue 15's acceptance on the real node: every replica its own key and address, each keeps
+/// its long-lived stream while the others run theirs, a gone Pod's peer leaves both gateway
+/// replicas within 5 s, and its address and records are released for later Pods.
+fn scale_one_three_one_three(node: &Node, vault_addr: &str, vault_token: &str) {
+    let vault = (vault_addr, vault_token);
+    let claims = || vault_list(node, vault, "secret/wg/addresses/vpn-gateway");
+    let records = || vault_list(node, vault, "secret/wg/peers/vpn-gateway/shop/web");
+    let check_round = |round: &str, replicas: &[Value]| {
+        let uids: Vec<String> = replicas
+            .iter()
+            .map(|p| p["metadata"]["uid"].as_str().unwrap().to_owned())
+            .collect();
+        // Each replica's own record; no two share a key or an address.
+        let mut keys = std::collections::BTreeSet::new();
+        let mut addresses = std::collections::BTreeSet::new();
+        for uid in &uids {
+            let out = node
+                .bash(
+                    "bao kv get -format=json \"secret/wg/peers/vpn-gateway/shop/web/$U\"",
+                    &[
+                        ("BAO_ADDR", vault_addr),
+                        ("BAO_TOKEN", vault_token),
+                        ("U", uid),
+                    ],
+                )
+                .unwrap();
+            let rec: Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("{round}: no record for Pod {uid}: {e}"));
+            keys.insert(
+                rec["data"]["data"]["public_key"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+            addresses.insert(rec["data"]["data"]["address"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(keys.len(), uids.len(), "{round}: replicas share a key");
+        assert_eq!(
+            addresses.len(),
+            uids.len(),
+            "{round}: replicas share an address: {addresses:?}"
+        );
+        // Each gateway replica holds exactly the live Pods' peers (the other injected Pods of
+        // the test are gone by now, the plain and other Pods are not injected).
+        let want = u64::try_from(uids.len()).unwrap();
+        Node::wait_for(
+            &format!("{round}: both gateway replicas at {want} peers"),
+            Duration::from_secs(10),
+            || {
+                Ok(gateway_peers(node)?
+                    .iter()
+                    .all(|n| *n == want)
+                    .then_some(()))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}: {:?}", gateway_peers(node)));
+        let streams = concurrent_streams(node, replicas);
+        eprintln!("{round}: addresses {addresses:?}; stream bytes per replica {streams:?} of {STREAM_BYTES}");
+        for (pod, got) in &streams {
+            assert!(
+                *got * 10 >= STREAM_BYTES * 9,
+                "{round}: {pod} received {got} of {STREAM_BYTES} stream bytes (< 90 %)"
+            );
+        }
+        addresses
+    };
+    let one = scale_to(node, 1);
+    check_round("1 replica", &one);
+    let three = scale_to(node, 3);
+    let first_three = check_round("3 replicas", &three);
+    // Scale down: the gone Pods' peers leave both gateway replicas within 5 s of the Pods'
+    // deletion, and their claims and records are released.
+    node.kubectl(&["-n", "shop", "scale", "deployment/web", "--replicas=1"])
+        .unwrap();
+    Node::wait_for("two web Pods gone", Duration::from_secs(60), || {
+        Ok((pods(node, "shop", "app=web")?.len() == 1).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", describe(node, "shop")));
+    let gone = Instant::now();
+    Node::wait_for(
+        "both gateway replicas at 1 peer",
+        Duration::from_secs(5),
+        || Ok(gateway_peers(node)?.iter().all(|n| *n == 1).then_some(())),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e} (within 5 s of the Pods' deletion): {:?}",
+            gateway_peers(node)
+        )
+    });
+    eprintln!(
+        "scaled to 1: the gone Pods' peers left both gateway replicas {:.2} s after the Pods were deleted",
+        gone.elapsed().as_secs_f64()
+    );
+    Node::wait_for(
+        "the gone Pods' claims and records released",
+        Duration::from_secs(10),
+        || Ok((claims().len() == 1 && records().len() == 1).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e}: claims {:?}, records {:?}", claims(), records()));
+    let one = pods(node, "shop", "app=web").unwrap();
+    check_round("back to 1 replica", &one);
+    let three = scale_to(node, 3);
+    let second_three = check_round("3 replicas again", &three);
+    eprintln!(
+        "addresses: first three {first_three:?}, second three {second_three:?} (pool {TUNNEL_POOL}: five Pod addresses)"
+    );
 }
