@@ -2,8 +2,8 @@
 //! (with a message a user can act on). Shared by the webhook and the offline CLI.
 //!
 //! This module owns the order of the checks (screen annotations → opt-in → hostNetwork →
-//! parse → inject → diff). It is pure: no IO, no clock, no environment. The namespace label is
-//! not checked here: the webhook's `namespaceSelector` does that.
+//! parse → identity → inject → diff). It is pure: no IO, no clock, no environment. The
+//! namespace label is not checked here: the webhook's `namespaceSelector` does that.
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Pod;
 
 use crate::annotations::{self, InjectionSpec};
 use crate::config::Config;
+use crate::identity::{self, Owner};
 #[cfg(debug_assertions)]
 use crate::inject::Injection;
 use crate::inject::{self, Outcome};
@@ -63,7 +64,7 @@ impl SkipReason {
 pub struct Denial {
     /// Short, stable label for metrics: `bad_annotation`, `unknown_annotation`,
     /// `key_material`, `unknown_gateway`, `no_routes`, `name_conflict`, `port_conflict`,
-    /// `reserved_label`, `host_network`, `no_spec`.
+    /// `reserved_label`, `host_network`, `no_spec`, `shared_key`, `pod_name_unknown`.
     pub reason: &'static str,
     /// The message returned to the user.
     pub message: String,
@@ -81,9 +82,10 @@ pub enum Verdict {
     Deny(Denial),
 }
 
-/// The checks before injection: a Pod that passes them has a spec and opted in, and its
-/// annotations parse into an [`InjectionSpec`].
-fn gate(pod: &Pod, config: &Config) -> Result<InjectionSpec, Stop> {
+/// The checks before injection: a Pod that passes them has a spec and opted in, its
+/// annotations parse into an [`InjectionSpec`], and its static key (if any) is not shared by the
+/// Pods of `owner` ([`identity::resolve`], which also fills `{pod}` into a Secret name).
+fn gate(pod: &Pod, owner: Option<&Owner>, config: &Config) -> Result<InjectionSpec, Stop> {
     let empty = std::collections::BTreeMap::new();
     let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
     annotations::screen(annotations).map_err(Stop::Deny)?;
@@ -109,7 +111,8 @@ fn gate(pod: &Pod, config: &Config) -> Result<InjectionSpec, Stop> {
         }
         return Err(Stop::Skip(SkipReason::HostNetwork));
     }
-    annotations::parse(annotations).map_err(Stop::Deny)
+    let parsed = annotations::parse(annotations).map_err(Stop::Deny)?;
+    identity::resolve(pod, owner, parsed, config).map_err(Stop::Deny)
 }
 
 /// Why [`gate`] stopped a Pod before injection.
@@ -118,10 +121,18 @@ enum Stop {
     Deny(Denial),
 }
 
-/// Run every check and the injection on `pod`.
+/// Run every check and the injection on `pod`, owned by its controller ownerReference
+/// ([`Owner::controller_of`]).
 #[must_use]
 pub fn evaluate(pod: &Pod, config: &Config) -> Verdict {
-    let spec = match gate(pod, config) {
+    evaluate_owned_by(pod, Owner::controller_of(pod).as_ref(), config)
+}
+
+/// [`evaluate`] with the owner given: the offline CLI passes the workload whose template `pod`
+/// is, which has no ownerReferences of its own.
+#[must_use]
+pub fn evaluate_owned_by(pod: &Pod, owner: Option<&Owner>, config: &Config) -> Verdict {
+    let spec = match gate(pod, owner, config) {
         Ok(spec) => spec,
         Err(Stop::Skip(reason)) => return Verdict::Skip(reason),
         Err(Stop::Deny(denial)) => return Verdict::Deny(denial),
@@ -210,12 +221,13 @@ pub fn decide_with(pod: &Pod, namespace: &str, config: &Arc<Config>, memo: &Patc
     }
 }
 
-/// The checks up to the parsed annotations: `Err` holds the decision for a Pod that stops here.
+/// The checks up to the parsed annotations and the identity: `Err` holds the decision for a Pod
+/// that stops here. The owner is the Pod's controller ownerReference.
 fn screen(pod: &Pod, namespace: &str, config: &Config) -> Result<InjectionSpec, Decision> {
     if config.excluded_namespaces.iter().any(|n| n == namespace) {
         return Err(Decision::Skip(SkipReason::ExcludedNamespace));
     }
-    gate(pod, config).map_err(|stop| match stop {
+    gate(pod, Owner::controller_of(pod).as_ref(), config).map_err(|stop| match stop {
         Stop::Skip(reason) => Decision::Skip(reason),
         Stop::Deny(denial) => Decision::Deny(denial),
     })
@@ -366,6 +378,57 @@ mod tests {
             panic!()
         };
         assert_eq!(d.reason, "unknown_annotation");
+    }
+
+    fn fresh_patch(p: &Pod, config: &Arc<Config>, memo: &PatchMemo) -> String {
+        match decide_with(p, "shop", config, memo) {
+            Answered::Fresh(fresh, _) => serde_json::to_string(&fresh.patch).unwrap(),
+            Answered::Decided(d) => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn the_memo_does_not_let_a_replica_set_pod_share_the_secret_a_bare_pod_was_allowed() {
+        let config = Arc::new(Config::default());
+        let memo = PatchMemo::new(4);
+        let bare = pod("metadata: {name: one, annotations: {wg-injector.io/inject: 'true', wg-injector.io/key-source: 'secret:x'}}\nspec:\n  containers: [{name: app}]\n");
+        let mut replica = bare.clone();
+        replica.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "apps/v1".to_owned(),
+                kind: "ReplicaSet".to_owned(),
+                name: "web-5d8f".to_owned(),
+                uid: "1".to_owned(),
+                controller: Some(true),
+                ..Default::default()
+            },
+        ]);
+        // Twice, so the bare Pod's patch is remembered.
+        for _ in 0..2 {
+            fresh_patch(&bare, &config, &memo);
+        }
+        let Answered::Decided(Decision::Deny(d)) = decide_with(&replica, "shop", &config, &memo)
+        else {
+            panic!("a ReplicaSet's Pod must be denied the fixed Secret, memo or not")
+        };
+        assert_eq!(d.reason, "shared_key");
+    }
+
+    #[test]
+    fn the_memo_gives_each_stateful_set_pod_the_secret_named_after_it() {
+        let config = Arc::new(Config::default());
+        let memo = PatchMemo::new(4);
+        let of = |name: &str| {
+            pod(&format!("metadata: {{name: {name}, annotations: {{wg-injector.io/inject: 'true', wg-injector.io/key-source: 'secret:wg-{{pod}}'}}, ownerReferences: [{{apiVersion: apps/v1, kind: StatefulSet, name: db, uid: '1', controller: true}}]}}\nspec:\n  containers: [{{name: app}}]\n"))
+        };
+        for _ in 0..2 {
+            assert!(fresh_patch(&of("db-0"), &config, &memo).contains("\"wg-db-0\""));
+        }
+        let second = fresh_patch(&of("db-1"), &config, &memo);
+        assert!(
+            second.contains("\"wg-db-1\"") && !second.contains("wg-db-0"),
+            "{second}"
+        );
     }
 
     #[test]

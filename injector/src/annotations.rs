@@ -33,11 +33,11 @@ pub const ENDPOINTS: &str = "wg-injector.io/endpoints";
 pub const MTU: &str = "wg-injector.io/mtu";
 /// Persistent keepalive seconds.
 pub const KEEPALIVE: &str = "wg-injector.io/keepalive";
-/// `vault` or `secret:<name>`.
+/// `vault` or `secret:<name>` (the name may hold [`POD_PLACEHOLDER`]).
 pub const KEY_SOURCE: &str = "wg-injector.io/key-source";
 /// Vault Kubernetes-auth role.
 pub const VAULT_ROLE: &str = "wg-injector.io/vault-role";
-/// KV path of the Pod's keys (template).
+/// KV path of the Pod's keys (template): a static identity instead of a key born in the Pod.
 pub const VAULT_PATH: &str = "wg-injector.io/vault-path";
 /// `"true"` / `"false"`: drop tunnelled traffic while the tunnel is down.
 pub const KILL_SWITCH: &str = "wg-injector.io/kill-switch";
@@ -89,6 +89,10 @@ pub const MTU_MAX: u16 = 9000;
 pub const NAMESPACE_PLACEHOLDER: &str = "{namespace}";
 /// Placeholder for the Pod's service account in Vault role and path templates.
 pub const SERVICE_ACCOUNT_PLACEHOLDER: &str = "{serviceAccount}";
+/// Placeholder for the Pod's name in Vault path templates (filled in by the kubelet, like the
+/// two above) and in a `key-source: secret:<name>` (filled in by the injector at admission, see
+/// `crate::identity`). Not allowed in Vault roles: a role is per workload, not per Pod.
+pub const POD_PLACEHOLDER: &str = "{pod}";
 
 /// How the sidecar container is placed in the Pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, Hash)]
@@ -118,9 +122,12 @@ impl SidecarMode {
 /// Where the sidecar gets the Pod's WireGuard keys.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum KeySource {
-    /// Vault KV v2, logging in with the projected service-account token.
+    /// Vault KV v2, logging in with the projected service-account token: the key is born in the
+    /// Pod, or read from a static path (`vault-path`, `vault.keyPathTemplate`).
     Vault,
-    /// A Secret (in the Pod's namespace) mounted into the sidecar.
+    /// A Secret (in the Pod's namespace) mounted into the sidecar. As [`parse`] returns it the
+    /// name may hold [`POD_PLACEHOLDER`]; `crate::identity::resolve` replaces it with the Pod's
+    /// name before injection.
     Secret(String),
 }
 
@@ -217,7 +224,7 @@ pub struct InjectionSpec {
     pub key_source: KeySource,
     /// Vault role (template).
     pub vault_role: Option<String>,
-    /// Vault KV path of the Pod's keys (template).
+    /// Vault KV path of the Pod's keys (template): a static identity.
     pub vault_path: Option<String>,
     /// Kill switch.
     pub kill_switch: Option<bool>,
@@ -358,11 +365,12 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<InjectionSpec, De
         None | Some("vault") => KeySource::Vault,
         Some(v) => {
             const ALLOWED: &str =
-                "allowed are \"vault\" and \"secret:<name>\" with a DNS-1123 Secret name";
+                "allowed are \"vault\" and \"secret:<name>\" with a DNS-1123 Secret name, which may hold the placeholder {pod}";
             let name = v
                 .strip_prefix("secret:")
                 .ok_or_else(|| bad(KEY_SOURCE, v, ALLOWED))?;
-            validate_dns1123_subdomain(name).map_err(|_| bad(KEY_SOURCE, v, ALLOWED))?;
+            validate_dns1123_subdomain(&name.replace(POD_PLACEHOLDER, "x"))
+                .map_err(|_| bad(KEY_SOURCE, v, ALLOWED))?;
             KeySource::Secret(name.to_owned())
         }
     };
@@ -535,16 +543,16 @@ fn validate_dns_name(host: &str) -> Result<(), ()> {
     }
 }
 
-fn strip_placeholders(template: &str) -> String {
-    template
-        .replace(NAMESPACE_PLACEHOLDER, "x")
-        .replace(SERVICE_ACCOUNT_PLACEHOLDER, "x")
+fn strip_placeholders(template: &str, placeholders: &[&str]) -> String {
+    placeholders
+        .iter()
+        .fold(template.to_owned(), |t, p| t.replace(p, "x"))
 }
 
 /// A Vault role name (template): letters, digits, `.`, `_`, `-`, placeholders `{namespace}` and
 /// `{serviceAccount}`, at most 128 characters.
 pub fn validate_vault_role(role: &str) -> Result<(), String> {
-    let plain = strip_placeholders(role);
+    let plain = strip_placeholders(role, &[NAMESPACE_PLACEHOLDER, SERVICE_ACCOUNT_PLACEHOLDER]);
     let ok = !role.is_empty()
         && role.len() <= 128
         && plain
@@ -558,10 +566,17 @@ pub fn validate_vault_role(role: &str) -> Result<(), String> {
 }
 
 /// A Vault KV path (template): `/`-separated segments of letters, digits, `.`, `_`, `-` and the
-/// placeholders `{namespace}` / `{serviceAccount}`; no empty, `.` or `..` segment, no leading or
-/// trailing `/`, no control characters, at most 512 characters.
+/// placeholders `{namespace}` / `{serviceAccount}` / `{pod}`; no empty, `.` or `..` segment, no
+/// leading or trailing `/`, no control characters, at most 512 characters.
 pub fn validate_vault_path(path: &str) -> Result<(), String> {
-    let plain = strip_placeholders(path);
+    let plain = strip_placeholders(
+        path,
+        &[
+            NAMESPACE_PLACEHOLDER,
+            SERVICE_ACCOUNT_PLACEHOLDER,
+            POD_PLACEHOLDER,
+        ],
+    );
     let ok = !path.is_empty()
         && path.len() <= 512
         && plain.split('/').all(|seg| {
@@ -575,7 +590,7 @@ pub fn validate_vault_path(path: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err("allowed is a relative KV path like wg/keys/{namespace}/{serviceAccount}: '/'-separated segments of letters, digits, '.', '_' or '-', no '..' or empty segment, no control characters".to_owned())
+        Err("allowed is a relative KV path like wg/keys/{namespace}/{pod}: '/'-separated segments of letters, digits, '.', '_' or '-' and the placeholders {namespace}, {serviceAccount} and {pod}, no '..' or empty segment, no control characters".to_owned())
     }
 }
 
@@ -857,12 +872,31 @@ mod tests {
             "wg//keys",
             "wg/keys/",
             "wg/ke\nys",
-            "wg/{pod}/x",
+            "wg/{node}/x",
             "wg/./x",
         ] {
             let d = denial(&[(VAULT_PATH, value)]);
             assert!(d.message.contains("no '..'"), "{value:?}: {}", d.message);
         }
+    }
+
+    #[test]
+    fn pod_is_a_placeholder_of_vault_paths_and_secret_names_but_not_of_roles() {
+        let spec = parse(&annotations(&[(VAULT_PATH, "wg/keys/{namespace}/{pod}")])).unwrap();
+        assert_eq!(
+            spec.vault_path.as_deref(),
+            Some("wg/keys/{namespace}/{pod}")
+        );
+        let spec = parse(&annotations(&[(KEY_SOURCE, "secret:wg-{pod}")])).unwrap();
+        assert_eq!(
+            spec.key_source,
+            KeySource::Secret("wg-{pod}".into()),
+            "filled in later, by identity::resolve"
+        );
+        let d = denial(&[(KEY_SOURCE, "secret:wg-{namespace}")]);
+        assert!(d.message.contains("placeholder {pod}"), "{}", d.message);
+        let d = denial(&[(VAULT_ROLE, "wg-{pod}")]);
+        assert_eq!(d.reason, "bad_annotation", "{}", d.message);
     }
 
     #[test]

@@ -92,7 +92,12 @@ pub struct VaultSettings {
     /// Default Kubernetes-auth role; `{namespace}` and `{serviceAccount}` are filled in by the
     /// kubelet from the Pod itself (downward API).
     pub role_template: String,
-    /// Default KV path of the Pod's keys, same placeholders.
+    /// A static identity for every Pod that sets no `wg-injector.io/vault-path`: the KV path
+    /// its sidecar reads its key from, with the placeholders `{namespace}`, `{serviceAccount}`
+    /// and `{pod}`. Empty (the default): no `--vault-key-path` is rendered and each sidecar
+    /// generates its key in the Pod and registers it under its Pod UID. A template without
+    /// `{pod}` gives every replica one key, so Pods of a ReplicaSet, Job, DaemonSet or
+    /// StatefulSet are denied under it (`crate::identity`).
     pub key_path_template: String,
 }
 
@@ -187,7 +192,7 @@ impl Default for VaultSettings {
             token_audience: "vault".to_owned(),
             token_expiration_seconds: 600,
             role_template: "wg-{namespace}-{serviceAccount}".to_owned(),
-            key_path_template: "wg/keys/{namespace}/{serviceAccount}".to_owned(),
+            key_path_template: String::new(),
         }
     }
 }
@@ -212,6 +217,15 @@ impl Default for Resources {
             memory_request: Some("16Mi".to_owned()),
             memory_limit: Some("64Mi".to_owned()),
         }
+    }
+}
+
+impl VaultSettings {
+    /// The configured static key path template; `None` when `keyPathTemplate` is empty (each
+    /// Pod's key is born in the Pod).
+    #[must_use]
+    pub fn key_path_template(&self) -> Option<&str> {
+        Some(self.key_path_template.as_str()).filter(|t| !t.is_empty())
     }
 }
 
@@ -302,8 +316,10 @@ impl Config {
         }
         annotations::validate_vault_role(&self.vault.role_template)
             .map_err(|allowed| format!("vault.roleTemplate: {allowed}"))?;
-        annotations::validate_vault_path(&self.vault.key_path_template)
-            .map_err(|allowed| format!("vault.keyPathTemplate: {allowed}"))?;
+        if let Some(template) = self.vault.key_path_template() {
+            annotations::validate_vault_path(template)
+                .map_err(|allowed| format!("vault.keyPathTemplate: {allowed} (or empty)"))?;
+        }
         annotations::validate_mount(&self.vault.auth_mount)
             .map_err(|allowed| format!("vault.authMount: {allowed}"))?;
         annotations::validate_mount(&self.vault.kv_mount)
@@ -385,6 +401,21 @@ mod tests {
     fn a_token_expiry_below_the_kubernetes_minimum_is_refused() {
         let err = Config::from_yaml_str("vault:\n  tokenExpirationSeconds: 60\n").unwrap_err();
         assert!(err.to_string().contains("tokenExpirationSeconds"), "{err}");
+    }
+
+    #[test]
+    fn the_key_path_template_is_empty_by_default_and_validated_when_set() {
+        assert_eq!(Config::default().vault.key_path_template(), None);
+        let empty = Config::from_yaml_str("vault:\n  keyPathTemplate: \"\"\n").unwrap();
+        assert_eq!(empty.vault.key_path_template(), None);
+        let set = Config::from_yaml_str("vault:\n  keyPathTemplate: wg/keys/{namespace}/{pod}\n")
+            .unwrap();
+        assert_eq!(
+            set.vault.key_path_template(),
+            Some("wg/keys/{namespace}/{pod}")
+        );
+        let err = Config::from_yaml_str("vault:\n  keyPathTemplate: wg/../keys\n").unwrap_err();
+        assert!(err.to_string().contains("vault.keyPathTemplate"), "{err}");
     }
 
     #[test]

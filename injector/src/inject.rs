@@ -32,7 +32,7 @@ use serde::Serialize;
 
 use crate::admission::Denial;
 use crate::annotations::{
-    self, InjectionSpec, KeySource, SidecarMode, NAMESPACE_PLACEHOLDER,
+    self, InjectionSpec, KeySource, SidecarMode, NAMESPACE_PLACEHOLDER, POD_PLACEHOLDER,
     SERVICE_ACCOUNT_PLACEHOLDER, STATUS, TUNNEL_LABEL,
 };
 use crate::config::{Config, TunDevice};
@@ -77,10 +77,23 @@ pub const TUN_PATH: &str = "/dev/net/tun";
 pub const HEALTH_PORT: i32 = 9901;
 /// Name of the health port.
 pub const HEALTH_PORT_NAME: &str = "wg-health";
-/// Env var (downward API) with the Pod's namespace, expanded by the kubelet in the args.
+// The Pod identity env of `wg-sidecar` (downward API), on every injected sidecar whatever its
+// key source: they are names, never secrets; the sidecar's clap reads them as `--pod-namespace`,
+// `--service-account`, `--pod-name` and `--pod-uid` (so they are not rendered as args), and with
+// `key-source: vault` it registers its key born in the Pod under
+// `<peers>/<gateway>/<namespace>/<serviceAccount>/<pod-uid>`. One list for both key sources
+// keeps the contract in one place and gives a file-key sidecar the same names for its logs.
+/// Env var (downward API `metadata.namespace`) with the Pod's namespace; also expanded by the
+/// kubelet in the args (`{namespace}`).
 pub const NAMESPACE_ENV: &str = "WG_POD_NAMESPACE";
-/// Env var (downward API) with the Pod's service account, expanded by the kubelet in the args.
+/// Env var (downward API `spec.serviceAccountName`) with the Pod's service account; also
+/// expanded by the kubelet in the args (`{serviceAccount}`).
 pub const SERVICE_ACCOUNT_ENV: &str = "WG_POD_SERVICE_ACCOUNT";
+/// Env var (downward API `metadata.name`) with the Pod's name; also expanded by the kubelet in
+/// the args (`{pod}` in a Vault path).
+pub const POD_NAME_ENV: &str = "WG_POD_NAME";
+/// Env var (downward API `metadata.uid`) with the Pod's UID: the sidecar's registration in Vault.
+pub const POD_UID_ENV: &str = "WG_POD_UID";
 
 /// Admission warning sent with every injection.
 pub const PRIVILEGED_WARNING: &str = "wg-injector: the injected containers add the NET_ADMIN capability, which puts this Pod at the `privileged` Pod Security level";
@@ -214,7 +227,9 @@ pub fn inject(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Outcom
 }
 
 /// What [`inject`] adds to `pod`, which must carry none of it (see [`is_pristine`]; [`inject`]
-/// passes the [`uninject`]ed Pod). Denies conflicts and bad values.
+/// passes the [`uninject`]ed Pod). Denies conflicts and bad values. `spec` is taken as given: the
+/// admission checks pass it through [`crate::identity::resolve`] first (shared keys denied,
+/// `{pod}` of a Secret name filled in).
 // The injected spec reads top to bottom in one place, in the order of DESIGN.md.
 #[allow(clippy::too_many_lines)]
 pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injection, Denial> {
@@ -314,12 +329,12 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
         }),
         ..Volume::default()
     }];
-    let mut env = None;
     match &spec.key_source {
         KeySource::Vault => {
             let v = &config.vault;
             let role = spec.vault_role.as_deref().unwrap_or(&v.role_template);
-            let path = spec.vault_path.as_deref().unwrap_or(&v.key_path_template);
+            // A static identity only; without one the sidecar's key is born in the Pod.
+            let key_path = spec.vault_path.as_deref().or(v.key_path_template());
             args.push("--key-source=vault".to_owned());
             args.push(format!("--vault-addr={}", v.address));
             if let Some(ca) = &v.ca_file {
@@ -341,7 +356,9 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
             args.push(format!("--vault-role={}", expand_placeholders(role)));
             args.push(format!("--vault-token-file={TOKEN_FILE}"));
             args.push(format!("--vault-kv-mount={}", v.kv_mount));
-            args.push(format!("--vault-key-path={}", expand_placeholders(path)));
+            if let Some(path) = key_path {
+                args.push(format!("--vault-key-path={}", expand_placeholders(path)));
+            }
             if let Some(gw_path) = &profile.vault_gateway_path {
                 args.push(format!("--vault-gateway-path={gw_path}"));
             }
@@ -361,10 +378,6 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
                 }),
                 ..Volume::default()
             });
-            env = Some(vec![
-                field_env(NAMESPACE_ENV, "metadata.namespace"),
-                field_env(SERVICE_ACCOUNT_ENV, "spec.serviceAccountName"),
-            ]);
         }
         KeySource::Secret(name) => {
             args.push("--key-source=file".to_owned());
@@ -399,7 +412,7 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
         image: Some(config.images.sidecar.clone()),
         image_pull_policy: Some(config.images.pull_policy.clone()),
         args: Some(args),
-        env,
+        env: Some(identity_env()),
         ports: Some(vec![ContainerPort {
             name: Some(HEALTH_PORT_NAME.to_owned()),
             container_port: HEALTH_PORT,
@@ -669,6 +682,16 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
+/// The Pod identity env of `wg-sidecar` (see [`POD_UID_ENV`]).
+fn identity_env() -> Vec<EnvVar> {
+    vec![
+        field_env(NAMESPACE_ENV, "metadata.namespace"),
+        field_env(SERVICE_ACCOUNT_ENV, "spec.serviceAccountName"),
+        field_env(POD_NAME_ENV, "metadata.name"),
+        field_env(POD_UID_ENV, "metadata.uid"),
+    ]
+}
+
 fn field_env(name: &str, field_path: &str) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
@@ -683,8 +706,8 @@ fn field_env(name: &str, field_path: &str) -> EnvVar {
     }
 }
 
-/// Turn `{namespace}` / `{serviceAccount}` into Kubernetes `$(VAR)` references that the
-/// kubelet expands from the downward-API env of the sidecar.
+/// Turn `{namespace}` / `{serviceAccount}` / `{pod}` into Kubernetes `$(VAR)` references that
+/// the kubelet expands from the downward-API env of the sidecar.
 fn expand_placeholders(template: &str) -> String {
     template
         .replace(NAMESPACE_PLACEHOLDER, &format!("$({NAMESPACE_ENV})"))
@@ -692,6 +715,7 @@ fn expand_placeholders(template: &str) -> String {
             SERVICE_ACCOUNT_PLACEHOLDER,
             &format!("$({SERVICE_ACCOUNT_ENV})"),
         )
+        .replace(POD_PLACEHOLDER, &format!("$({POD_NAME_ENV})"))
 }
 
 /// Expand `$(VAR)` references in container args the way the kubelet does (`$$` escapes a `$`;
@@ -817,8 +841,91 @@ mod tests {
     #[test]
     fn templates_become_downward_api_references() {
         assert_eq!(
-            expand_placeholders("wg/keys/{namespace}/{serviceAccount}"),
-            "wg/keys/$(WG_POD_NAMESPACE)/$(WG_POD_SERVICE_ACCOUNT)"
+            expand_placeholders("wg/keys/{namespace}/{serviceAccount}/{pod}"),
+            "wg/keys/$(WG_POD_NAMESPACE)/$(WG_POD_SERVICE_ACCOUNT)/$(WG_POD_NAME)"
         );
+    }
+
+    fn sidecar_of(annotations: &str, config: &Config) -> Container {
+        let pod: Pod = serde_yaml_ng::from_str(&format!(
+            "metadata: {{name: web-0, annotations: {{{annotations}}}}}\nspec:\n  containers: [{{name: app}}]\n"
+        ))
+        .unwrap();
+        let spec = annotations::parse(pod.metadata.annotations.as_ref().unwrap()).unwrap();
+        plan(&pod, &spec, config).unwrap().sidecar
+    }
+
+    fn env_names(c: &Container) -> Vec<(String, String)> {
+        c.env
+            .iter()
+            .flatten()
+            .map(|e| {
+                let field = e.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+                (e.name.clone(), field.field_path.clone())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_sidecar_gets_the_pod_identity_from_the_downward_api_and_no_literal_value() {
+        let expected = [
+            ("WG_POD_NAMESPACE", "metadata.namespace"),
+            ("WG_POD_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            ("WG_POD_NAME", "metadata.name"),
+            ("WG_POD_UID", "metadata.uid"),
+        ]
+        .map(|(n, f)| (n.to_owned(), f.to_owned()));
+        for annotations in [
+            "wg-injector.io/key-source: vault",
+            "wg-injector.io/key-source: 'secret:wg-keys'",
+        ] {
+            let sidecar = sidecar_of(annotations, &Config::default());
+            assert_eq!(env_names(&sidecar), expected, "{annotations}");
+            assert!(
+                sidecar.env.iter().flatten().all(|e| e.value.is_none()),
+                "{annotations}: names from the downward API only"
+            );
+        }
+    }
+
+    #[test]
+    fn by_default_no_vault_key_path_is_rendered_so_the_key_is_born_in_the_pod() {
+        let args = sidecar_of("wg-injector.io/inject: 'true'", &Config::default())
+            .args
+            .unwrap();
+        assert!(args.contains(&"--key-source=vault".to_owned()), "{args:?}");
+        assert!(
+            !args.iter().any(|a| a.starts_with("--vault-key-path")),
+            "{args:?}"
+        );
+    }
+
+    #[test]
+    fn a_static_vault_path_is_rendered_from_the_annotation_or_the_configured_template() {
+        let key_path = |annotations: &str, config: &Config| {
+            sidecar_of(annotations, config)
+                .args
+                .unwrap()
+                .into_iter()
+                .find(|a| a.starts_with("--vault-key-path="))
+        };
+        let templated = Config {
+            vault: crate::config::VaultSettings {
+                key_path_template: "wg/keys/{namespace}/{pod}".to_owned(),
+                ..crate::config::VaultSettings::default()
+            },
+            ..Config::default()
+        };
+        assert_eq!(
+            key_path("wg-injector.io/inject: 'true'", &templated).as_deref(),
+            Some("--vault-key-path=wg/keys/$(WG_POD_NAMESPACE)/$(WG_POD_NAME)")
+        );
+        for config in [&Config::default(), &templated] {
+            assert_eq!(
+                key_path("wg-injector.io/vault-path: 'wg/static/{pod}'", config).as_deref(),
+                Some("--vault-key-path=wg/static/$(WG_POD_NAME)"),
+                "the annotation wins"
+            );
+        }
     }
 }

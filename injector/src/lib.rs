@@ -1,6 +1,7 @@
 //! `wg-injector`: decides whether and how a Pod gets the WireGuard sidecar.
 //!
-//! The crate is a pure injection core ([`annotations`], [`config`], [`inject`], [`admission`])
+//! The crate is a pure injection core ([`annotations`], [`config`], [`identity`], [`inject`],
+//! [`admission`])
 //! with thin edges: the HTTPS admission webhook ([`webhook`], [`review`], [`memo`],
 //! [`metrics`]) and the offline CLI ([`offline`]). The core never does IO; the edges only
 //! decode, call it and encode.
@@ -11,6 +12,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod identity;
 pub mod inject;
 pub mod memo;
 pub mod metrics;

@@ -1,8 +1,10 @@
 //! The webhook's memo of fresh injections: the patch for a Pod that carries nothing of an
 //! earlier injection is a function of the injector's configuration, the Pod's parsed
-//! annotations ([`InjectionSpec`]) and a few facts about the Pod's shape ([`Shape`]); Pods of
-//! one Deployment, Job or StatefulSet share all three, so the patch the diff gave for one of
-//! them is kept and sent again for the next.
+//! annotations ([`InjectionSpec`], as `crate::identity::resolve` returns it: a `{pod}` in a
+//! Secret name is already the Pod's name) and a few facts about the Pod's shape ([`Shape`]);
+//! Pods of one Deployment, Job or StatefulSet share all three (but for a StatefulSet whose
+//! Secret name holds `{pod}`, whose Pods each get their own entry), so the patch the diff gave
+//! for one of them is kept and sent again for the next.
 //!
 //! A patch is kept only when its key is seen a second time within the last
 //! [`DOORKEEPER_FACTOR`] × capacity distinct keys: a stream of Pods that are each unlike the
@@ -18,9 +20,11 @@
 //! injected view adds the label and the annotation (or the whole maps), inserts the containers
 //! at fixed positions and appends the volumes after the Pod's own; the Pod's own elements only
 //! ever compare equal to themselves. The positions and whole-map/whole-list choices are what
-//! [`Shape`] records. The warnings depend on the configuration and the annotations, and on one
-//! fact of the Pod's spec that [`Shape`] records too: whether it runs once (a Job's Pod in
-//! classic mode is warned that the sidecar never exits by itself; a Deployment's is not).
+//! [`Shape`] records. The Pod's owner only decides whether a static key is allowed, a per-Pod
+//! check that runs before the lookup; it never changes the patch. The warnings depend on the
+//! configuration and the annotations, and on one fact of the Pod's spec that [`Shape`] records
+//! too: whether it runs once (a Job's Pod in classic mode is warned that the sidecar never exits
+//! by itself; a Deployment's is not).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
@@ -74,7 +78,7 @@ impl Shape {
 /// What a fresh injection is remembered by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
-    /// The Pod's parsed annotations.
+    /// The Pod's parsed annotations, with its identity resolved.
     pub spec: InjectionSpec,
     /// The Pod's shape.
     pub shape: Shape,

@@ -8,6 +8,14 @@
 //! Opt-in: like `istioctl kube-inject`, a template without `wg-injector.io/inject` is injected
 //! (the CLI forces `inject_by_default`); `"false"` opts out. A denial prints its message to
 //! stderr and exits 1 without writing anything to stdout.
+//!
+//! Owner: a template carries no ownerReferences, so the workload whose template it is stands in
+//! for the Pods' controller in the shared-key rule ([`crate::identity`]): a `Deployment`,
+//! `ReplicaSet`, `ReplicationController`, `Job`, `CronJob`, `DaemonSet` or `StatefulSet`
+//! template is denied a fixed static key just as the webhook denies its Pods (whose controller
+//! is the ReplicaSet or Job the Deployment or CronJob makes). A `Pod` document is judged by its
+//! own controller ownerReference, like the webhook does. A template has no name, so `{pod}` in a
+//! Secret name is denied here (only the webhook sees a StatefulSet Pod's name).
 
 use std::io::{Read as _, Write as _};
 use std::path::PathBuf;
@@ -19,6 +27,7 @@ use serde_yaml_ng::Value;
 use crate::admission::{self, Verdict};
 use crate::config::Config;
 use crate::error::Error;
+use crate::identity::Owner;
 use crate::inject;
 
 /// Arguments of `wg-injector inject` and `uninject`.
@@ -163,6 +172,16 @@ fn visit(doc: &mut Value, config: &Config, direction: Direction) -> Result<(), V
         .unwrap_or_default()
         .to_owned();
     let name = object_name(doc);
+    // The workload stands in for the controller of its template's Pods (module docs).
+    let workload = (kind != "Pod").then(|| Owner {
+        kind: kind.clone(),
+        name: doc
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or("<unnamed>")
+            .to_owned(),
+    });
     let template = match kind.as_str() {
         "Pod" => Some(&mut *doc),
         "Deployment"
@@ -204,13 +223,16 @@ fn visit(doc: &mut Value, config: &Config, direction: Direction) -> Result<(), V
         .map_err(|e| VisitError::Input(format!("{name}: not a valid Pod template: {e}")))?;
     let new_pod = match direction {
         Direction::Uninject => inject::uninject(&pod),
-        Direction::Inject => match admission::evaluate(&pod, config) {
-            Verdict::Inject(outcome) => outcome.pod,
-            Verdict::Skip(_) => return Ok(()),
-            Verdict::Deny(denial) => {
-                return Err(VisitError::Denied(format!("{name}: {}", denial.message)))
+        Direction::Inject => {
+            let owner = workload.or_else(|| Owner::controller_of(&pod));
+            match admission::evaluate_owned_by(&pod, owner.as_ref(), config) {
+                Verdict::Inject(outcome) => outcome.pod,
+                Verdict::Skip(_) => return Ok(()),
+                Verdict::Deny(denial) => {
+                    return Err(VisitError::Denied(format!("{name}: {}", denial.message)))
+                }
             }
-        },
+        }
     };
     if new_pod == pod {
         return Ok(());

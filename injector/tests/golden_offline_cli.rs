@@ -220,6 +220,79 @@ fn a_denied_template_exits_non_zero_with_the_message_on_stderr_and_nothing_on_st
 }
 
 #[test]
+fn a_deployment_template_with_one_secret_for_every_replica_is_denied_naming_the_deployment() {
+    let file = offline("shared-key.yaml");
+    let out = wg_injector(&["inject", "-f", file.to_str().unwrap()], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "no partial output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Deployment/web: wg-injector.io/key-source \"secret:web-wg\" would give every Pod of Deployment web one WireGuard key"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn static_identities_of_a_stateful_sets_pods_and_a_bare_pod_are_injected() {
+    let file = offline("static-identities.yaml");
+    let output = docs(&ok_stdout(&wg_injector(
+        &["inject", "-f", file.to_str().unwrap()],
+        None,
+    )));
+    let sidecar = |spec: &Value| {
+        let all = spec["initContainers"]
+            .as_sequence()
+            .into_iter()
+            .chain(spec["containers"].as_sequence())
+            .flatten();
+        all.into_iter()
+            .find(|c| c["name"].as_str() == Some("wg-sidecar"))
+            .cloned()
+            .unwrap()
+    };
+    let args = |spec: &Value| -> Vec<String> {
+        sidecar(spec)["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let db = args(&output[0]["spec"]["template"]["spec"]);
+    assert!(
+        db.contains(&"--vault-key-path=wg/keys/$(WG_POD_NAMESPACE)/$(WG_POD_NAME)".to_owned()),
+        "{db:?}"
+    );
+    let debug = &output[1]["spec"];
+    assert!(
+        args(debug).contains(&"--key-source=file".to_owned()),
+        "{debug:?}"
+    );
+    assert!(
+        debug["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"].as_str() == Some("debug-wg")),
+        "{debug:?}"
+    );
+}
+
+#[test]
+fn the_example_deployment_is_injected_with_a_key_born_in_each_pod() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/deployment.yaml");
+    let output = docs(&ok_stdout(&wg_injector(
+        &["inject", "-f", file.to_str().unwrap()],
+        None,
+    )));
+    let deployment = &output[0];
+    assert!(deployment["spec"]["replicas"].as_u64() >= Some(2));
+    let text = serde_yaml_ng::to_string(deployment).unwrap();
+    assert!(text.contains("--key-source=vault"), "{text}");
+    assert!(!text.contains("--vault-key-path"), "{text}");
+}
+
+#[test]
 fn a_missing_input_file_fails_naming_the_file() {
     let out = wg_injector(&["inject", "-f", "/nonexistent/manifests.yaml"], None);
     assert!(!out.status.success());

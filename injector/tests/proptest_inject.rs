@@ -1,6 +1,7 @@
 //! Property tests of the injection core over generated Pods: random app and init containers
-//! (some named or shaped like ours, some with clashing ports), volumes, labels, and annotations
-//! that mix valid, invalid, arbitrary and unknown `wg-injector.io/` values.
+//! (some named or shaped like ours, some with clashing ports), volumes, labels, a controller
+//! (or none), a name or only a `generateName`, and annotations that mix valid, invalid,
+//! arbitrary and unknown `wg-injector.io/` values.
 //!
 //! Properties, for two injector configs (the golden one: native sidecars, inject by default;
 //! the built-in default: classic, opt-in):
@@ -22,7 +23,7 @@ use std::sync::OnceLock;
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EmptyDirVolumeSource, Pod, PodSpec, Volume, VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 use wg_injector::admission::{decide, decide_with, evaluate, Answered, Decision, Verdict};
@@ -83,13 +84,17 @@ fn value_for(key: &'static str) -> BoxedStrategy<String> {
         ),
         annotations::KEEPALIVE => (&["0", "25", "65535"], &["65536", "-1", "x"]),
         annotations::KEY_SOURCE => (
-            &["vault", "secret:wg-keys", "secret:a.b-c"],
-            &["secret:", "secret:UPPER", "file"],
+            &["vault", "secret:wg-keys", "secret:a.b-c", "secret:wg-{pod}"],
+            &["secret:", "secret:UPPER", "file", "secret:{namespace}"],
         ),
         annotations::VAULT_ROLE => (&["shop-web", "{namespace}-{serviceAccount}"], &["a b", ""]),
         annotations::VAULT_PATH => (
-            &["wg/keys/{namespace}/{serviceAccount}", "teams/x/wg"],
-            &["../etc/passwd", "/abs", "a//b", ""],
+            &[
+                "wg/keys/{namespace}/{serviceAccount}",
+                "teams/x/wg",
+                "wg/keys/{namespace}/{pod}",
+            ],
+            &["../etc/passwd", "/abs", "a//b", "", "wg/{node}"],
         ),
         annotations::KILL_SWITCH => (&["true", "false"], &["yes"]),
         annotations::SIDECAR_MODE => (&["native", "classic", "auto"], &["sidecar"]),
@@ -230,8 +235,13 @@ fn pod_strategy() -> impl Strategy<Value = Pod> {
         "[a-z0-9]{0,6}",
         1..3,
     ));
+    // The controller: none (a bare Pod), one the shared-key rule knows, or another kind.
+    let owner = proptest::option::of(proptest::sample::select(
+        &["ReplicaSet", "StatefulSet", "Job", "DaemonSet", "TaskRun"][..],
+    ));
     (
-        "[a-z]{1,10}",
+        // Mostly named; sometimes only a generateName, as a ReplicaSet's Pods at admission.
+        proptest::option::weighted(0.8, "[a-z]{1,10}"),
         proptest::option::of(Just("shop".to_owned())),
         labels,
         proptest::option::weighted(0.9, annotations_strategy()),
@@ -243,9 +253,21 @@ fn pod_strategy() -> impl Strategy<Value = Pod> {
         volumes,
         proptest::option::weighted(0.05, any::<bool>()),
         proptest::option::of("[a-z]{1,8}"),
+        owner,
     )
         .prop_map(
-            |(name, namespace, labels, annotations, containers, inits, volumes, host, sa)| {
+            |(
+                name,
+                namespace,
+                labels,
+                annotations,
+                containers,
+                inits,
+                volumes,
+                host,
+                sa,
+                owner,
+            )| {
                 let mut seen = std::collections::BTreeSet::new();
                 let volumes: Vec<Volume> = volumes
                     .into_iter()
@@ -259,8 +281,19 @@ fn pod_strategy() -> impl Strategy<Value = Pod> {
                 // Empty maps and lists are absent in what the API server sends.
                 Pod {
                     metadata: ObjectMeta {
-                        name: Some(name),
+                        generate_name: name.is_none().then(|| "gen-".to_owned()),
+                        name,
                         namespace,
+                        owner_references: owner.map(|kind| {
+                            vec![OwnerReference {
+                                api_version: "apps/v1".to_owned(),
+                                kind: kind.to_owned(),
+                                name: "owner".to_owned(),
+                                uid: "1f0c".to_owned(),
+                                controller: Some(true),
+                                ..OwnerReference::default()
+                            }]
+                        }),
                         labels,
                         annotations: annotations.filter(|a| !a.is_empty()),
                         ..ObjectMeta::default()
