@@ -1,16 +1,26 @@
 //! `wg-sidecar gateway`: the WireGuard server that injected Pods connect to.
 //!
-//! Owns: the gateway's flags and config, the pure reconcile core (peer records → desired peer
-//! table → diff against the running table), applying a diff as one batch, the gateway's metrics
-//! and health endpoints, and the loop: 1 s statistics tick, a Vault reconcile every
-//! `--poll-interval` and at every pending key activation.
+//! Owns: the gateway's flags and config, the pure reconcile steps shared by both pod sources
+//! (desired peer table → diff against the running table; unchanged peers appear nowhere),
+//! applying a diff as one batch, the gateway's metrics and health endpoints, and the two loops:
+//!
+//! - `--pod-source kubernetes` (the default): a watch of the profile's Pods
+//!   ([`crate::pod_watch`]) feeds the pure index ([`crate::pod_index`]); the loop applies the
+//!   index's peer table on every change (debounced by [`DEBOUNCE`]), runs the record and claim
+//!   reads it asks for (at most [`MAX_VAULT_TASKS`] at once), deletes what it releases, and sweeps
+//!   orphaned records and claims every `--orphan-sweep-interval`;
+//! - `--pod-source vault`: every record below `--vault-peers-path`, at any depth, is read every
+//!   `--poll-interval` (N reads per poll; it cannot tell a live Pod from a dead one).
+//!
+//! Both check the gateway key every `--poll-interval` and tick statistics every second.
 //! Must never: touch a peer whose desired state did not change (its session must live on), log
-//! key material, or write to Vault (the gateway only reads).
+//! key material (preshared keys included), remove an admitted peer because a Vault read failed,
+//! or write to Vault other than deleting what a gone Pod left behind.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     future::Future,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicBool, AtomicU64},
         Arc, Mutex,
@@ -27,17 +37,38 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+use tokio::task::JoinSet;
 
 use crate::{
     error::{Result, SidecarError},
     forwarding::{self, Ipv4Forwarding},
     health::HANDSHAKE_FRESH,
-    keys::{list_identities, PeerRecord, VaultArgs},
+    keys::{list_opt, PeerRecord, VaultArgs},
     keysource::{GatewayRecord, PrivateRecord},
     nat::{self, Nat},
+    pod_index::{
+        old_enough, ClaimRead, PeerChange, PodIndex, ReadRequest, RecordRead, RecordRef, Release,
+    },
+    pod_watch::{self, WatchUpdate},
+    registration::{gateway_name, Claim, Layout, PodIdentity},
     tunnel::{PeerSpec, PeerStats, Tunnel, WgTunnel},
     vault::Vault,
 };
+
+pub use crate::pod_index::{Peer, PeerTable};
+
+/// Delay between an index change and applying the peer table (changes arriving meanwhile are
+/// applied together).
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// Vault reads and deletes in flight at most (kubernetes mode).
+pub const MAX_VAULT_TASKS: usize = 64;
+
+/// The first orphan sweep waits at most this long after the first list for the initial reads.
+const FIRST_SWEEP_WAIT: Duration = Duration::from_secs(30);
+
+/// Deepest folder level the vault pod source lists below `--vault-peers-path`.
+const MAX_LIST_DEPTH: usize = 6;
 
 /// Flags of `wg-sidecar gateway`.
 #[derive(Debug, Clone, clap::Args)]
@@ -57,13 +88,45 @@ pub struct GatewayArgs {
     /// The gateway's private record (default: `gateways` → `gateway-keys` in the public path).
     #[arg(long, env = "WG_SIDECAR_VAULT_GATEWAY_KEY_PATH")]
     pub vault_gateway_key_path: Option<String>,
-    /// Folder of the peer records (`<path>/<ns>/<sa>`).
+    /// Folder of the peer records. Kubernetes mode reads `<path>/<gateway>/<ns>/<sa>/<pod-uid>`;
+    /// vault mode reads every record below it at any depth (`<ns>/<sa>` from `keys provision`,
+    /// or point it at `<path>/<gateway>` for the Pods' own records).
     #[arg(long, env = "WG_SIDECAR_VAULT_PEERS_PATH", default_value = "wg/peers")]
     pub vault_peers_path: String,
+    /// Folder of the tunnel-address claims (`<path>/<gateway>/<address>`; kubernetes mode).
+    #[arg(
+        long,
+        env = "WG_SIDECAR_VAULT_ADDRESSES_PATH",
+        default_value = "wg/addresses"
+    )]
+    pub vault_addresses_path: String,
+    /// Where the peers come from: `kubernetes` (watch the profile's Pods, read each new Pod's
+    /// record once, remove a Pod's peer when it goes) or `vault` (read every record below
+    /// `--vault-peers-path` every `--poll-interval`, for a gateway that cannot see the cluster;
+    /// it cannot tell a live Pod from a dead one).
+    #[arg(long, env = "WG_SIDECAR_POD_SOURCE", default_value = "kubernetes")]
+    pub pod_source: String,
+    /// Value of the `wg-injector.io/tunnel` label of this gateway's Pods (default: the gateway
+    /// name, the last segment of `--vault-gateway-path`).
+    #[arg(long, env = "WG_SIDECAR_PROFILE")]
+    pub profile: Option<String>,
+    /// Seconds between sweeps for records and claims no live Pod holds (kubernetes mode).
+    #[arg(long, env = "WG_SIDECAR_ORPHAN_SWEEP_INTERVAL", default_value_t = 300)]
+    pub orphan_sweep_interval: u64,
+    /// Seconds a record or claim must be old before the sweep may collect it (a Pod between
+    /// its claim and the watch event is younger). For tests.
+    #[arg(
+        long,
+        env = "WG_SIDECAR_ORPHAN_GRACE",
+        default_value_t = 60,
+        hide = true
+    )]
+    pub orphan_grace: u64,
     /// Address of `/healthz`, `/ready`, `/metrics`.
     #[arg(long, env = "WG_SIDECAR_HEALTH_ADDR", default_value = "0.0.0.0:9901")]
     pub health_addr: SocketAddr,
-    /// Seconds between reconciles with Vault (a removed peer loses access within one).
+    /// Seconds between reconciles with Vault: the gateway key check in both modes, the whole
+    /// peer poll in vault mode (where a removed peer loses access within one).
     #[arg(long, env = "WG_SIDECAR_POLL_INTERVAL", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub poll_interval: u64,
     /// Keepalive the gateway sends to every connected peer, in seconds (0 = off). Sidecars treat
@@ -83,6 +146,15 @@ pub struct GatewayArgs {
     pub vault: VaultArgs,
 }
 
+/// Where the gateway learns its peers (`--pod-source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodSource {
+    /// Watch the profile's Pods; read each new Pod's record once.
+    Kubernetes,
+    /// Poll every record below the peers folder.
+    Vault,
+}
+
 /// Validated configuration of `wg-sidecar gateway`.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -100,8 +172,20 @@ pub struct GatewayConfig {
     pub gateway_path: String,
     /// Private gateway record.
     pub gateway_key_path: String,
-    /// Peer records folder.
+    /// Peer records folder (vault mode lists below it).
     pub peers_path: String,
+    /// Where the peers come from.
+    pub pod_source: PodSource,
+    /// The gateway's name (folder of its Pods' records and claims).
+    pub gateway_name: String,
+    /// The `wg-injector.io/tunnel` label value of its Pods.
+    pub profile: String,
+    /// Records and claims under the KV mount (kubernetes mode).
+    pub layout: Layout,
+    /// Period of the orphan sweep.
+    pub orphan_sweep_interval: Duration,
+    /// Age a record or claim needs before the sweep collects it.
+    pub orphan_grace: Duration,
     /// Health listen address.
     pub health_addr: SocketAddr,
     /// Reconcile period.
@@ -145,15 +229,62 @@ impl GatewayArgs {
             &self.vault_gateway_path,
             self.vault_gateway_key_path.as_deref(),
         )?;
+        let pod_source = match self.pod_source.trim() {
+            "kubernetes" => PodSource::Kubernetes,
+            "vault" => PodSource::Vault,
+            other => {
+                return Err(bad(format!(
+                    "--pod-source must be kubernetes or vault, not {other:?}"
+                )))
+            }
+        };
+        let name = gateway_name(&self.vault_gateway_path).to_owned();
+        if name.is_empty() {
+            return Err(bad(format!(
+                "--vault-gateway-path {:?} has no gateway name (its last segment)",
+                self.vault_gateway_path
+            )));
+        }
+        let profile = self.profile.clone().unwrap_or_else(|| name.clone());
+        if !is_label_value(&profile) {
+            return Err(bad(format!(
+                "--profile {profile:?} is not a label value (1-63 letters, digits, '-', '_' or                  '.', starting and ending with a letter or digit)"
+            )));
+        }
+        let folder = |flag: &str, v: &str| {
+            let t = v.trim_matches('/');
+            if t.is_empty() || t.contains("//") {
+                Err(bad(format!("{flag} {v:?} is not a KV folder path")))
+            } else {
+                Ok(t.to_owned())
+            }
+        };
+        let peers_path = folder("--vault-peers-path", &self.vault_peers_path)?;
+        let addresses_path = folder("--vault-addresses-path", &self.vault_addresses_path)?;
+        if self.orphan_sweep_interval == 0 {
+            return Err(bad(
+                "--orphan-sweep-interval must be at least 1 second".to_owned()
+            ));
+        }
         Ok(GatewayConfig {
             interface: self.interface,
             listen_port: self.listen_port,
             mtu: self.mtu,
             vault: self.vault.settings()?,
-            kv_mount: self.vault.vault_kv_mount,
+            kv_mount: self.vault.vault_kv_mount.clone(),
             gateway_path: self.vault_gateway_path,
             gateway_key_path,
-            peers_path: self.vault_peers_path.trim_end_matches('/').to_owned(),
+            layout: Layout {
+                kv_mount: self.vault.vault_kv_mount.clone(),
+                peers_prefix: peers_path.clone(),
+                addresses_prefix: addresses_path,
+            },
+            peers_path,
+            pod_source,
+            gateway_name: name,
+            profile,
+            orphan_sweep_interval: Duration::from_secs(self.orphan_sweep_interval),
+            orphan_grace: Duration::from_secs(self.orphan_grace),
             health_addr: self.health_addr,
             poll_interval: Duration::from_secs(self.poll_interval),
             peer_keepalive: (self.peer_keepalive > 0).then_some(self.peer_keepalive),
@@ -163,13 +294,20 @@ impl GatewayArgs {
     }
 }
 
-/// The peer table: base64 public key → allowed IPs.
-pub type PeerTable = BTreeMap<String, Vec<IpNet>>;
+/// A Kubernetes label value: at most 63 characters, alphanumerics, `-`, `_`, `.` inside.
+fn is_label_value(v: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    !v.is_empty()
+        && v.len() <= 63
+        && v.starts_with(alnum)
+        && v.ends_with(alnum)
+        && v.chars().all(|c| alnum(c) || matches!(c, '-' | '_' | '.'))
+}
 
 /// The desired peer table at one instant.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// Public key → allowed IPs.
+    /// Public key → peer.
     pub peers: PeerTable,
     /// The earliest key activation still ahead (reconcile again then).
     pub next_activation: Option<Timestamp>,
@@ -209,7 +347,13 @@ pub fn desired_peers(records: &[(String, PeerRecord)], now: Timestamp) -> Desire
         for n in &nets {
             owners.insert(*n, identity);
         }
-        out.peers.insert(key.to_owned(), nets);
+        out.peers.insert(
+            key.to_owned(),
+            Peer {
+                allowed_ips: nets,
+                preshared_key: rec.preshared_key.clone(),
+            },
+        );
     }
     out
 }
@@ -221,7 +365,8 @@ pub struct PeerDiff {
     pub add: PeerTable,
     /// Keys to remove.
     pub remove: Vec<String>,
-    /// Keys whose allowed IPs changed (applied as remove + add: the peer's session restarts).
+    /// Keys whose allowed IPs or preshared key changed (applied as remove + add: the peer's
+    /// session restarts).
     pub update: PeerTable,
 }
 
@@ -256,17 +401,18 @@ pub fn diff(running: &PeerTable, desired: &PeerTable) -> PeerDiff {
     d
 }
 
-fn spec(public_key: &str, ips: &[IpNet], keepalive: Option<u16>) -> PeerSpec {
+fn spec(public_key: &str, peer: &Peer, keepalive: Option<u16>) -> PeerSpec {
     PeerSpec {
         public_key: public_key.to_owned(),
-        preshared_key: None,
+        preshared_key: peer.preshared_key.clone(),
         endpoint: None,
-        allowed_ips: ips.to_vec(),
+        allowed_ips: peer.allowed_ips.clone(),
         keepalive,
     }
 }
 
-/// Applies `d` to `tunnel` as one batch (peers get `keepalive`) and, on success, to `running`.
+/// Applies `d` to `tunnel` as one batch (peers get `keepalive` and their preshared key) and, on
+/// success, to `running`.
 pub fn apply_diff(
     tunnel: &mut impl Tunnel,
     running: &mut PeerTable,
@@ -278,14 +424,14 @@ pub fn apply_diff(
         .add
         .iter()
         .chain(d.update.iter())
-        .map(|(k, ips)| spec(k, ips, keepalive))
+        .map(|(k, peer)| spec(k, peer, keepalive))
         .collect();
     tunnel.apply_peer_changes(&remove, &add)?;
     for k in &d.remove {
         running.remove(k);
     }
-    for (k, ips) in d.add.iter().chain(d.update.iter()) {
-        running.insert(k.clone(), ips.clone());
+    for (k, peer) in d.add.iter().chain(d.update.iter()) {
+        running.insert(k.clone(), peer.clone());
     }
     Ok(())
 }
@@ -311,6 +457,16 @@ pub struct GatewayMetrics {
     pub conflicts: Gauge,
     /// 1 when `/ready` answers 200.
     pub ready: Gauge,
+    /// Live Pods of the profile in the index (kubernetes mode).
+    pub pods_watched: Gauge,
+    vault_reads: Family<Vec<(String, String)>, Counter>,
+    peers_refused: Family<Vec<(String, String)>, Counter>,
+    records_released: Family<Vec<(String, String)>, Counter>,
+    /// Errors of the Pod watch (each retried with backoff).
+    pub watch_errors: Counter,
+    /// Seconds from the start to the first complete peer table (kubernetes mode: the first
+    /// list and a first answer for every running sidecar in it).
+    pub sync_duration: Gauge<f64, AtomicU64>,
 }
 
 impl std::fmt::Debug for GatewayMetrics {
@@ -344,6 +500,12 @@ impl GatewayMetrics {
             peer_changes: Family::default(),
             conflicts: Gauge::default(),
             ready: Gauge::default(),
+            pods_watched: Gauge::default(),
+            vault_reads: Family::default(),
+            peers_refused: Family::default(),
+            records_released: Family::default(),
+            watch_errors: Counter::default(),
+            sync_duration: Gauge::default(),
         };
         r.register(
             "wg_gateway_peers",
@@ -390,10 +552,48 @@ impl GatewayMetrics {
             "1 when the gateway is ready",
             m.ready.clone(),
         );
+        m.register_pod_metrics(&mut r);
         Self {
             registry: Arc::new(r),
             ..m
         }
+    }
+
+    /// Registers the kubernetes mode's metrics.
+    fn register_pod_metrics(&self, r: &mut Registry) {
+        let m = self;
+        r.register(
+            "wg_gateway_pods_watched",
+            "Live Pods of the profile the gateway watches",
+            m.pods_watched.clone(),
+        );
+        r.register(
+            "wg_gateway_vault_reads",
+            "Vault KV reads (label kind: record, claim, sweep, poll)",
+            m.vault_reads.clone(),
+        );
+        r.register(
+            "wg_gateway_peers_refused",
+            "Peer records refused (label reason: identity_mismatch, no_pod_identity, \
+             outside_pool, address_conflict, duplicate_key, invalid_record)",
+            m.peers_refused.clone(),
+        );
+        r.register(
+            "wg_gateway_records_released",
+            "Records and claims deleted from Vault for Pods that are gone (label kind: record, \
+             claim; origin: released, swept)",
+            m.records_released.clone(),
+        );
+        r.register(
+            "wg_gateway_watch_errors",
+            "Errors of the Pod watch (retried with backoff)",
+            m.watch_errors.clone(),
+        );
+        r.register(
+            "wg_gateway_sync_duration_seconds",
+            "Seconds from the start to the first complete peer table",
+            m.sync_duration.clone(),
+        );
     }
 
     /// Records statistics: peer counts, active peers and per-peer byte counters.
@@ -444,6 +644,34 @@ impl GatewayMetrics {
                     .inc_by(n as u64);
             }
         }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    /// Counts `n` Vault reads of `kind`.
+    pub fn count_reads(&self, kind: &str, n: u64) {
+        self.vault_reads
+            .get_or_create(&Self::labels(&[("kind", kind)]))
+            .inc_by(n);
+    }
+
+    /// Counts one refusal for `reason`.
+    pub fn count_refused(&self, reason: &str) {
+        self.peers_refused
+            .get_or_create(&Self::labels(&[("reason", reason)]))
+            .inc();
+    }
+
+    /// Counts one deletion of `kind` (`record` or `claim`) by `origin` (`released` or `swept`).
+    pub fn count_released(&self, kind: &str, origin: &str) {
+        self.records_released
+            .get_or_create(&Self::labels(&[("kind", kind), ("origin", origin)]))
+            .inc();
     }
 
     /// The text exposition.
@@ -574,14 +802,48 @@ pub fn router(state: Arc<GatewayHealth>) -> Router {
         .with_state(state)
 }
 
-/// Reads every peer record under `peers_path` (16 reads in flight). Unreadable or invalid
+/// Every record below `prefix` at any depth (up to six folders), as paths relative to it:
+/// `<ns>/<sa>` (`keys provision`) and `<gateway>/<ns>/<sa>/<uid>` (registered Pods) alike.
+pub async fn list_records(vault: &Vault, mount: &str, prefix: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut folders = vec![String::new()];
+    for _ in 0..MAX_LIST_DEPTH {
+        let mut deeper = Vec::new();
+        for folder in folders {
+            let path = if folder.is_empty() {
+                prefix.to_owned()
+            } else {
+                format!("{prefix}/{folder}")
+            };
+            for name in list_opt(vault, mount, &path).await? {
+                let rel = if folder.is_empty() {
+                    name
+                } else {
+                    format!("{folder}/{name}")
+                };
+                match rel.strip_suffix('/') {
+                    Some(sub) => deeper.push(sub.to_owned()),
+                    None => out.push(rel),
+                }
+            }
+        }
+        if deeper.is_empty() {
+            break;
+        }
+        folders = deeper;
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Reads every peer record below `peers_path` (16 reads in flight). Unreadable or invalid
 /// records are left out and returned as `(identity, error)` pairs (see [`keep_last_known`]).
 pub async fn load_peer_records(
     vault: &Vault,
     mount: &str,
     peers_path: &str,
 ) -> Result<(Vec<(String, PeerRecord)>, Vec<(String, String)>)> {
-    let ids = list_identities(vault, mount, peers_path).await?;
+    let ids = list_records(vault, mount, peers_path).await?;
     let results: Vec<(String, Result<PeerRecord>)> = stream::iter(ids)
         .map(|id| async move {
             let path = format!("{peers_path}/{id}");
@@ -653,16 +915,18 @@ struct Gateway {
     key_due: Option<Timestamp>,
 }
 
+async fn read_key(vault: &Vault, cfg: &GatewayConfig) -> Result<crate::vault::KvRecord> {
+    vault.read(&cfg.kv_mount, &cfg.gateway_key_path).await
+}
+
 impl Gateway {
     /// Applies a new gateway key in place once its `not_before` has come.
-    async fn reconcile_key(&mut self) -> Result<()> {
-        let path = &self.cfg.gateway_key_path;
-        let rec = self.vault.read(&self.cfg.kv_mount, path).await?;
+    fn apply_key(&mut self, rec: &crate::vault::KvRecord) -> Result<()> {
         if rec.version == self.key_version {
             return Ok(());
         }
         let p = PrivateRecord::from_fields(
-            &format!("{}/{path}", self.cfg.kv_mount),
+            &format!("{}/{}", self.cfg.kv_mount, self.cfg.gateway_key_path),
             &rec.data,
             rec.version,
         )?;
@@ -681,11 +945,54 @@ impl Gateway {
         Ok(())
     }
 
+    /// Makes the interface's peers equal to `desired` (unchanged peers untouched).
+    fn apply_table(&mut self, desired: &PeerTable) -> Result<()> {
+        let d = diff(&self.running, desired);
+        if d.is_empty() {
+            return Ok(());
+        }
+        let keepalive = self.cfg.peer_keepalive;
+        if let Err(e) = apply_diff(&mut self.tunnel, &mut self.running, &d, keepalive) {
+            // The interface's state is unknown now: rebuild the table from what it reports, so
+            // the next reconcile re-applies every peer it cannot vouch for.
+            self.running = self
+                .tunnel
+                .peer_stats()
+                .map(|s| {
+                    s.into_iter()
+                        .map(|p| {
+                            let unknown = Peer {
+                                allowed_ips: Vec::new(),
+                                preshared_key: None,
+                            };
+                            (p.public_key, unknown)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Err(e);
+        }
+        self.health.metrics.count_changes(&d);
+        tracing::info!(
+            added = d.add.len(),
+            removed = d.remove.len(),
+            updated = d.update.len(),
+            peers = self.running.len(),
+            "peer table reconciled"
+        );
+        Ok(())
+    }
+
+    /// One vault-mode reconcile: the key, then every record below the peers folder.
     async fn reconcile(&mut self) -> Result<()> {
         let started = Instant::now();
-        self.reconcile_key().await?;
+        let key = read_key(&self.vault, &self.cfg).await?;
+        self.apply_key(&key)?;
         let (fresh, errors) =
             load_peer_records(&self.vault, &self.cfg.kv_mount, &self.cfg.peers_path).await?;
+        self.health
+            .metrics
+            .count_reads("poll", (fresh.len() + errors.len()) as u64);
         for (id, e) in &errors {
             let kept = self.last_records.contains_key(id);
             tracing::warn!(identity = %id, error = %e, kept_last_known = kept, "peer record not read");
@@ -699,27 +1006,7 @@ impl Gateway {
             .metrics
             .conflicts
             .set(i64::try_from(desired.conflicts.len() + errors.len()).unwrap_or(i64::MAX));
-        let d = diff(&self.running, &desired.peers);
-        if !d.is_empty() {
-            let keepalive = self.cfg.peer_keepalive;
-            if let Err(e) = apply_diff(&mut self.tunnel, &mut self.running, &d, keepalive) {
-                // The interface's state is unknown now: rebuild the table from what it reports.
-                self.running = self
-                    .tunnel
-                    .peer_stats()
-                    .map(|s| s.into_iter().map(|p| (p.public_key, Vec::new())).collect())
-                    .unwrap_or_default();
-                return Err(e);
-            }
-            self.health.metrics.count_changes(&d);
-            tracing::info!(
-                added = d.add.len(),
-                removed = d.remove.len(),
-                updated = d.update.len(),
-                peers = self.running.len(),
-                "peer table reconciled"
-            );
-        }
+        self.apply_table(&desired.peers)?;
         self.next_activation = match (desired.next_activation, self.key_due) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -855,31 +1142,51 @@ async fn enable_forwarding(ipv6: bool) {
     }
 }
 
+/// The addresses the peers may hold: the public record's `pool`, or (a record written before
+/// pools were recorded) the networks of the gateway's own addresses.
+fn peer_pools(record: Option<&GatewayRecord>, own: &[IpNet]) -> Vec<IpNet> {
+    match record {
+        Some(g) if !g.pool.is_empty() => g.pool.clone(),
+        _ => own.iter().map(IpNet::trunc).collect(),
+    }
+}
+
 /// Runs the gateway until `shutdown` completes; then removes the NAT table and the interface.
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
     tokio::pin!(shutdown);
     let health = GatewayHealth::new();
     let bound = bind(cfg.health_addr, health.clone()).await?;
     tracing::info!(addr = %bound, "health endpoints listening");
+    // Kubernetes mode needs the API: without a usable client, fail now, naming the flag.
+    let kube = match cfg.pod_source {
+        PodSource::Kubernetes => Some(pod_watch::client().await?),
+        PodSource::Vault => None,
+    };
     let vault = Arc::new(Vault::new(cfg.vault.clone())?);
     let Some(private) = load_gateway_key(&cfg, &vault, &health, &mut shutdown).await else {
         return Ok(());
     };
     let public_key = private.public_key()?;
-    match vault
+    let record = match vault
         .read(&cfg.kv_mount, &cfg.gateway_path)
         .await
         .and_then(|r| GatewayRecord::from_fields(&cfg.gateway_path, &r.data, r.version))
     {
-        Ok(g) if g.public_key != public_key => tracing::warn!(
-            record = %cfg.gateway_path,
-            "the public record's key does not match the gateway's private key; sidecars will not connect"
-        ),
-        Ok(_) => {}
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the public gateway record (not needed to serve)");
+        Ok(g) => {
+            if g.public_key != public_key {
+                tracing::warn!(
+                    record = %cfg.gateway_path,
+                    "the public record's key does not match the gateway's private key; sidecars will not connect"
+                );
+            }
+            Some(g)
         }
-    }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the public gateway record (not needed to serve; the peers' pool is taken from the gateway's own addresses)");
+            None
+        }
+    };
+    let pools = peer_pools(record.as_ref(), &private.addresses);
     let tunnel = WgTunnel::create_listening(
         &cfg.interface,
         cfg.mtu,
@@ -905,39 +1212,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
         key_due: None,
     };
     health.set(true, None);
-    let mut next_reconcile = Instant::now();
-    loop {
-        let now_ts = Timestamp::now();
-        let activation_due = gw.next_activation.is_some_and(|t| t <= now_ts);
-        if Instant::now() >= next_reconcile || activation_due {
-            let r = tokio::select! {
-                r = gw.reconcile() => r,
-                () = &mut shutdown => break,
-            };
-            match r {
-                Ok(()) => health.set(true, Some(Ok(()))),
-                Err(e) => {
-                    gw.health.metrics.reconcile_errors.inc();
-                    tracing::warn!(error = %e, "reconcile failed; keeping the current peer table");
-                    health.set(true, Some(Err(format!("reconcile failed: {e}"))));
-                }
-            }
-            next_reconcile = Instant::now()
-                + crate::backoff::jittered(gw.cfg.poll_interval, rand::random::<f64>());
-        }
-        if !gw.tick() {
-            break;
-        }
-        // Wake for the next second, or earlier for a key activation.
-        let mut wait = Duration::from_secs(1);
-        if let Some(t) = gw.next_activation {
-            let until = Duration::try_from(Timestamp::now().duration_until(t)).unwrap_or_default();
-            wait = wait.min(until);
-        }
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = &mut shutdown => break,
-        }
+    match kube {
+        Some(client) => gw.run_kubernetes(client, pools, &mut shutdown).await,
+        None => gw.run_vault(&mut shutdown).await,
     }
     tracing::info!("shutting down: removing NAT rules and the interface");
     health.set(false, None);
@@ -949,12 +1226,580 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
     gw.tunnel.remove()
 }
 
+fn status_of(e: &SidecarError) -> Option<u16> {
+    match e {
+        SidecarError::VaultKv { status, .. } => *status,
+        _ => None,
+    }
+}
+
+fn log_change(c: &PeerChange, metrics: &GatewayMetrics) {
+    match c {
+        PeerChange::Admitted { pod, public_key } => tracing::info!(
+            namespace = %pod.namespace, pod = %pod.name, uid = %pod.uid, %public_key,
+            "peer admitted"
+        ),
+        PeerChange::Refused {
+            pod,
+            public_key,
+            refusal,
+        } => {
+            metrics.count_refused(refusal.reason());
+            tracing::warn!(
+                namespace = %pod.namespace, pod = %pod.name, uid = %pod.uid,
+                public_key = public_key.as_deref().unwrap_or("-"),
+                reason = refusal.reason(), detail = %refusal,
+                "peer refused"
+            );
+        }
+        PeerChange::Removed {
+            pod,
+            public_key,
+            reason,
+        } => tracing::info!(
+            namespace = %pod.namespace, pod = %pod.name, uid = %pod.uid, %public_key, reason,
+            "peer removed"
+        ),
+    }
+}
+
+/// What a kubernetes-mode task reports back to the loop.
+enum Done {
+    Record(Box<(ReadRequest, RecordRead)>),
+    Claim(IpAddr, ClaimRead),
+    Released,
+    Listed(Result<(Vec<RecordRef>, Vec<IpAddr>)>),
+    Swept,
+    Key(Result<crate::vault::KvRecord>),
+}
+
+/// What the Vault tasks of kubernetes mode share.
+struct VaultWork {
+    vault: Arc<Vault>,
+    layout: Layout,
+    gateway: String,
+    metrics: GatewayMetrics,
+    kube: kube::Client,
+    grace: Duration,
+}
+
+impl VaultWork {
+    fn mount(&self) -> &str {
+        &self.layout.kv_mount
+    }
+
+    async fn read_record(&self, req: ReadRequest) -> Done {
+        let path = self.layout.record_path(&self.gateway, &req.pod);
+        self.metrics.count_reads("record", 1);
+        let result = match self.vault.read(self.mount(), &path).await {
+            Ok(rec) => match PeerRecord::from_fields(
+                &format!("{}/{path}", self.mount()),
+                &rec.data,
+                rec.version,
+            ) {
+                Ok(p) => RecordRead::Found(p),
+                Err(e) => RecordRead::Invalid(e.to_string()),
+            },
+            Err(e) if status_of(&e) == Some(404) => RecordRead::NotFound,
+            Err(e) => RecordRead::Failed(e.to_string()),
+        };
+        match &result {
+            RecordRead::NotFound => tracing::debug!(%path, "record not published yet"),
+            RecordRead::Failed(e) | RecordRead::Invalid(e) => {
+                tracing::warn!(%path, error = %e, "record not read; retrying");
+            }
+            RecordRead::Found(_) => {}
+        }
+        Done::Record(Box::new((req, result)))
+    }
+
+    /// The claim of `address` and who it names (`Ok(None)`: no claim).
+    async fn claim(
+        &self,
+        address: IpAddr,
+        kind: &str,
+    ) -> Result<Option<(Claim, Option<Timestamp>)>> {
+        let path = self.layout.claim_path(&self.gateway, address);
+        self.metrics.count_reads(kind, 1);
+        match self.vault.read(self.mount(), &path).await {
+            Ok(rec) => Ok(Claim::from_fields(&path, &rec.data)
+                .ok()
+                .map(|c| (c, rec.created_time))),
+            Err(e) if status_of(&e) == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn read_claim(&self, address: IpAddr) -> Done {
+        let result = match self.claim(address, "claim").await {
+            Ok(Some((c, _))) => ClaimRead::Holder(c.pod),
+            Ok(None) => ClaimRead::Nobody,
+            Err(e) => {
+                tracing::warn!(%address, error = %e, "claim not read; retrying");
+                ClaimRead::Failed(e.to_string())
+            }
+        };
+        Done::Claim(address, result)
+    }
+
+    /// Deletes `path` with all its versions; a 404 is fine (another replica was first).
+    async fn delete(&self, path: &str, kind: &str, origin: &str) {
+        match self.vault.delete_all(self.mount(), path).await {
+            Ok(()) => {
+                self.metrics.count_released(kind, origin);
+                tracing::info!(%path, kind, origin, "deleted from Vault");
+            }
+            Err(e) if status_of(&e) == Some(404) => {}
+            Err(e) => tracing::warn!(%path, error = %e, "delete failed; the orphan sweep retries"),
+        }
+    }
+
+    async fn release(&self, r: Release) -> Done {
+        match r {
+            Release::Record(pod) => {
+                let path = self.layout.record_path(&self.gateway, &pod);
+                self.delete(&path, "record", "released").await;
+            }
+            Release::Claim { address, holder } => {
+                // Only a claim that still names the gone Pod: its record may have named an
+                // address another Pod holds.
+                match self.claim(address, "claim").await {
+                    Ok(Some((c, _))) if c.pod.uid == holder.uid => {
+                        let path = self.layout.claim_path(&self.gateway, address);
+                        self.delete(&path, "claim", "released").await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(%address, error = %e, "claim not released; the orphan sweep retries");
+                    }
+                }
+            }
+        }
+        Done::Released
+    }
+
+    /// Lists `<peers>/<gateway>/<ns>/<sa>/<uid>` and `<addresses>/<gateway>/<addr>`.
+    async fn list(&self) -> Result<(Vec<RecordRef>, Vec<IpAddr>)> {
+        let mount = self.mount();
+        let folder = self.layout.peers_folder(&self.gateway);
+        let mut records = Vec::new();
+        for ns in list_opt(&self.vault, mount, &folder).await? {
+            let Some(ns) = ns.strip_suffix('/') else {
+                continue;
+            };
+            for sa in list_opt(&self.vault, mount, &format!("{folder}/{ns}")).await? {
+                let Some(sa) = sa.strip_suffix('/') else {
+                    continue;
+                };
+                for uid in list_opt(&self.vault, mount, &format!("{folder}/{ns}/{sa}")).await? {
+                    if !uid.ends_with('/') {
+                        records.push(RecordRef {
+                            namespace: ns.to_owned(),
+                            service_account: sa.to_owned(),
+                            uid,
+                        });
+                    }
+                }
+            }
+        }
+        let claims = list_opt(
+            &self.vault,
+            mount,
+            &self.layout.claims_folder(&self.gateway),
+        )
+        .await?
+        .iter()
+        .filter_map(|n| crate::pool::parse_record_name(n))
+        .collect();
+        Ok((records, claims))
+    }
+
+    /// True when the Kubernetes API shows `pod` (same UID) alive: the last check before the
+    /// sweep deletes something the watch says is gone.
+    async fn alive(&self, pod: &PodIdentity) -> Option<bool> {
+        match pod_watch::pod_uid(&self.kube, &pod.namespace, &pod.name).await {
+            Ok(uid) => Some(uid.as_deref() == Some(pod.uid.as_str())),
+            Err(e) => {
+                tracing::warn!(namespace = %pod.namespace, pod = %pod.name, error = %e, "cannot check the Pod; sweep skips it");
+                None
+            }
+        }
+    }
+
+    /// Deletes the candidates that are older than the grace period and whose Pod is gone.
+    async fn sweep(
+        &self,
+        records: Vec<RecordRef>,
+        claims: Vec<IpAddr>,
+        live: HashSet<String>,
+    ) -> Done {
+        let now = Timestamp::now();
+        for r in records {
+            let path = format!(
+                "{}/{}/{}/{}",
+                self.layout.peers_folder(&self.gateway),
+                r.namespace,
+                r.service_account,
+                r.uid
+            );
+            self.metrics.count_reads("sweep", 1);
+            let rec = match self.vault.read(self.mount(), &path).await {
+                Ok(rec) => rec,
+                Err(e) if status_of(&e) == Some(404) => continue,
+                Err(e) => {
+                    tracing::warn!(%path, error = %e, "sweep cannot read the record");
+                    continue;
+                }
+            };
+            if !old_enough(rec.created_time, now, self.grace) {
+                continue;
+            }
+            // A record naming the Pod of its own path: make sure that Pod is gone.
+            if let Ok(Some(pod)) = PodIdentity::from_fields(&path, &rec.data) {
+                if pod.uid == r.uid && self.alive(&pod).await != Some(false) {
+                    continue;
+                }
+            }
+            tracing::info!(%path, "orphaned record: no live Pod has its UID");
+            self.delete(&path, "record", "swept").await;
+        }
+        for address in claims {
+            let (claim, created) = match self.claim(address, "sweep").await {
+                Ok(Some((c, t))) => (Some(c), t),
+                Ok(None) => continue,
+                // A claim that does not parse names nobody: its creation time still counts.
+                Err(e) => {
+                    tracing::warn!(%address, error = %e, "sweep cannot read the claim");
+                    continue;
+                }
+            };
+            if !old_enough(created, now, self.grace) {
+                continue;
+            }
+            if let Some(c) = &claim {
+                if live.contains(&c.pod.uid) || self.alive(&c.pod).await != Some(false) {
+                    continue;
+                }
+            }
+            tracing::info!(%address, "orphaned claim: no live Pod holds it");
+            let path = self.layout.claim_path(&self.gateway, address);
+            self.delete(&path, "claim", "swept").await;
+        }
+        Done::Swept
+    }
+}
+
+/// Loop state of kubernetes mode beyond the index.
+struct KubeLoop {
+    index: PodIndex,
+    tasks: JoinSet<Done>,
+    releases: std::collections::VecDeque<Release>,
+    started: Instant,
+    dirty_at: Option<Instant>,
+    first_list_at: Option<Instant>,
+    synced: bool,
+    sweeping: bool,
+    next_sweep: Option<Instant>,
+    key_reading: bool,
+    next_key: Instant,
+}
+
+impl Gateway {
+    fn jittered(d: Duration) -> Duration {
+        crate::backoff::jittered(d, rand::random::<f64>())
+    }
+
+    /// Vault mode: the whole peer table from Vault every `--poll-interval`.
+    async fn run_vault(&mut self, shutdown: &mut (impl Future<Output = ()> + Unpin)) {
+        let mut next_reconcile = Instant::now();
+        loop {
+            let now_ts = Timestamp::now();
+            let activation_due = self.next_activation.is_some_and(|t| t <= now_ts);
+            if Instant::now() >= next_reconcile || activation_due {
+                let r = tokio::select! {
+                    r = self.reconcile() => r,
+                    () = &mut *shutdown => break,
+                };
+                match r {
+                    Ok(()) => self.health.set(true, Some(Ok(()))),
+                    Err(e) => {
+                        self.health.metrics.reconcile_errors.inc();
+                        tracing::warn!(error = %e, "reconcile failed; keeping the current peer table");
+                        self.health
+                            .set(true, Some(Err(format!("reconcile failed: {e}"))));
+                    }
+                }
+                next_reconcile = Instant::now() + Self::jittered(self.cfg.poll_interval);
+            }
+            if !self.tick() {
+                break;
+            }
+            // Wake for the next second, or earlier for a key activation.
+            let mut wait = Duration::from_secs(1);
+            if let Some(t) = self.next_activation {
+                let until =
+                    Duration::try_from(Timestamp::now().duration_until(t)).unwrap_or_default();
+                wait = wait.min(until);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = &mut *shutdown => break,
+            }
+        }
+    }
+
+    /// Kubernetes mode: the profile's Pods from the watch, one record read per sidecar start.
+    async fn run_kubernetes(
+        &mut self,
+        client: kube::Client,
+        pools: Vec<IpNet>,
+        shutdown: &mut (impl Future<Output = ()> + Unpin),
+    ) {
+        let work = Arc::new(VaultWork {
+            vault: self.vault.clone(),
+            layout: self.cfg.layout.clone(),
+            gateway: self.cfg.gateway_name.clone(),
+            metrics: self.health.metrics.clone(),
+            kube: client.clone(),
+            grace: self.cfg.orphan_grace,
+        });
+        let pool_list: Vec<String> = pools.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            profile = %self.cfg.profile,
+            selector = %pod_watch::selector(&self.cfg.profile),
+            gateway = %self.cfg.gateway_name,
+            pool = %pool_list.join(","),
+            "watching the profile's Pods in every namespace"
+        );
+        let mut st = KubeLoop {
+            index: PodIndex::new(pools),
+            tasks: JoinSet::new(),
+            releases: std::collections::VecDeque::new(),
+            started: Instant::now(),
+            dirty_at: None,
+            first_list_at: None,
+            synced: false,
+            sweeping: false,
+            next_sweep: None,
+            key_reading: false,
+            next_key: Instant::now() + Self::jittered(self.cfg.poll_interval),
+        };
+        self.health.set(
+            true,
+            Some(Err(
+                "the Pod watch has not listed the profile's Pods yet".into()
+            )),
+        );
+        let events = pod_watch::watch(client, &self.cfg.profile);
+        tokio::pin!(events);
+        let mut next_tick = Instant::now();
+        loop {
+            let now = Instant::now();
+            self.step(&mut st, &work, now);
+            if now >= next_tick {
+                if !self.tick() {
+                    break;
+                }
+                next_tick = now + Duration::from_secs(1);
+            }
+            let mut wake = next_tick.min(st.next_key);
+            if let Some(t) = st.dirty_at {
+                wake = wake.min(t + DEBOUNCE);
+            }
+            if st.tasks.len() < MAX_VAULT_TASKS {
+                if let Some(t) = st.index.next_due() {
+                    wake = wake.min(t);
+                }
+            }
+            if let Some(t) = st.next_sweep.filter(|_| !st.sweeping) {
+                wake = wake.min(t);
+            }
+            tokio::select! {
+                u = events.next() => match u {
+                    Some(WatchUpdate::Event(e)) => st.index.apply(e, Instant::now()),
+                    Some(WatchUpdate::Error(e)) => {
+                        self.health.metrics.watch_errors.inc();
+                        tracing::warn!(error = %e, "Pod watch failed; retrying with backoff (the peer table stays)");
+                        if !st.synced {
+                            self.health.set(true, Some(Err(format!("the Pod watch failed: {e}"))));
+                        }
+                    }
+                    None => {
+                        tracing::error!("the Pod watch ended; shutting down");
+                        break;
+                    }
+                },
+                Some(done) = st.tasks.join_next(), if !st.tasks.is_empty() => match done {
+                    Ok(d) => self.finish(&mut st, &work, d),
+                    Err(e) => tracing::warn!(error = %e, "a Vault task failed"),
+                },
+                () = tokio::time::sleep_until(wake.into()) => {}
+                () = &mut *shutdown => break,
+            }
+        }
+        // Deletes still in flight are abandoned: another replica or the sweep finishes them.
+        st.tasks.abort_all();
+    }
+
+    /// One pass of the kubernetes-mode loop at `now`: apply the table, start due Vault work.
+    fn step(&mut self, st: &mut KubeLoop, work: &Arc<VaultWork>, now: Instant) {
+        if st.index.take_changed() {
+            st.dirty_at.get_or_insert(now);
+        }
+        if st.first_list_at.is_none() && st.index.synced() {
+            st.first_list_at = Some(now);
+            tracing::info!(
+                pods = st.index.watched(),
+                "first list of the profile's Pods"
+            );
+            let why = format!(
+                "initial sync: reading the records of {} listed Pods",
+                st.index.watched()
+            );
+            self.health.set(true, Some(Err(why)));
+        }
+        if st.dirty_at.is_some_and(|t| now >= t + DEBOUNCE) {
+            st.dirty_at = None;
+            let started = Instant::now();
+            let out = st.index.peers(now);
+            for c in &out.changes {
+                log_change(c, &self.health.metrics);
+            }
+            self.health
+                .metrics
+                .conflicts
+                .set(i64::try_from(out.refused).unwrap_or(i64::MAX));
+            if let Err(e) = self.apply_table(&out.table) {
+                self.health.metrics.reconcile_errors.inc();
+                tracing::warn!(error = %e, "applying the peer table failed; retrying in 1 s");
+                st.dirty_at = Some(now + Duration::from_secs(1));
+            }
+            self.health
+                .metrics
+                .reconcile_duration
+                .observe(started.elapsed().as_secs_f64());
+        }
+        self.health
+            .metrics
+            .pods_watched
+            .set(i64::try_from(st.index.watched()).unwrap_or(i64::MAX));
+        // Ready once the first list is in and every running sidecar of it had an answer: a
+        // replica joining behind the load balancer already knows its peers.
+        if !st.synced && st.index.initial_reads_done() && st.dirty_at.is_none() {
+            st.synced = true;
+            let secs = st.started.elapsed().as_secs_f64();
+            self.health.metrics.sync_duration.set(secs);
+            self.health.set(true, Some(Ok(())));
+            tracing::info!(
+                pods = st.index.watched(),
+                peers = self.running.len(),
+                seconds = secs,
+                "initial sync complete"
+            );
+        }
+        st.releases.extend(st.index.take_releases());
+        let room = |st: &KubeLoop| MAX_VAULT_TASKS.saturating_sub(st.tasks.len());
+        while room(st) > 0 {
+            let Some(r) = st.releases.pop_front() else {
+                break;
+            };
+            let w = work.clone();
+            st.tasks.spawn(async move { w.release(r).await });
+        }
+        for req in st.index.due_reads(now, room(st)) {
+            let w = work.clone();
+            st.tasks.spawn(async move { w.read_record(req).await });
+        }
+        for address in st.index.due_claim_reads(now, room(st)) {
+            let w = work.clone();
+            st.tasks.spawn(async move { w.read_claim(address).await });
+        }
+        if st.next_sweep.is_none() {
+            if let Some(t) = st.first_list_at {
+                if st.index.initial_reads_done() || now >= t + FIRST_SWEEP_WAIT {
+                    st.next_sweep = Some(now);
+                }
+            }
+        }
+        if !st.sweeping && st.next_sweep.is_some_and(|t| t <= now) {
+            st.sweeping = true;
+            let w = work.clone();
+            st.tasks.spawn(async move { Done::Listed(w.list().await) });
+        }
+        let key_due = self.key_due.is_some_and(|t| t <= Timestamp::now());
+        if !st.key_reading && (now >= st.next_key || key_due) {
+            st.key_reading = true;
+            // The loop wakes for `next_key`: not again before this read has answered.
+            st.next_key = now + Self::jittered(self.cfg.poll_interval);
+            let vault = self.vault.clone();
+            let cfg = self.cfg.clone();
+            st.tasks
+                .spawn(async move { Done::Key(read_key(&vault, &cfg).await) });
+        }
+    }
+
+    /// Takes a finished task's result.
+    fn finish(&mut self, st: &mut KubeLoop, work: &Arc<VaultWork>, done: Done) {
+        let now = Instant::now();
+        match done {
+            Done::Record(b) => {
+                let (req, r) = *b;
+                st.index.record_read(&req, r, now);
+            }
+            Done::Claim(a, r) => st.index.claim_read(a, r, now),
+            Done::Released => {}
+            Done::Listed(Ok((records, claims))) => {
+                let records = st.index.orphan_records(&records);
+                let claims = st.index.orphan_claims(&claims);
+                if records.is_empty() && claims.is_empty() {
+                    self.sweep_done(st, now);
+                } else {
+                    tracing::debug!(
+                        records = records.len(),
+                        claims = claims.len(),
+                        "sweep candidates"
+                    );
+                    let live = st.index.live_uids();
+                    let w = work.clone();
+                    st.tasks
+                        .spawn(async move { w.sweep(records, claims, live).await });
+                }
+            }
+            Done::Listed(Err(e)) => {
+                tracing::warn!(error = %e, "orphan sweep cannot list Vault; next sweep at the interval");
+                self.sweep_done(st, now);
+            }
+            Done::Swept => self.sweep_done(st, now),
+            Done::Key(r) => {
+                st.key_reading = false;
+                st.next_key = now + Self::jittered(self.cfg.poll_interval);
+                if let Err(e) = r.and_then(|rec| self.apply_key(&rec)) {
+                    self.health.metrics.reconcile_errors.inc();
+                    tracing::warn!(error = %e, "gateway key check failed; keeping the current key");
+                }
+                if let Some(t) = self.key_due {
+                    let until =
+                        Duration::try_from(Timestamp::now().duration_until(t)).unwrap_or_default();
+                    st.next_key = st.next_key.min(now + until);
+                }
+            }
+        }
+    }
+
+    fn sweep_done(&self, st: &mut KubeLoop, now: Instant) {
+        st.sweeping = false;
+        st.next_sweep = Some(now + Self::jittered(self.cfg.orphan_sweep_interval));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use jiff::{SignedDuration, Timestamp};
 
-    use super::{apply_diff, desired_peers, diff, keep_last_known, IpNet, PeerTable};
+    use super::{
+        apply_diff, desired_peers, diff, keep_last_known, IpNet, Peer, PeerTable, PodSource,
+    };
     use crate::{
         keys::{generate_keypair, PeerRecord},
         tunnel::{Mode, PeerSpec, PeerStats, Tunnel},
@@ -967,6 +1812,8 @@ mod tests {
             addresses: vec![addr.parse().unwrap()],
             next_public_key: None,
             activate_at: None,
+            preshared_key: None,
+            pod: None,
             version: 1,
         }
     }
@@ -974,7 +1821,13 @@ mod tests {
     fn table(pairs: &[(&str, &str)]) -> PeerTable {
         pairs
             .iter()
-            .map(|(k, a)| ((*k).to_owned(), vec![a.parse().unwrap()]))
+            .map(|(k, a)| {
+                let peer = Peer {
+                    allowed_ips: vec![a.parse().unwrap()],
+                    preshared_key: None,
+                };
+                ((*k).to_owned(), peer)
+            })
             .collect()
     }
 
@@ -1136,6 +1989,76 @@ mod tests {
     }
 
     #[test]
+    fn pod_source_defaults_to_kubernetes_with_the_gateway_name_as_profile() {
+        let cfg = gateway_args(&[]).into_config().unwrap();
+        assert_eq!(cfg.pod_source, PodSource::Kubernetes);
+        assert_eq!(cfg.gateway_name, "corp");
+        assert_eq!(cfg.profile, "corp");
+        assert_eq!(cfg.layout.peers_folder("corp"), "wg/peers/corp");
+        assert_eq!(cfg.layout.claims_folder("corp"), "wg/addresses/corp");
+        assert_eq!(
+            cfg.orphan_sweep_interval,
+            std::time::Duration::from_secs(300)
+        );
+        assert_eq!(cfg.orphan_grace, std::time::Duration::from_secs(60));
+        let cfg = gateway_args(&[
+            "--pod-source=vault",
+            "--profile=corp-eu",
+            "--vault-addresses-path=vpn/addresses/",
+            "--orphan-sweep-interval=5",
+            "--orphan-grace=2",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(cfg.pod_source, PodSource::Vault);
+        assert_eq!(cfg.profile, "corp-eu");
+        assert_eq!(cfg.layout.addresses_prefix, "vpn/addresses");
+        assert_eq!(cfg.orphan_sweep_interval, std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_pod_source_profile_folder_or_sweep_interval_is_refused_naming_the_flag() {
+        for (arg, flag) in [
+            ("--pod-source=etcd", "--pod-source"),
+            ("--profile=-corp", "--profile"),
+            ("--profile=corp/eu", "--profile"),
+            ("--vault-addresses-path=/", "--vault-addresses-path"),
+            ("--vault-peers-path=wg//peers", "--vault-peers-path"),
+            ("--orphan-sweep-interval=0", "--orphan-sweep-interval"),
+        ] {
+            let err = gateway_args(&[arg]).into_config().unwrap_err();
+            assert!(
+                matches!(&err, crate::SidecarError::InvalidConfig(m) if m.contains(flag)),
+                "{arg}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_preshared_key_travels_from_the_record_to_the_peer_and_a_new_one_is_an_update() {
+        use crate::secret::Secret;
+        let (_, psk) = generate_keypair();
+        let mut r = rec("k1", "10.99.0.2/32");
+        r.preshared_key = Some(Secret::new(psk.clone()));
+        let with = desired_peers(&[("corp/shop/web/1".into(), r.clone())], Timestamp::now());
+        assert_eq!(
+            with.peers["k1"].preshared_key.as_ref().map(Secret::expose),
+            Some(psk.as_str())
+        );
+        let without = desired_peers(
+            &[("corp/shop/web/1".into(), rec("k1", "10.99.0.2/32"))],
+            Timestamp::now(),
+        );
+        let d = diff(&without.peers, &with.peers);
+        assert_eq!(d.update.len(), 1, "{d:?}");
+        let mut t = Recorder::default();
+        let mut running = without.peers;
+        apply_diff(&mut t, &mut running, &d, None).unwrap();
+        assert_eq!(t.psks, vec![Some(psk)]);
+        assert_eq!(running, with.peers);
+    }
+
+    #[test]
     fn a_gateway_path_without_gateways_segment_needs_an_explicit_key_path() {
         let mut a = gateway_args(&[]);
         a.vault_gateway_path = "custom/corp".into();
@@ -1191,6 +2114,7 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         batches: Vec<(Vec<String>, Vec<String>)>,
+        psks: Vec<Option<String>>,
     }
 
     impl Tunnel for Recorder {
@@ -1215,6 +2139,10 @@ mod tests {
                 remove.to_vec(),
                 add.iter().map(|p| p.public_key.clone()).collect(),
             ));
+            self.psks.extend(
+                add.iter()
+                    .map(|p| p.preshared_key.as_ref().map(|k| k.expose().to_owned())),
+            );
             Ok(())
         }
         fn peer_stats(&self) -> crate::Result<Vec<PeerStats>> {

@@ -10,7 +10,7 @@ const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_millis(
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WG_SIDECAR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -36,6 +36,10 @@ async fn shutdown_signal() {
         std::future::pending::<()>().await;
     }
 }
+
+/// The default log filter: `info`, except the Vault client's own error line for every 404 (an
+/// empty folder in a listing is not an error here; the caller logs what matters).
+const DEFAULT_LOG_FILTER: &str = "info,vaultrs=off,rustify=off";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

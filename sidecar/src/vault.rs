@@ -86,6 +86,8 @@ pub struct KvRecord {
     pub data: BTreeMap<String, Secret>,
     /// KV v2 version of this data.
     pub version: u64,
+    /// When this version was written (KV v2 metadata `created_time`; `None` if unparsable).
+    pub created_time: Option<jiff::Timestamp>,
 }
 
 /// Per-request timeout: a Vault that does not answer is a failure to retry, not a hang.
@@ -264,6 +266,7 @@ impl Vault {
         Ok(KvRecord {
             data,
             version: res.metadata.version,
+            created_time: res.metadata.created_time.parse().ok(),
         })
     }
 

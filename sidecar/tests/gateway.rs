@@ -235,6 +235,9 @@ impl Lab {
             "127.0.0.1:9901",
             "--poll-interval",
             "1",
+            // The `keys provision` records (`wg/peers/<ns>/<sa>`), polled from Vault.
+            "--pod-source",
+            "vault",
         ]);
         args.extend(s(extra));
         args.extend(self.vault_flags(vault));

@@ -78,12 +78,23 @@ pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
 /// `CARGO_TARGET_DIR`). The test command builds it first (`cargo build -p wg-injector -p
 /// wg-sidecar`); a missing binary is an error saying so.
 pub fn cargo_binary(name: &str) -> anyhow::Result<PathBuf> {
+    cargo_binary_of("debug", name)
+}
+
+/// [`cargo_binary`] of the release profile (`target/release/NAME`), for benchmarks: built
+/// with `cargo build --release -p NAME`.
+pub fn cargo_release_binary(name: &str) -> anyhow::Result<PathBuf> {
+    cargo_binary_of("release", name)
+}
+
+fn cargo_binary_of(profile: &str, name: &str) -> anyhow::Result<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    let path = target.join("debug").join(name);
+    let path = target.join(profile).join(name);
     if !path.is_file() {
+        let flag = if profile == "release" { " --release" } else { "" };
         bail!(
-            "{} not found: build it first with `cargo build -p {name}`",
+            "{} not found: build it first with `cargo build{flag} -p {name}`",
             path.display()
         );
     }

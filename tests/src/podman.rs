@@ -103,6 +103,9 @@ fn field_value(pod: &Pod, field_path: &str) -> anyhow::Result<String> {
     let value = match field_path {
         "metadata.namespace" => pod.metadata.namespace.clone(),
         "metadata.name" => pod.metadata.name.clone(),
+        // The apiserver assigns it; an offline-injected manifest must carry one for the sidecar
+        // to register (`WG_POD_UID`).
+        "metadata.uid" => pod.metadata.uid.clone(),
         "spec.serviceAccountName" => pod.spec.as_ref().map(|s| {
             s.service_account_name
                 .clone()
@@ -550,7 +553,7 @@ mod tests {
     }
 
     const POD: &str = r"
-metadata: {name: web, namespace: shop}
+metadata: {name: web, namespace: shop, uid: 0b5c7f3e-1111-4a2b-9c3d-2e4f5a6b7c8d}
 spec:
   serviceAccountName: web
   volumes:
@@ -565,6 +568,7 @@ spec:
     env:
     - {name: NS, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
     - {name: SA, valueFrom: {fieldRef: {fieldPath: spec.serviceAccountName}}}
+    - {name: UID, valueFrom: {fieldRef: {fieldPath: metadata.uid}}}
     resources: {requests: {cpu: 10m}, limits: {memory: 64Mi}}
     securityContext:
       capabilities: {drop: [ALL], add: [NET_ADMIN]}
@@ -594,7 +598,7 @@ spec:
             "--device /dev/net/tun:/dev/net/tun:rw",
             "--memory 67108864",
             "--cpu-shares 10",
-            "--env NS=shop --env SA=web",
+            "--env NS=shop --env SA=web --env UID=0b5c7f3e-1111-4a2b-9c3d-2e4f5a6b7c8d",
             "--pull=never",
         ] {
             assert!(args.contains(want), "missing {want:?} in {args}");

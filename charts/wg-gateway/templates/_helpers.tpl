@@ -51,6 +51,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default .Release.Name .Values.server.name }}
 {{- end }}
 
+{{/* The wg-injector.io/tunnel label value of the gateway's Pods. */}}
+{{- define "wg-gateway.profile" -}}
+{{- default (include "wg-gateway.gatewayName" .) .Values.server.profile }}
+{{- end }}
+
 {{- define "wg-gateway.vaultGatewayPath" -}}
 {{- default (printf "wg/gateways/%s" (include "wg-gateway.gatewayName" .)) .Values.vault.gatewayPath }}
 {{- end }}
@@ -91,6 +96,14 @@ batch/v1beta1
 - --vault-role={{ .Values.vault.role }}
 - --vault-gateway-path={{ include "wg-gateway.vaultGatewayPath" . }}
 - --health-addr=0.0.0.0:{{ .Values.healthPort }}
+- --pod-source={{ .Values.podSource }}
+- --poll-interval={{ .Values.pollIntervalSeconds }}
+- --vault-peers-path={{ .Values.vault.peersPath }}
+{{- if eq .Values.podSource "kubernetes" }}
+- --profile={{ include "wg-gateway.profile" . }}
+- --vault-addresses-path={{ .Values.vault.addressesPath }}
+- --orphan-sweep-interval={{ .Values.orphanSweepIntervalSeconds }}
+{{- end }}
 {{- with .Values.server.privateNetworks }}
 - {{ printf "--private-networks=%s" (join "," .) | quote }}
 {{- end }}

@@ -1,0 +1,1438 @@
+//! The gateway's index of the live Pods of its profile, and the peer table they entitle
+//! (`wg-sidecar gateway --pod-source kubernetes`).
+//!
+//! Owns: plain data and the decisions on it. It is fed Pod events ([`PodEvent`]: apply, delete,
+//! and a re-list `Init` … `InitApply` … `InitDone` with the reset semantics of
+//! `kube::runtime::watcher::Event`), already mapped from Kubernetes objects by
+//! [`crate::pod_watch`], and the results of the Vault reads it asked for. From them it decides:
+//!
+//! - **which record reads are due** ([`PodIndex::due_reads`]): one when a running `wg-sidecar`
+//!   container instance is first seen ([`FIRST_READ_DELAY`] later, so the sidecar has time to
+//!   publish); a missing record is retried after 0.5, 1, 2, 4 and 8 s, then every 10 s while the
+//!   Pod lives; a new instance (the sidecar restarted, so a new key) is read again and must
+//!   return a newer KV version than the one read before;
+//! - **which claim reads are due** ([`PodIndex::due_claim_reads`]): only when two live Pods'
+//!   records name the same address; the claim (`<addresses>/<gateway>/<addr>`, written by the
+//!   Pod with check-and-set `cas=0`, so one holder only) names the Pod that wins. Reading claims
+//!   only on conflict keeps the cost at about one Vault read per Pod start, and it is still safe:
+//!   a Pod can only get an address admitted that no other live Pod's record names, or whose
+//!   claim names it, so no Pod takes an address another live Pod's claim holds;
+//! - **what to release** ([`PodIndex::take_releases`]): a Pod deleted or finished (phase
+//!   `Succeeded`/`Failed`) leaves the table at once, and its record and the claims of its
+//!   addresses are queued for deletion (every replica may try; a 404 is fine);
+//! - **the desired peer table** ([`PodIndex::peers`]): a record is admitted only if its Pod
+//!   identity equals a live, unfinished Pod's (namespace, service account, name, UID), every
+//!   address is a host address in the gateway's pool, and it conflicts with no other admitted
+//!   record (public key or address). Peers already admitted win ties, so a working peer is not
+//!   displaced by a newcomer's bad record;
+//! - **which sweep candidates are orphans** ([`PodIndex::orphan_records`],
+//!   [`PodIndex::orphan_claims`], [`old_enough`]).
+//!
+//! A failed read never removes an admitted record: only the Pod's deletion, its end, or a newer
+//! record of the same Pod does.
+//!
+//! Must never: do IO, read the clock (callers pass `now`), hold Kubernetes types, or log.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use jiff::Timestamp;
+
+use crate::{keys::PeerRecord, pool, registration::PodIdentity, secret::Secret};
+
+/// Delay between first seeing a running sidecar instance and reading its record.
+pub const FIRST_READ_DELAY: Duration = Duration::from_millis(250);
+
+/// Retry delays after a missing or unreadable record (then [`RETRY_STEADY`]).
+pub const RETRY_DELAYS: [Duration; 5] = [
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+];
+
+/// Retry period once [`RETRY_DELAYS`] are used up, while the Pod lives.
+pub const RETRY_STEADY: Duration = Duration::from_secs(10);
+
+fn retry_delay(failures: u32) -> Duration {
+    usize::try_from(failures)
+        .ok()
+        .and_then(|i| RETRY_DELAYS.get(i).copied())
+        .unwrap_or(RETRY_STEADY)
+}
+
+/// One Pod of the profile as the index needs it (mapped from the Kubernetes object at the edge).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchedPod {
+    /// Namespace, service account, name, UID.
+    pub identity: PodIdentity,
+    /// The running `wg-sidecar` container instance (its container ID); `None` while it does not
+    /// run.
+    pub sidecar: Option<String>,
+    /// Phase `Succeeded` or `Failed`: the Pod will never run again.
+    pub finished: bool,
+}
+
+/// A Pod event (the shape of `kube::runtime::watcher::Event`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodEvent {
+    /// A Pod was added or changed.
+    Apply(WatchedPod),
+    /// A Pod was deleted.
+    Delete(WatchedPod),
+    /// A re-list starts: the Pods listed until [`PodEvent::InitDone`] replace the index's.
+    Init,
+    /// A Pod of the re-list.
+    InitApply(WatchedPod),
+    /// The re-list is complete: Pods not listed are gone.
+    InitDone,
+}
+
+/// A record read the index asks for: `<peers>/<gateway>/<ns>/<sa>/<uid>` of `pod`, on behalf of
+/// the sidecar instance `instance` (an answer for an older instance is ignored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRequest {
+    /// The Pod.
+    pub pod: PodIdentity,
+    /// The sidecar instance the read is for.
+    pub instance: String,
+}
+
+/// The result of a record read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordRead {
+    /// The record, parsed.
+    Found(PeerRecord),
+    /// 404: not published (yet).
+    NotFound,
+    /// The record exists but does not parse (the reason, never a value).
+    Invalid(String),
+    /// Vault did not answer (or refused): nothing is learnt.
+    Failed(String),
+}
+
+/// The result of a claim read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimRead {
+    /// The claim names this Pod.
+    Holder(PodIdentity),
+    /// No claim (404), or one that does not parse: it names nobody.
+    Nobody,
+    /// Vault did not answer: nothing is learnt (retried).
+    Failed(String),
+}
+
+/// Something to delete from Vault.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Release {
+    /// The Pod's record (`<peers>/<gateway>/<ns>/<sa>/<uid>`).
+    Record(PodIdentity),
+    /// The claim of `address`, to delete only if it still names `holder` (the edge checks).
+    Claim {
+        /// The address.
+        address: IpAddr,
+        /// The Pod whose record held it.
+        holder: PodIdentity,
+    },
+}
+
+/// One peer of the table: what the interface gets for a public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Allowed IPs (the peer's tunnel addresses, host prefixes).
+    pub allowed_ips: Vec<IpNet>,
+    /// The per-Pod preshared key from its record.
+    pub preshared_key: Option<Secret>,
+}
+
+/// The peer table: base64 public key → peer (shared by both pod sources).
+pub type PeerTable = BTreeMap<String, Peer>;
+
+/// Why a record was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The record names no Pod (a `keys provision` record under the Pod's path).
+    NoPodIdentity,
+    /// The record names another Pod (namespace, service account, name or UID differ).
+    IdentityMismatch,
+    /// An address is not a host address of the pool (or is the pool's network, broadcast or
+    /// gateway address).
+    OutsidePool(IpNet),
+    /// Another live Pod's record names the address, and the claim (or, until it is read, the
+    /// peer already admitted) is not this Pod's.
+    AddressConflict(IpAddr),
+    /// Another admitted record has the same public key.
+    DuplicateKey,
+    /// The record does not parse.
+    InvalidRecord(String),
+}
+
+impl Refusal {
+    /// Short stable label (`reason` of `wg_gateway_peers_refused_total`).
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoPodIdentity => "no_pod_identity",
+            Self::IdentityMismatch => "identity_mismatch",
+            Self::OutsidePool(_) => "outside_pool",
+            Self::AddressConflict(_) => "address_conflict",
+            Self::DuplicateKey => "duplicate_key",
+            Self::InvalidRecord(_) => "invalid_record",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoPodIdentity => f.write_str("the record names no Pod"),
+            Self::IdentityMismatch => f.write_str("the record names another Pod"),
+            Self::OutsidePool(n) => write!(f, "address {n} is not a host address of the pool"),
+            Self::AddressConflict(a) => write!(f, "address {a} is held by another live Pod"),
+            Self::DuplicateKey => f.write_str("public key already used by another live Pod"),
+            Self::InvalidRecord(why) => write!(f, "invalid record: {why}"),
+        }
+    }
+}
+
+/// A change of a Pod's standing in the table (for logs and metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerChange {
+    /// The Pod's key entered the table (or its key or addresses changed).
+    Admitted {
+        /// The Pod.
+        pod: PodIdentity,
+        /// Its public key.
+        public_key: String,
+    },
+    /// The Pod's record is refused (newly, or for a new reason).
+    Refused {
+        /// The Pod.
+        pod: PodIdentity,
+        /// The record's public key, when it parsed.
+        public_key: Option<String>,
+        /// Why.
+        refusal: Refusal,
+    },
+    /// The Pod's key left the table because the Pod is gone.
+    Removed {
+        /// The Pod.
+        pod: PodIdentity,
+        /// The key that left.
+        public_key: String,
+        /// `deleted` or `finished`.
+        reason: &'static str,
+    },
+}
+
+/// The result of [`PodIndex::peers`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// The desired peer table.
+    pub table: PeerTable,
+    /// What changed since the previous call.
+    pub changes: Vec<PeerChange>,
+    /// Live Pods whose record is refused now.
+    pub refused: usize,
+}
+
+/// A record found by the sweep's listing: `<peers>/<gateway>/<namespace>/<sa>/<uid>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RecordRef {
+    /// Namespace folder.
+    pub namespace: String,
+    /// Service-account folder.
+    pub service_account: String,
+    /// Record name: the Pod UID.
+    pub uid: String,
+}
+
+/// True when a KV version written at `created` is older than `grace` at `now` (an unknown
+/// creation time is never old enough: the sweep leaves it alone).
+#[must_use]
+pub fn old_enough(created: Option<Timestamp>, now: Timestamp, grace: Duration) -> bool {
+    let Some(created) = created else {
+        return false;
+    };
+    let Ok(grace) = jiff::SignedDuration::try_from(grace) else {
+        return false;
+    };
+    created
+        .checked_add(grace)
+        .is_ok_and(|deadline| deadline <= now)
+}
+
+/// Which addresses a record may hold: host addresses of the pools, except each pool's network,
+/// gateway (first host) and IPv4 broadcast addresses.
+fn check_addresses(pools: &[IpNet], addresses: &[IpNet]) -> Result<Vec<IpNet>, Refusal> {
+    let mut out = Vec::with_capacity(addresses.len());
+    for a in addresses {
+        let host = a.prefix_len() == a.max_prefix_len();
+        let ok = host
+            && pools.iter().any(|p| {
+                let addr = a.addr();
+                let reserved = addr == p.network()
+                    || addr == pool::gateway_address(*p)
+                    || matches!(p, IpNet::V4(v4) if addr == IpAddr::V4(v4.broadcast()));
+                p.contains(&addr) && !reserved
+            });
+        if !ok {
+            return Err(Refusal::OutsidePool(*a));
+        }
+        if !out.contains(a) {
+            out.push(*a);
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Default)]
+struct ReadState {
+    /// The sidecar instance the reads are for.
+    instance: Option<String>,
+    due: Option<Instant>,
+    in_flight: bool,
+    failures: u32,
+    /// After a restart: the KV version read for the previous instance (an answer must be newer).
+    newer_than: Option<u64>,
+    /// At least one answer came back for this Pod.
+    answered: bool,
+}
+
+#[derive(Debug, Clone)]
+struct PodState {
+    pod: WatchedPod,
+    record: Option<PeerRecord>,
+    invalid: Option<String>,
+    read: ReadState,
+    released: bool,
+}
+
+/// What the index knows of one contested address's claim.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum ClaimHolder {
+    /// Not read yet.
+    #[default]
+    Unread,
+    /// The claim names this UID.
+    Uid(String),
+    /// No claim, or one that names nobody.
+    Nobody,
+}
+
+#[derive(Debug, Clone, Default)]
+struct ClaimState {
+    holder: ClaimHolder,
+    due: Option<Instant>,
+    in_flight: bool,
+    failures: u32,
+}
+
+/// A live Pod's record that passed the identity and pool checks.
+struct Candidate<'a> {
+    uid: &'a str,
+    pod: &'a PodIdentity,
+    record: &'a PeerRecord,
+    nets: Vec<IpNet>,
+    incumbent: bool,
+}
+
+/// UID → (Pod, public key if the record parsed, why it is refused).
+type Refusals = BTreeMap<String, (PodIdentity, Option<String>, Refusal)>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AdmittedPeer {
+    pod: PodIdentity,
+    public_key: String,
+    addresses: Vec<IpNet>,
+}
+
+/// The index (see the module docs).
+#[derive(Debug, Clone)]
+pub struct PodIndex {
+    pools: Vec<IpNet>,
+    pods: BTreeMap<String, PodState>,
+    listing: Option<BTreeMap<String, WatchedPod>>,
+    synced: bool,
+    claims: BTreeMap<IpAddr, ClaimState>,
+    releases: Vec<Release>,
+    admitted: BTreeMap<String, AdmittedPeer>,
+    refused: Refusals,
+    changed: bool,
+}
+
+impl PodIndex {
+    /// An empty index for a gateway whose peers take their addresses from `pools`.
+    #[must_use]
+    pub fn new(pools: Vec<IpNet>) -> Self {
+        Self {
+            pools: pools.into_iter().map(|p| p.trunc()).collect(),
+            pods: BTreeMap::new(),
+            listing: None,
+            synced: false,
+            claims: BTreeMap::new(),
+            releases: Vec::new(),
+            admitted: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            changed: false,
+        }
+    }
+
+    /// Feeds one Pod event at `now`.
+    pub fn apply(&mut self, event: PodEvent, now: Instant) {
+        match event {
+            PodEvent::Apply(p) => self.upsert(p, now, FIRST_READ_DELAY),
+            PodEvent::Delete(p) => self.remove(&p.identity.uid),
+            PodEvent::Init => self.listing = Some(BTreeMap::new()),
+            PodEvent::InitApply(p) => match &mut self.listing {
+                Some(l) => {
+                    l.insert(p.identity.uid.clone(), p);
+                }
+                None => self.upsert(p, now, FIRST_READ_DELAY),
+            },
+            PodEvent::InitDone => {
+                let listed = self.listing.take().unwrap_or_default();
+                let gone: Vec<String> = self
+                    .pods
+                    .keys()
+                    .filter(|uid| !listed.contains_key(*uid))
+                    .cloned()
+                    .collect();
+                for uid in gone {
+                    self.remove(&uid);
+                }
+                // The first list finds sidecars that published long ago: read them at once.
+                let delay = if self.synced {
+                    FIRST_READ_DELAY
+                } else {
+                    Duration::ZERO
+                };
+                for p in listed.into_values() {
+                    self.upsert(p, now, delay);
+                }
+                self.synced = true;
+                self.changed = true;
+            }
+        }
+    }
+
+    fn upsert(&mut self, pod: WatchedPod, now: Instant, delay: Duration) {
+        let uid = pod.identity.uid.clone();
+        let st = self.pods.entry(uid).or_insert_with(|| PodState {
+            pod: pod.clone(),
+            record: None,
+            invalid: None,
+            read: ReadState::default(),
+            released: false,
+        });
+        let was_finished = st.released;
+        st.pod = pod;
+        if st.pod.finished {
+            if !was_finished {
+                Self::release(&mut self.releases, st);
+                self.changed = true;
+            }
+            return;
+        }
+        if let Some(instance) = &st.pod.sidecar {
+            if st.read.instance.as_ref() != Some(instance) {
+                st.read = ReadState {
+                    instance: Some(instance.clone()),
+                    due: Some(now + delay),
+                    newer_than: st.record.as_ref().map(|r| r.version),
+                    ..ReadState::default()
+                };
+            }
+        }
+    }
+
+    fn release(releases: &mut Vec<Release>, st: &mut PodState) {
+        st.released = true;
+        st.read.due = None;
+        releases.push(Release::Record(st.pod.identity.clone()));
+        if let Some(rec) = st.record.take() {
+            for a in &rec.addresses {
+                releases.push(Release::Claim {
+                    address: a.addr(),
+                    holder: st.pod.identity.clone(),
+                });
+            }
+        }
+    }
+
+    fn remove(&mut self, uid: &str) {
+        if let Some(mut st) = self.pods.remove(uid) {
+            if !st.released {
+                Self::release(&mut self.releases, &mut st);
+            }
+            self.changed = true;
+        }
+    }
+
+    /// True once the first complete list has been seen.
+    #[must_use]
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// True once synced and every running sidecar of the first list has had an answer (the
+    /// end of the initial sync).
+    #[must_use]
+    pub fn initial_reads_done(&self) -> bool {
+        self.synced
+            && self
+                .pods
+                .values()
+                .filter(|s| !s.pod.finished && s.read.instance.is_some())
+                .all(|s| s.read.answered || s.record.is_some())
+    }
+
+    /// Live (unfinished) Pods in the index.
+    #[must_use]
+    pub fn watched(&self) -> usize {
+        self.pods.values().filter(|s| !s.pod.finished).count()
+    }
+
+    /// True when something changed since the last call (then [`PodIndex::peers`] is worth
+    /// computing).
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// The record reads due at `now`, at most `limit`; they count as in flight until answered.
+    pub fn due_reads(&mut self, now: Instant, limit: usize) -> Vec<ReadRequest> {
+        let mut out = Vec::new();
+        for st in self.pods.values_mut() {
+            if out.len() >= limit {
+                break;
+            }
+            let r = &mut st.read;
+            if st.pod.finished || r.in_flight || r.due.is_none_or(|d| d > now) {
+                continue;
+            }
+            let Some(instance) = r.instance.clone() else {
+                continue;
+            };
+            r.in_flight = true;
+            r.due = None;
+            out.push(ReadRequest {
+                pod: st.pod.identity.clone(),
+                instance,
+            });
+        }
+        out
+    }
+
+    /// The claim reads due at `now`, at most `limit`.
+    pub fn due_claim_reads(&mut self, now: Instant, limit: usize) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        for (a, c) in &mut self.claims {
+            if out.len() >= limit {
+                break;
+            }
+            if c.in_flight || c.due.is_none_or(|d| d > now) {
+                continue;
+            }
+            c.in_flight = true;
+            c.due = None;
+            out.push(*a);
+        }
+        out
+    }
+
+    /// The earliest instant a read becomes due (the loop sleeps until then).
+    #[must_use]
+    pub fn next_due(&self) -> Option<Instant> {
+        let reads = self
+            .pods
+            .values()
+            .filter(|s| !s.pod.finished && !s.read.in_flight)
+            .filter_map(|s| s.read.due);
+        let claims = self
+            .claims
+            .values()
+            .filter(|c| !c.in_flight)
+            .filter_map(|c| c.due);
+        reads.chain(claims).min()
+    }
+
+    /// Takes the answer to `req` at `now`.
+    pub fn record_read(&mut self, req: &ReadRequest, result: RecordRead, now: Instant) {
+        let Some(st) = self.pods.get_mut(&req.pod.uid) else {
+            return;
+        };
+        if st.pod.finished || st.read.instance.as_deref() != Some(req.instance.as_str()) {
+            return; // the Pod ended or its sidecar restarted meanwhile: a newer read is queued
+        }
+        let r = &mut st.read;
+        r.in_flight = false;
+        r.answered = true;
+        let retry = |r: &mut ReadState| {
+            r.due = Some(now + retry_delay(r.failures));
+            r.failures = r.failures.saturating_add(1);
+        };
+        match result {
+            RecordRead::Found(rec) if r.newer_than.is_some_and(|v| rec.version <= v) => {
+                // The restarted sidecar has not re-published yet: this is the old key.
+                retry(r);
+            }
+            RecordRead::Found(rec) => {
+                *r = ReadState {
+                    instance: r.instance.take(),
+                    answered: true,
+                    ..ReadState::default()
+                };
+                st.record = Some(rec);
+                st.invalid = None;
+                self.changed = true;
+            }
+            RecordRead::NotFound | RecordRead::Failed(_) => retry(r),
+            RecordRead::Invalid(why) => {
+                retry(r);
+                st.invalid = Some(why);
+                self.changed = true;
+            }
+        }
+    }
+
+    /// Takes the answer to a claim read of `address` at `now`.
+    pub fn claim_read(&mut self, address: IpAddr, result: ClaimRead, now: Instant) {
+        let Some(c) = self.claims.get_mut(&address) else {
+            return;
+        };
+        c.in_flight = false;
+        match result {
+            ClaimRead::Holder(p) => {
+                c.holder = ClaimHolder::Uid(p.uid);
+                self.changed = true;
+            }
+            ClaimRead::Nobody => {
+                c.holder = ClaimHolder::Nobody;
+                self.changed = true;
+            }
+            ClaimRead::Failed(_) => {
+                c.due = Some(now + retry_delay(c.failures));
+                c.failures = c.failures.saturating_add(1);
+            }
+        }
+    }
+
+    /// The releases queued since the last call.
+    pub fn take_releases(&mut self) -> Vec<Release> {
+        std::mem::take(&mut self.releases)
+    }
+
+    /// The live Pods' records that pass the identity and pool checks (peers already admitted
+    /// first, then by UID: a stable, deterministic order), and the refusals of the others.
+    fn candidates(&self) -> (Vec<Candidate<'_>>, Refusals) {
+        let mut refusals = Refusals::new();
+        let mut candidates = Vec::new();
+        for (uid, st) in self.pods.iter().filter(|(_, s)| !s.pod.finished) {
+            let id = &st.pod.identity;
+            let Some(rec) = &st.record else {
+                if let Some(why) = &st.invalid {
+                    refusals.insert(
+                        uid.clone(),
+                        (id.clone(), None, Refusal::InvalidRecord(why.clone())),
+                    );
+                }
+                continue;
+            };
+            let checked = match &rec.pod {
+                None => Err(Refusal::NoPodIdentity),
+                Some(p) if p != id => Err(Refusal::IdentityMismatch),
+                Some(_) => check_addresses(&self.pools, &rec.addresses),
+            };
+            match checked {
+                Err(r) => {
+                    refusals.insert(uid.clone(), (id.clone(), Some(rec.public_key.clone()), r));
+                }
+                Ok(nets) => candidates.push(Candidate {
+                    uid,
+                    pod: id,
+                    record: rec,
+                    incumbent: self
+                        .admitted
+                        .get(uid)
+                        .is_some_and(|a| a.public_key == rec.public_key),
+                    nets,
+                }),
+            }
+        }
+        candidates.sort_by(|a, b| (!a.incumbent, a.uid).cmp(&(!b.incumbent, b.uid)));
+        (candidates, refusals)
+    }
+
+    /// Computes the desired peer table at `now` and what changed since the last call; schedules
+    /// the claim reads that contested addresses need.
+    pub fn peers(&mut self, now: Instant) -> Outcome {
+        // Claims are known only while their address is contested.
+        let mut claims = std::mem::take(&mut self.claims);
+        let (candidates, mut refusals) = self.candidates();
+        let mut users: BTreeMap<IpAddr, Vec<&str>> = BTreeMap::new();
+        for c in &candidates {
+            for n in &c.nets {
+                users.entry(n.addr()).or_default().push(c.uid);
+            }
+        }
+        let contested: BTreeSet<IpAddr> = users
+            .iter()
+            .filter(|(_, u)| u.len() > 1)
+            .map(|(a, _)| *a)
+            .collect();
+        claims.retain(|a, _| contested.contains(a));
+        for a in &contested {
+            claims.entry(*a).or_insert_with(|| ClaimState {
+                due: Some(now),
+                ..ClaimState::default()
+            });
+        }
+        let winner = |a: IpAddr| -> Option<&str> {
+            let u = users.get(&a)?;
+            match claims.get(&a).map(|c| &c.holder) {
+                Some(ClaimHolder::Uid(h)) => u.iter().copied().find(|x| *x == h),
+                Some(ClaimHolder::Nobody) => None,
+                // Until the claim is read: the peer already admitted with it keeps it.
+                Some(ClaimHolder::Unread) | None => u.iter().copied().find(|x| {
+                    self.admitted
+                        .get(*x)
+                        .is_some_and(|p| p.addresses.iter().any(|n| n.addr() == a))
+                }),
+            }
+        };
+
+        let mut table = PeerTable::new();
+        let mut admitted: BTreeMap<String, AdmittedPeer> = BTreeMap::new();
+        for c in &candidates {
+            let key = &c.record.public_key;
+            let lost = c
+                .nets
+                .iter()
+                .map(IpNet::addr)
+                .find(|a| contested.contains(a) && winner(*a) != Some(c.uid));
+            let refusal = if let Some(a) = lost {
+                Some(Refusal::AddressConflict(a))
+            } else if table.contains_key(key) {
+                Some(Refusal::DuplicateKey)
+            } else {
+                None
+            };
+            if let Some(r) = refusal {
+                refusals.insert(c.uid.to_owned(), (c.pod.clone(), Some(key.clone()), r));
+                continue;
+            }
+            table.insert(
+                key.clone(),
+                Peer {
+                    allowed_ips: c.nets.clone(),
+                    preshared_key: c.record.preshared_key.clone(),
+                },
+            );
+            admitted.insert(
+                c.uid.to_owned(),
+                AdmittedPeer {
+                    pod: c.pod.clone(),
+                    public_key: key.clone(),
+                    addresses: c.nets.clone(),
+                },
+            );
+        }
+        drop(candidates);
+        self.claims = claims;
+        let changes = self.changes(&admitted, &refusals);
+        self.admitted = admitted;
+        self.refused = refusals;
+        Outcome {
+            table,
+            changes,
+            refused: self.refused.len(),
+        }
+    }
+
+    /// What differs between the last outcome and this one.
+    fn changes(
+        &self,
+        admitted: &BTreeMap<String, AdmittedPeer>,
+        refusals: &Refusals,
+    ) -> Vec<PeerChange> {
+        let mut changes = Vec::new();
+        for (uid, a) in admitted {
+            if self.admitted.get(uid) != Some(a) {
+                changes.push(PeerChange::Admitted {
+                    pod: a.pod.clone(),
+                    public_key: a.public_key.clone(),
+                });
+            }
+        }
+        for (uid, old) in &self.admitted {
+            if admitted.contains_key(uid) || refusals.contains_key(uid) {
+                continue;
+            }
+            let reason = match self.pods.get(uid) {
+                Some(s) if s.pod.finished => "finished",
+                _ => "deleted",
+            };
+            changes.push(PeerChange::Removed {
+                pod: old.pod.clone(),
+                public_key: old.public_key.clone(),
+                reason,
+            });
+        }
+        for (uid, (pod, key, r)) in refusals {
+            let again = self.refused.get(uid).is_some_and(|(_, k, old)| {
+                k == key && old.reason() == r.reason() && !self.admitted.contains_key(uid)
+            });
+            if !again {
+                changes.push(PeerChange::Refused {
+                    pod: pod.clone(),
+                    public_key: key.clone(),
+                    refusal: r.clone(),
+                });
+            }
+        }
+        changes
+    }
+
+    /// True when `uid` is a live, unfinished Pod of the index.
+    #[must_use]
+    pub fn is_live(&self, uid: &str) -> bool {
+        self.pods.get(uid).is_some_and(|s| !s.pod.finished)
+    }
+
+    /// The UIDs of the live, unfinished Pods (the sweep's snapshot).
+    #[must_use]
+    pub fn live_uids(&self) -> HashSet<String> {
+        self.pods
+            .iter()
+            .filter(|(_, s)| !s.pod.finished)
+            .map(|(uid, _)| uid.clone())
+            .collect()
+    }
+
+    /// The sweep's record candidates: listed records whose UID is no live Pod's.
+    #[must_use]
+    pub fn orphan_records(&self, listed: &[RecordRef]) -> Vec<RecordRef> {
+        listed
+            .iter()
+            .filter(|r| !self.is_live(&r.uid))
+            .cloned()
+            .collect()
+    }
+
+    /// The sweep's claim candidates: listed claims whose address no live Pod's known record
+    /// holds.
+    #[must_use]
+    pub fn orphan_claims(&self, listed: &[IpAddr]) -> Vec<IpAddr> {
+        let held: HashSet<IpAddr> = self
+            .pods
+            .values()
+            .filter(|s| !s.pod.finished)
+            .filter_map(|s| s.record.as_ref())
+            .flat_map(|r| r.addresses.iter().map(IpNet::addr))
+            .collect();
+        listed
+            .iter()
+            .filter(|a| !held.contains(a))
+            .copied()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const POOL: &str = "10.99.0.0/16";
+
+    fn id(name: &str, uid: &str) -> PodIdentity {
+        PodIdentity::new("shop", "web", name, uid).unwrap()
+    }
+
+    fn running(name: &str, uid: &str, instance: &str) -> WatchedPod {
+        WatchedPod {
+            identity: id(name, uid),
+            sidecar: Some(instance.into()),
+            finished: false,
+        }
+    }
+
+    fn key(n: u8) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode([n; 32])
+    }
+
+    fn record(pod: &PodIdentity, k: u8, addr: &str, version: u64) -> PeerRecord {
+        PeerRecord {
+            public_key: key(k),
+            addresses: vec![addr.parse().unwrap()],
+            next_public_key: None,
+            activate_at: None,
+            preshared_key: Some(Secret::new(key(100 + k))),
+            pod: Some(pod.clone()),
+            version,
+        }
+    }
+
+    /// The table as `key-number address psk?` lines (a readable golden).
+    fn show(t: &PeerTable) -> Vec<String> {
+        use base64::Engine;
+        t.iter()
+            .map(|(k, p)| {
+                let n = base64::engine::general_purpose::STANDARD.decode(k).unwrap()[0];
+                let ips: Vec<String> = p.allowed_ips.iter().map(ToString::to_string).collect();
+                let psk = if p.preshared_key.is_some() {
+                    " psk"
+                } else {
+                    ""
+                };
+                format!("k{n} {}{psk}", ips.join(","))
+            })
+            .collect()
+    }
+
+    fn index() -> PodIndex {
+        PodIndex::new(vec![POOL.parse().unwrap()])
+    }
+
+    /// An index that has seen an empty first list.
+    fn synced(t0: Instant) -> PodIndex {
+        let mut ix = index();
+        ix.apply(PodEvent::Init, t0);
+        ix.apply(PodEvent::InitDone, t0);
+        ix
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Runs every due read at `now` and answers it from `answer`.
+    fn serve(
+        ix: &mut PodIndex,
+        now: Instant,
+        answer: impl Fn(&ReadRequest) -> RecordRead,
+    ) -> usize {
+        let reads = ix.due_reads(now, 64);
+        for r in &reads {
+            ix.record_read(r, answer(r), now);
+        }
+        reads.len()
+    }
+
+    #[test]
+    fn a_running_sidecar_is_read_250_ms_after_it_is_seen_and_admitted_with_its_preshared_key() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        let web = running("web-1", "0001", "containerd://a");
+        ix.apply(PodEvent::Apply(web.clone()), t0);
+        assert!(ix.due_reads(t0, 64).is_empty(), "not before 250 ms");
+        assert_eq!(ix.next_due(), Some(t0 + FIRST_READ_DELAY));
+        let reads = ix.due_reads(t0 + FIRST_READ_DELAY, 64);
+        assert_eq!(
+            reads,
+            vec![ReadRequest {
+                pod: web.identity.clone(),
+                instance: "containerd://a".into()
+            }]
+        );
+        assert!(ix.due_reads(t0 + ms(300), 64).is_empty(), "in flight");
+        ix.record_read(
+            &reads[0],
+            RecordRead::Found(record(&web.identity, 1, "10.99.0.2/32", 1)),
+            t0 + ms(300),
+        );
+        let out = ix.peers(t0 + ms(300));
+        assert_eq!(show(&out.table), ["k1 10.99.0.2/32 psk"]);
+        assert_eq!(
+            out.changes,
+            vec![PeerChange::Admitted {
+                pod: web.identity,
+                public_key: key(1)
+            }]
+        );
+        assert!(ix.peers(t0 + ms(301)).changes.is_empty(), "reported once");
+        assert_eq!(ix.next_due(), None, "no more reads for this instance");
+    }
+
+    #[test]
+    fn a_pod_without_a_running_sidecar_is_not_read() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        let mut p = running("web-1", "0001", "x");
+        p.sidecar = None;
+        ix.apply(PodEvent::Apply(p), t0);
+        assert!(ix.due_reads(t0 + Duration::from_secs(60), 64).is_empty());
+        assert_eq!(ix.watched(), 1);
+    }
+
+    #[test]
+    fn a_missing_record_is_retried_after_half_a_second_doubling_to_eight_then_every_ten() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        ix.apply(PodEvent::Apply(running("web-1", "0001", "a")), t0);
+        let mut now = t0 + FIRST_READ_DELAY;
+        let mut gaps = Vec::new();
+        for _ in 0..8 {
+            assert_eq!(serve(&mut ix, now, |_| RecordRead::NotFound), 1);
+            let next = ix.next_due().unwrap();
+            gaps.push(next - now);
+            now = next;
+        }
+        let secs: Vec<f64> = gaps.iter().map(Duration::as_secs_f64).collect();
+        assert_eq!(secs, [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]);
+        // Vault failing is retried the same way, and the record, once there, is admitted.
+        assert_eq!(
+            serve(&mut ix, now, |r| RecordRead::Found(record(
+                &r.pod,
+                1,
+                "10.99.0.2/32",
+                1
+            ))),
+            1
+        );
+        assert_eq!(show(&ix.peers(now).table), ["k1 10.99.0.2/32 psk"]);
+    }
+
+    #[test]
+    fn a_forged_record_is_never_admitted() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        let web = running("web-1", "0001", "a");
+        ix.apply(PodEvent::Apply(web.clone()), t0);
+        let t = t0 + FIRST_READ_DELAY;
+        // Records naming another UID, another name, another service account, or no Pod at all.
+        let forgeries = [
+            Some(id("web-1", "0002")),
+            Some(id("web-2", "0001")),
+            Some(PodIdentity::new("shop", "admin", "web-1", "0001").unwrap()),
+            Some(PodIdentity::new("bank", "web", "web-1", "0001").unwrap()),
+            None,
+        ];
+        for (i, pod) in forgeries.into_iter().enumerate() {
+            let mut ix = ix.clone();
+            serve(&mut ix, t, |_| {
+                let mut r = record(&web.identity, 1, "10.99.0.2/32", 1);
+                r.pod.clone_from(&pod);
+                RecordRead::Found(r)
+            });
+            let out = ix.peers(t);
+            assert!(out.table.is_empty(), "forgery {i} admitted");
+            let want = if pod.is_some() {
+                "identity_mismatch"
+            } else {
+                "no_pod_identity"
+            };
+            assert!(
+                matches!(&out.changes[..], [PeerChange::Refused { refusal, .. }] if refusal.reason() == want),
+                "forgery {i}: {:?}",
+                out.changes
+            );
+        }
+        // A record for a Pod the index does not know is never even read.
+        assert!(
+            ix.due_reads(t, 64).len() == 1,
+            "only the live Pod's record is read"
+        );
+    }
+
+    #[test]
+    fn an_address_outside_the_pool_or_wider_than_a_host_or_reserved_is_refused() {
+        let t0 = Instant::now();
+        for addr in [
+            "10.98.0.2/32",
+            "10.99.0.0/16",
+            "10.99.0.1/32",
+            "10.99.255.255/32",
+            "10.99.0.0/32",
+        ] {
+            let mut ix = synced(t0);
+            ix.apply(PodEvent::Apply(running("web-1", "0001", "a")), t0);
+            serve(&mut ix, t0 + FIRST_READ_DELAY, |r| {
+                RecordRead::Found(record(&r.pod, 1, addr, 1))
+            });
+            let out = ix.peers(t0 + FIRST_READ_DELAY);
+            assert!(out.table.is_empty(), "{addr} admitted");
+            assert!(
+                matches!(
+                    &out.changes[..],
+                    [PeerChange::Refused {
+                        refusal: Refusal::OutsidePool(_),
+                        ..
+                    }]
+                ),
+                "{addr}"
+            );
+        }
+    }
+
+    #[test]
+    fn deletion_removes_the_peer_at_once_and_releases_its_record_and_claims() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        let web = running("web-1", "0001", "a");
+        ix.apply(PodEvent::Apply(web.clone()), t0);
+        serve(&mut ix, t0 + FIRST_READ_DELAY, |r| {
+            RecordRead::Found(record(&r.pod, 1, "10.99.0.2/32", 1))
+        });
+        assert_eq!(ix.peers(t0).table.len(), 1);
+        assert!(ix.take_releases().is_empty());
+        ix.apply(PodEvent::Delete(web.clone()), t0 + ms(400));
+        assert!(ix.take_changed());
+        let out = ix.peers(t0 + ms(400));
+        assert!(out.table.is_empty());
+        assert_eq!(
+            out.changes,
+            vec![PeerChange::Removed {
+                pod: web.identity.clone(),
+                public_key: key(1),
+                reason: "deleted"
+            }]
+        );
+        assert_eq!(
+            ix.take_releases(),
+            vec![
+                Release::Record(web.identity.clone()),
+                Release::Claim {
+                    address: "10.99.0.2".parse().unwrap(),
+                    holder: web.identity.clone()
+                }
+            ]
+        );
+        assert!(ix.take_releases().is_empty(), "queued once");
+        assert_eq!(ix.watched(), 0);
+    }
+
+    #[test]
+    fn a_finished_pod_leaves_the_table_and_is_released_once() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        let mut job = running("job-1", "0001", "a");
+        ix.apply(PodEvent::Apply(job.clone()), t0);
+        serve(&mut ix, t0 + FIRST_READ_DELAY, |r| {
+            RecordRead::Found(record(&r.pod, 1, "10.99.0.2/32", 1))
+        });
+        assert_eq!(ix.peers(t0).table.len(), 1);
+        job.finished = true;
+        job.sidecar = None;
+        ix.apply(PodEvent::Apply(job.clone()), t0 + ms(500));
+        let out = ix.peers(t0 + ms(500));
+        assert!(out.table.is_empty());
+        assert!(matches!(
+            &out.changes[..],
+            [PeerChange::Removed {
+                reason: "finished",
+                ..
+            }]
+        ));
+        assert_eq!(ix.take_releases().len(), 2, "record and claim");
+        // The later deletion releases nothing more; the finished Pod is not read again.
+        ix.apply(PodEvent::Apply(job.clone()), t0 + ms(600));
+        ix.apply(PodEvent::Delete(job), t0 + ms(700));
+        assert!(ix.take_releases().is_empty());
+        assert!(ix.due_reads(t0 + Duration::from_secs(60), 64).is_empty());
+    }
+
+    #[test]
+    fn a_restarted_sidecar_is_read_again_and_its_new_key_replaces_the_old_one() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        let web = running("web-1", "0001", "containerd://first");
+        ix.apply(PodEvent::Apply(web.clone()), t0);
+        serve(&mut ix, t0 + FIRST_READ_DELAY, |r| {
+            RecordRead::Found(record(&r.pod, 1, "10.99.0.2/32", 3))
+        });
+        assert_eq!(show(&ix.peers(t0).table), ["k1 10.99.0.2/32 psk"]);
+        // The sidecar restarts: a new container instance, a new key on the same address.
+        let t1 = t0 + Duration::from_secs(5);
+        let restarted = running("web-1", "0001", "containerd://second");
+        ix.apply(PodEvent::Apply(restarted.clone()), t1);
+        // The same instance again (a status update) schedules nothing new.
+        ix.apply(PodEvent::Apply(restarted), t1);
+        let reads = ix.due_reads(t1 + FIRST_READ_DELAY, 64);
+        assert_eq!(reads.len(), 1);
+        assert_eq!(reads[0].instance, "containerd://second");
+        // Not re-published yet: the old version comes back; it is not news, and the old peer stays.
+        let t2 = t1 + FIRST_READ_DELAY;
+        ix.record_read(
+            &reads[0],
+            RecordRead::Found(record(&web.identity, 1, "10.99.0.2/32", 3)),
+            t2,
+        );
+        assert_eq!(show(&ix.peers(t2).table), ["k1 10.99.0.2/32 psk"]);
+        let t3 = ix.next_due().unwrap();
+        assert_eq!(t3 - t2, ms(500));
+        serve(&mut ix, t3, |r| {
+            RecordRead::Found(record(&r.pod, 2, "10.99.0.2/32", 4))
+        });
+        let out = ix.peers(t3);
+        assert_eq!(show(&out.table), ["k2 10.99.0.2/32 psk"]);
+        assert_eq!(
+            out.changes,
+            vec![PeerChange::Admitted {
+                pod: web.identity,
+                public_key: key(2)
+            }]
+        );
+        assert!(ix.take_releases().is_empty(), "a restart releases nothing");
+    }
+
+    #[test]
+    fn an_answer_for_an_older_sidecar_instance_is_ignored() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        ix.apply(PodEvent::Apply(running("web-1", "0001", "a")), t0);
+        let old = ix.due_reads(t0 + FIRST_READ_DELAY, 64);
+        ix.apply(PodEvent::Apply(running("web-1", "0001", "b")), t0 + ms(300));
+        ix.record_read(
+            &old[0],
+            RecordRead::Found(record(&id("web-1", "0001"), 1, "10.99.0.2/32", 1)),
+            t0 + ms(310),
+        );
+        assert!(ix.peers(t0 + ms(310)).table.is_empty());
+        assert_eq!(ix.due_reads(t0 + ms(550), 64)[0].instance, "b");
+    }
+
+    #[test]
+    fn a_failed_read_never_removes_an_admitted_record() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        ix.apply(PodEvent::Apply(running("web-1", "0001", "a")), t0);
+        serve(&mut ix, t0 + FIRST_READ_DELAY, |r| {
+            RecordRead::Found(record(&r.pod, 1, "10.99.0.2/32", 1))
+        });
+        assert_eq!(ix.peers(t0).table.len(), 1);
+        // A restart while Vault is down: every read fails, the known peer stays.
+        ix.apply(PodEvent::Apply(running("web-1", "0001", "b")), t0 + ms(500));
+        let mut now = t0 + ms(750);
+        for _ in 0..6 {
+            serve(&mut ix, now, |_| {
+                RecordRead::Failed("connection refused".into())
+            });
+            assert_eq!(show(&ix.peers(now).table), ["k1 10.99.0.2/32 psk"]);
+            now = ix.next_due().unwrap();
+        }
+        serve(&mut ix, now, |_| {
+            RecordRead::Invalid("missing field address".into())
+        });
+        assert_eq!(
+            ix.peers(now).table.len(),
+            1,
+            "an invalid newer record neither"
+        );
+    }
+
+    #[test]
+    fn an_address_conflict_between_live_pods_is_decided_by_the_claim() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        let (a, b) = (running("web-a", "000a", "a"), running("web-b", "000b", "b"));
+        ix.apply(PodEvent::Apply(a.clone()), t0);
+        ix.apply(PodEvent::Apply(b.clone()), t0);
+        let t = t0 + FIRST_READ_DELAY;
+        // Both records name 10.99.0.7 (b forged it); a is read, admitted, then b's read arrives.
+        let reads = ix.due_reads(t, 64);
+        ix.record_read(
+            &reads[0],
+            RecordRead::Found(record(&a.identity, 1, "10.99.0.7/32", 1)),
+            t,
+        );
+        assert_eq!(show(&ix.peers(t).table), ["k1 10.99.0.7/32 psk"]);
+        ix.record_read(
+            &reads[1],
+            RecordRead::Found(record(&b.identity, 2, "10.99.0.7/32", 1)),
+            t,
+        );
+        // Until the claim is read the admitted peer keeps the address; the claim read is due now.
+        let out = ix.peers(t);
+        assert_eq!(show(&out.table), ["k1 10.99.0.7/32 psk"]);
+        assert!(matches!(
+            &out.changes[..],
+            [PeerChange::Refused {
+                refusal: Refusal::AddressConflict(_),
+                ..
+            }]
+        ));
+        let claims = ix.due_claim_reads(t, 64);
+        assert_eq!(claims, vec!["10.99.0.7".parse::<IpAddr>().unwrap()]);
+        // The claim names b (a's record was the forgery): b wins, a leaves.
+        ix.claim_read(claims[0], ClaimRead::Holder(b.identity.clone()), t);
+        let out = ix.peers(t);
+        assert_eq!(show(&out.table), ["k2 10.99.0.7/32 psk"]);
+        assert_eq!(out.changes.len(), 2, "{:?}", out.changes);
+        // The claim is read only while the conflict lasts: a deleted, b keeps it, no more reads.
+        ix.apply(PodEvent::Delete(a), t);
+        assert_eq!(show(&ix.peers(t).table), ["k2 10.99.0.7/32 psk"]);
+        assert!(ix
+            .due_claim_reads(t + Duration::from_secs(60), 64)
+            .is_empty());
+        // The deleted forger's release names itself as holder: the edge deletes the claim only if
+        // it still names a.
+        assert!(ix
+            .take_releases()
+            .iter()
+            .any(|r| matches!(r, Release::Claim { holder, .. } if holder.uid == "000a")));
+    }
+
+    #[test]
+    fn a_claim_naming_neither_pod_admits_neither_and_a_failed_claim_read_is_retried() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        ix.apply(PodEvent::Apply(running("web-a", "000a", "a")), t0);
+        ix.apply(PodEvent::Apply(running("web-b", "000b", "b")), t0);
+        let t = t0 + FIRST_READ_DELAY;
+        serve(&mut ix, t, |r| {
+            RecordRead::Found(record(
+                &r.pod,
+                if r.pod.uid == "000a" { 1 } else { 2 },
+                "10.99.0.7/32",
+                1,
+            ))
+        });
+        // Both read in one batch: nobody was admitted before, so nobody gets the address yet.
+        assert!(ix.peers(t).table.is_empty());
+        let c = ix.due_claim_reads(t, 64);
+        ix.claim_read(c[0], ClaimRead::Failed("timeout".into()), t);
+        assert_eq!(ix.next_due(), Some(t + ms(500)));
+        let c = ix.due_claim_reads(t + ms(500), 64);
+        ix.claim_read(c[0], ClaimRead::Nobody, t + ms(500));
+        assert!(ix.peers(t + ms(500)).table.is_empty());
+    }
+
+    #[test]
+    fn a_duplicate_public_key_is_left_out_and_the_admitted_one_stays() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        ix.apply(PodEvent::Apply(running("web-b", "000b", "b")), t0);
+        serve(&mut ix, t0 + FIRST_READ_DELAY, |r| {
+            RecordRead::Found(record(&r.pod, 1, "10.99.0.3/32", 1))
+        });
+        assert_eq!(show(&ix.peers(t0).table), ["k1 10.99.0.3/32 psk"]);
+        // a sorts first by UID but arrives later with the same key: b, admitted, keeps it.
+        ix.apply(PodEvent::Apply(running("web-a", "000a", "a")), t0 + ms(300));
+        serve(&mut ix, t0 + ms(550), |r| {
+            RecordRead::Found(record(&r.pod, 1, "10.99.0.2/32", 1))
+        });
+        let out = ix.peers(t0 + ms(550));
+        assert_eq!(show(&out.table), ["k1 10.99.0.3/32 psk"]);
+        assert!(
+            matches!(&out.changes[..], [PeerChange::Refused { refusal: Refusal::DuplicateKey, pod, .. }] if pod.uid == "000a")
+        );
+    }
+
+    #[test]
+    fn the_first_list_reads_at_once_and_a_relist_drops_pods_missing_from_it() {
+        let t0 = Instant::now();
+        let mut ix = index();
+        ix.apply(PodEvent::Init, t0);
+        ix.apply(PodEvent::InitApply(running("web-1", "0001", "a")), t0);
+        ix.apply(PodEvent::InitApply(running("web-2", "0002", "b")), t0);
+        assert!(!ix.synced());
+        assert!(ix.due_reads(t0, 64).is_empty(), "nothing before InitDone");
+        ix.apply(PodEvent::InitDone, t0);
+        assert!(ix.synced());
+        assert!(!ix.initial_reads_done());
+        let n = serve(&mut ix, t0, |r| {
+            let (k, a) = if r.pod.uid == "0001" {
+                (1, "10.99.0.2/32")
+            } else {
+                (2, "10.99.0.3/32")
+            };
+            RecordRead::Found(record(&r.pod, k, a, 1))
+        });
+        assert_eq!(n, 2, "the first list's Pods are read without delay");
+        assert!(ix.initial_reads_done());
+        assert_eq!(
+            show(&ix.peers(t0).table),
+            ["k1 10.99.0.2/32 psk", "k2 10.99.0.3/32 psk"]
+        );
+        // The watch broke; the re-list has web-1 only (web-2 was deleted meanwhile) and a new
+        // web-3, read after the usual delay. web-1's instance is unchanged: no read.
+        let t1 = t0 + Duration::from_secs(30);
+        ix.apply(PodEvent::Init, t1);
+        ix.apply(PodEvent::InitApply(running("web-1", "0001", "a")), t1);
+        ix.apply(PodEvent::InitApply(running("web-3", "0003", "c")), t1);
+        assert_eq!(
+            ix.peers(t1).table.len(),
+            2,
+            "nothing changes before InitDone"
+        );
+        ix.apply(PodEvent::InitDone, t1);
+        let out = ix.peers(t1);
+        assert_eq!(show(&out.table), ["k1 10.99.0.2/32 psk"]);
+        assert!(
+            matches!(&out.changes[..], [PeerChange::Removed { pod, reason: "deleted", .. }] if pod.uid == "0002")
+        );
+        assert_eq!(ix.take_releases().len(), 2, "web-2's record and claim");
+        assert!(ix.due_reads(t1, 64).is_empty());
+        let reads = ix.due_reads(t1 + FIRST_READ_DELAY, 64);
+        assert_eq!(reads.len(), 1);
+        assert_eq!(reads[0].pod.uid, "0003");
+    }
+
+    #[test]
+    fn due_reads_respect_the_limit_and_the_rest_stay_due() {
+        let t0 = Instant::now();
+        let mut ix = index();
+        ix.apply(PodEvent::Init, t0);
+        for i in 0..100 {
+            ix.apply(
+                PodEvent::InitApply(running(&format!("w{i}"), &format!("{i:04}"), "a")),
+                t0,
+            );
+        }
+        ix.apply(PodEvent::InitDone, t0);
+        assert_eq!(ix.due_reads(t0, 64).len(), 64);
+        assert_eq!(ix.due_reads(t0, 64).len(), 36);
+        assert!(ix.due_reads(t0, 64).is_empty());
+    }
+
+    #[test]
+    fn the_sweep_considers_only_records_and_claims_no_live_pod_holds_and_only_old_ones() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        ix.apply(PodEvent::Apply(running("web-1", "0001", "a")), t0);
+        // web-2 started, its record is not read yet: its claim must not look orphaned by record.
+        ix.apply(PodEvent::Apply(running("web-2", "0002", "b")), t0);
+        let reads = ix.due_reads(t0 + FIRST_READ_DELAY, 64);
+        let r1 = reads.iter().find(|r| r.pod.uid == "0001").unwrap();
+        ix.record_read(
+            r1,
+            RecordRead::Found(record(&r1.pod, 1, "10.99.0.2/32", 1)),
+            t0,
+        );
+        let rref = |uid: &str| RecordRef {
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            uid: uid.into(),
+        };
+        assert_eq!(
+            ix.orphan_records(&[rref("0001"), rref("0002"), rref("dead")]),
+            vec![rref("dead")]
+        );
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        // 10.99.0.9 may be web-2's: the edge reads the claim and keeps it when it names a live Pod.
+        assert_eq!(
+            ix.orphan_claims(&[a("10.99.0.2"), a("10.99.0.9")]),
+            vec![a("10.99.0.9")]
+        );
+        let now: Timestamp = "2030-01-01T00:01:00Z".parse().unwrap();
+        let grace = Duration::from_secs(60);
+        assert!(old_enough(
+            Some("2030-01-01T00:00:00Z".parse().unwrap()),
+            now,
+            grace
+        ));
+        assert!(!old_enough(
+            Some("2030-01-01T00:00:01Z".parse().unwrap()),
+            now,
+            grace
+        ));
+        assert!(!old_enough(None, now, grace));
+    }
+}

@@ -1,0 +1,217 @@
+//! The Kubernetes edge of the gateway's kubernetes mode: the Pod watch that feeds
+//! [`crate::pod_index`], and the one lookup the orphan sweep makes before it deletes.
+//!
+//! Owns: the client (`kube::Client::try_default()`: in-cluster service account, or
+//! `KUBECONFIG`), the watch of `Api::<Pod>::all` with the label selector
+//! `wg-injector.io/tunnel=<profile>` (every replica watches the same Pods: each keeps the whole
+//! peer table), its backoff on errors (`WatchStreamExt::default_backoff`: the watcher re-lists
+//! when it must, which the index sees as `Init` … `InitDone`), and the mapping of a Pod object to
+//! a [`WatchedPod`]: identity (namespace, `spec.serviceAccountName`, name, UID), the running
+//! `wg-sidecar` container's ID (`status.initContainerStatuses` for a native sidecar, else
+//! `status.containerStatuses`) and whether the Pod is finished (`status.phase`).
+//! The watch asks for full objects, not metadata only: the service account (`spec`) and the
+//! phase and container statuses (`status`) are not in a Pod's metadata.
+//! Must never: write to the Kubernetes API, or decide anything (the index does).
+
+use futures_util::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use kube::{
+    runtime::{watcher, WatchStreamExt},
+    Api, Client,
+};
+
+use crate::{
+    error::{Result, SidecarError},
+    pod_index::{PodEvent, WatchedPod},
+    registration::PodIdentity,
+};
+
+/// The label the injector puts on every injected Pod: `wg-injector.io/tunnel=<profile>`.
+pub const TUNNEL_LABEL: &str = "wg-injector.io/tunnel";
+
+/// The name of the injected sidecar container.
+pub const SIDECAR_CONTAINER: &str = "wg-sidecar";
+
+/// The label selector of one profile's Pods.
+#[must_use]
+pub fn selector(profile: &str) -> String {
+    format!("{TUNNEL_LABEL}={profile}")
+}
+
+/// A Kubernetes client from the environment (in-cluster, or `KUBECONFIG`).
+pub async fn client() -> Result<Client> {
+    // The crate graph carries two rustls providers (vaultrs' and kube's): pick ring, as the
+    // workspace does, before kube builds its TLS config.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Client::try_default().await.map_err(|e| {
+        SidecarError::InvalidConfig(format!(
+            "--pod-source kubernetes needs the Kubernetes API (in-cluster service account or \
+             KUBECONFIG), and none is usable: {e}; use --pod-source vault for a gateway outside \
+             the cluster"
+        ))
+    })
+}
+
+/// What the watch yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchUpdate {
+    /// An event for the index.
+    Event(PodEvent),
+    /// A watch error (the watcher retries with backoff).
+    Error(String),
+}
+
+fn running_sidecar(statuses: Option<&Vec<ContainerStatus>>) -> Option<String> {
+    statuses?
+        .iter()
+        .find(|c| c.name == SIDECAR_CONTAINER)
+        .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+        .and_then(|c| c.container_id.clone())
+        .filter(|id| !id.is_empty())
+}
+
+/// Maps a Pod object; `None` when it lacks a namespace, name or UID, or a name is not valid.
+#[must_use]
+pub fn watched_pod(pod: &Pod) -> Option<WatchedPod> {
+    let m = &pod.metadata;
+    let spec = pod.spec.as_ref();
+    let service_account = spec
+        .and_then(|s| s.service_account_name.as_deref())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default");
+    let identity = PodIdentity::new(
+        m.namespace.as_deref()?,
+        service_account,
+        m.name.as_deref()?,
+        m.uid.as_deref()?,
+    )
+    .ok()?;
+    let status = pod.status.as_ref();
+    let finished = status
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    let sidecar = status.and_then(|s| {
+        running_sidecar(s.init_container_statuses.as_ref())
+            .or_else(|| running_sidecar(s.container_statuses.as_ref()))
+    });
+    Some(WatchedPod {
+        identity,
+        sidecar,
+        finished,
+    })
+}
+
+fn map_event(event: watcher::Event<Pod>) -> Option<PodEvent> {
+    let mapped = |p: &Pod| {
+        let w = watched_pod(p);
+        if w.is_none() {
+            tracing::warn!(
+                namespace = p.metadata.namespace.as_deref().unwrap_or(""),
+                pod = p.metadata.name.as_deref().unwrap_or(""),
+                "Pod without a usable namespace, name or UID ignored"
+            );
+        }
+        w
+    };
+    Some(match event {
+        watcher::Event::Apply(p) => PodEvent::Apply(mapped(&p)?),
+        watcher::Event::Delete(p) => PodEvent::Delete(mapped(&p)?),
+        watcher::Event::Init => PodEvent::Init,
+        watcher::Event::InitApply(p) => PodEvent::InitApply(mapped(&p)?),
+        watcher::Event::InitDone => PodEvent::InitDone,
+    })
+}
+
+/// An error with its causes (`kube` puts the useful part, e.g. a TLS or DNS failure, in them).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !s.contains(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        cause = c.source();
+    }
+    s
+}
+
+/// Watches every namespace's Pods of `profile`, forever (errors are yielded and retried).
+pub fn watch(client: Client, profile: &str) -> impl Stream<Item = WatchUpdate> + Send + 'static {
+    let api: Api<Pod> = Api::all(client);
+    watcher(api, watcher::Config::default().labels(&selector(profile)))
+        .default_backoff()
+        .filter_map(|r| async move {
+            match r {
+                Ok(ev) => map_event(ev).map(WatchUpdate::Event),
+                Err(e) => Some(WatchUpdate::Error(chain(&e))),
+            }
+        })
+}
+
+/// The UID of the Pod `namespace/name` now, `None` when there is none: the sweep's last check
+/// that a record's or claim's Pod is really gone before it deletes.
+pub async fn pod_uid(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> std::result::Result<Option<String>, kube::Error> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    Ok(api.get_opt(name).await?.and_then(|p| p.metadata.uid))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn pod(status: &serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "web-1", "uid": "0b5c7f3e-1111",
+                         "labels": {TUNNEL_LABEL: "corp"}},
+            "spec": {"serviceAccountName": "web", "containers": [{"name": "app"}]},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn sidecar(state: &str) -> serde_json::Value {
+        serde_json::json!([{"name": "wg-sidecar", "containerID": "containerd://abc", "image": "x",
+                            "imageID": "", "ready": false, "restartCount": 0,
+                            "state": {state: {}}}])
+    }
+
+    #[test]
+    fn a_native_or_classic_sidecar_counts_only_while_running() {
+        let native = watched_pod(&pod(&serde_json::json!({
+            "phase": "Pending", "initContainerStatuses": sidecar("running")})))
+        .unwrap();
+        assert_eq!(native.sidecar.as_deref(), Some("containerd://abc"));
+        assert_eq!(native.identity.service_account, "web");
+        assert_eq!(native.identity.uid, "0b5c7f3e-1111");
+        assert!(!native.finished);
+        let classic = watched_pod(&pod(&serde_json::json!({
+            "phase": "Running", "containerStatuses": sidecar("running")})))
+        .unwrap();
+        assert_eq!(classic.sidecar.as_deref(), Some("containerd://abc"));
+        let waiting = watched_pod(&pod(&serde_json::json!({
+            "phase": "Running", "containerStatuses": sidecar("waiting")})))
+        .unwrap();
+        assert_eq!(waiting.sidecar, None);
+        let done = watched_pod(&pod(&serde_json::json!({
+            "phase": "Succeeded", "containerStatuses": sidecar("terminated")})))
+        .unwrap();
+        assert!(done.finished && done.sidecar.is_none());
+    }
+
+    #[test]
+    fn a_pod_without_service_account_name_runs_as_default_and_one_without_uid_is_skipped() {
+        let mut p = pod(&serde_json::json!({}));
+        p.spec.as_mut().unwrap().service_account_name = None;
+        assert_eq!(watched_pod(&p).unwrap().identity.service_account, "default");
+        p.metadata.uid = None;
+        assert!(watched_pod(&p).is_none());
+        assert_eq!(selector("corp"), "wg-injector.io/tunnel=corp");
+    }
+}

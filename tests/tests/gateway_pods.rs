@@ -1,0 +1,806 @@
+//! `wg-sidecar gateway --pod-source kubernetes` on real parts: a real kube-apiserver + etcd (no
+//! kubelet: the test writes the Pod status a kubelet would, through the status subresource), a
+//! real OpenBao, and the real gateway binary in userspace mode inside a network namespace the
+//! test creates (`wgt15-…`). Pods register as their sidecars do, with
+//! `wg_sidecar::registration::register`; the gateway's peers are read with `wg show <if> dump`
+//! and its `/metrics`.
+//!
+//! The gateway reaches the apiserver and OpenBao (both on 127.0.0.1 of the host) through a TCP
+//! relay this test runs on the host end of a veth pair; the kubeconfig names the apiserver's
+//! certificate (`tls-server-name: kubernetes.default.svc`). Its Kubernetes identity is a service
+//! account bound by the `ClusterRole` the chart renders, and its Vault token carries exactly the
+//! policy `docs/gateway.md` documents.
+//!
+//! Must be run as root. Prerequisites: `bash scripts/lab-install.sh`, `cargo build -p wg-sidecar`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::too_many_lines,
+    clippy::missing_panics_doc,
+    // Metric values are integer counts in a float exposition: compared exactly on purpose.
+    clippy::float_cmp
+)]
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use base64::Engine as _;
+use k8s_openapi::api::{
+    core::v1::Pod,
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use wg_e2e::{
+    charts::{self, Template},
+    control_plane::ControlPlane,
+    lab::{cargo_binary, scratch_dir, write_private},
+    openbao::OpenBao,
+    process::ChildGuard,
+};
+use wg_sidecar::{
+    keys::generate_keypair,
+    keysource::GatewayRecord,
+    registration::{self, Layout, PodIdentity, Registration},
+    vault::{Vault, VaultAuth, VaultSettings},
+};
+
+const GATEWAY: &str = "corp";
+const POOL: &str = "10.99.0.0/16";
+const HEALTH_PORT: u16 = 9901;
+
+/// The gateway's Vault policy, as `docs/gateway.md` ("Vault") documents it.
+const GATEWAY_POLICY: &str = r#"
+path "secret/data/wg/gateways/corp" { capabilities = ["read"] }
+path "secret/data/wg/gateway-keys/corp" { capabilities = ["read"] }
+path "secret/data/wg/peers/corp/*" { capabilities = ["read"] }
+path "secret/metadata/wg/peers/corp" { capabilities = ["list"] }
+path "secret/metadata/wg/peers/corp/*" { capabilities = ["list", "delete"] }
+path "secret/data/wg/addresses/corp/*" { capabilities = ["read"] }
+path "secret/metadata/wg/addresses/corp" { capabilities = ["list"] }
+path "secret/metadata/wg/addresses/corp/*" { capabilities = ["list", "delete"] }
+"#;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn require_root() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap();
+    assert_eq!(
+        uid, "0",
+        "gateway_pods needs root (network namespaces, TUN)"
+    );
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace `wgt15-…` joined to the host by a veth pair (10.215.S.0/30: host .1,
+/// namespace .2); deleted (with its veth) on drop.
+struct Netns {
+    name: String,
+    host_ip: Ipv4Addr,
+    ns_ip: Ipv4Addr,
+    interface: String,
+}
+
+impl Netns {
+    fn new() -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let id = format!("{}{n}", pid % 10_000);
+        let name = format!("wgt15-{id}");
+        let subnet = u8::try_from((pid % 50 * 5 + n) % 250 + 1).unwrap();
+        let host_ip = Ipv4Addr::new(10, 215, subnet, 1);
+        let ns_ip = Ipv4Addr::new(10, 215, subnet, 2);
+        let (veth_host, veth_ns) = (format!("wgt15h{id}"), format!("wgt15n{id}"));
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let me = Self {
+            name,
+            host_ip,
+            ns_ip,
+            interface: format!("wgt15g{id}"),
+        };
+        run(Command::new("ip").args([
+            "link", "add", &veth_host, "type", "veth", "peer", "name", &veth_ns,
+        ]));
+        run(Command::new("ip").args(["link", "set", &veth_ns, "netns", &me.name]));
+        run(Command::new("ip").args(["addr", "add", &format!("{host_ip}/30"), "dev", &veth_host]));
+        run(Command::new("ip").args(["link", "set", &veth_host, "up"]));
+        me.ip(&["addr", "add", &format!("{ns_ip}/30"), "dev", &veth_ns]);
+        me.ip(&["link", "set", &veth_ns, "up"]);
+        me.ip(&["link", "set", "lo", "up"]);
+        me
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        run(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A TCP relay on `listen` (the host end of the veth) to `target` (a loopback service).
+struct Relay {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(listen: Ipv4Addr, target: SocketAddr) -> Self {
+        let l = tokio::net::TcpListener::bind((listen, 0)).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = l.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    // A stopped target refuses: the client sees its connection closed.
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                    }
+                });
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a registered Pod published (public halves; the preshared key to compare with `wg`).
+struct Registered {
+    pod: PodIdentity,
+    public_key: String,
+    preshared_key: String,
+    address: String,
+}
+
+/// Everything one test runs; dropped processes first.
+struct Lab {
+    gateway: Option<ChildGuard>,
+    gateway_runs: u32,
+    ns: Netns,
+    _relays: (Relay, Relay),
+    vault_relay: SocketAddr,
+    bao: OpenBao,
+    plane: ControlPlane,
+    vault: Vault,
+    gateway_record: GatewayRecord,
+    layout: Layout,
+    kubeconfig: PathBuf,
+    gateway_token: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+fn wg_sidecar(bao: &OpenBao, args: &[&str]) -> String {
+    let token = bao.admin_token_file().unwrap();
+    run(Command::new(cargo_binary("wg-sidecar").unwrap())
+        .args(["--log-format", "text"])
+        .args(args)
+        .args(["--vault-addr", &bao.addr, "--vault-auth", "token"])
+        .arg("--vault-token-file")
+        .arg(token))
+}
+
+impl Lab {
+    async fn start(persistent_vault: bool) -> Self {
+        require_root();
+        let plane = ControlPlane::start().await.unwrap();
+        let bao = tokio::task::spawn_blocking(move || {
+            if persistent_vault {
+                OpenBao::start_persistent()
+            } else {
+                OpenBao::start()
+            }
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let dir = scratch_dir("wgt15-").unwrap();
+        let admin = plane.admin_client().await.unwrap();
+        plane.create_namespace("shop", &[]).await.unwrap();
+        plane.create_namespace("vpn", &[]).await.unwrap();
+
+        // The gateway's Kubernetes identity: the chart's own ClusterRole and binding.
+        let objects = Template {
+            chart: "wg-gateway",
+            release: "vpn-gateway",
+            namespace: "vpn",
+            kube_version: "1.33.0",
+            values_file: None,
+            sets: &[
+                "server.publicEndpoint=203.0.113.1:51820",
+                "server.name=corp",
+            ],
+        }
+        .render()
+        .unwrap();
+        let role: ClusterRole =
+            serde_json::from_value(charts::of_kind(&objects, "ClusterRole")[0].clone()).unwrap();
+        let binding: ClusterRoleBinding =
+            serde_json::from_value(charts::of_kind(&objects, "ClusterRoleBinding")[0].clone())
+                .unwrap();
+        let subject = binding.subjects.as_ref().unwrap()[0].clone();
+        Api::<ClusterRole>::all(admin.clone())
+            .create(&PostParams::default(), &role)
+            .await
+            .unwrap();
+        Api::<ClusterRoleBinding>::all(admin.clone())
+            .create(&PostParams::default(), &binding)
+            .await
+            .unwrap();
+        let sa_token = plane
+            .service_account_token(
+                subject.namespace.as_deref().unwrap(),
+                &subject.name,
+                "https://kubernetes.default.svc",
+            )
+            .await
+            .unwrap();
+
+        // Vault: the gateway's keys and record, and a token with the documented policy only.
+        wg_sidecar(
+            &bao,
+            &[
+                "keys",
+                "provision-gateway",
+                GATEWAY,
+                "--endpoints",
+                "127.0.0.1:51820",
+                "--pool",
+                POOL,
+            ],
+        );
+        let policy = bao
+            .private_file("wg-gateway-corp.hcl", GATEWAY_POLICY.as_bytes())
+            .unwrap();
+        bao.cli(&[
+            "policy",
+            "write",
+            "wg-gateway-corp",
+            &policy.display().to_string(),
+        ])
+        .unwrap();
+        let token = bao
+            .cli(&[
+                "token",
+                "create",
+                "-policy=wg-gateway-corp",
+                "-ttl=2h",
+                "-field=token",
+            ])
+            .unwrap();
+        let gateway_token = dir.path().join("gateway.token");
+        write_private(&gateway_token, token.trim().as_bytes()).unwrap();
+
+        let vault = Vault::new(VaultSettings {
+            addr: bao.addr.clone(),
+            ca_file: None,
+            auth: VaultAuth::Token {
+                file: bao.admin_token_file().unwrap(),
+            },
+        })
+        .unwrap();
+        vault.login().await.unwrap();
+        let rec = vault
+            .read("secret", &format!("wg/gateways/{GATEWAY}"))
+            .await
+            .unwrap();
+        let gateway_record =
+            GatewayRecord::from_fields("gateway record", &rec.data, rec.version).unwrap();
+        assert!(
+            !gateway_record.pool.is_empty(),
+            "provision-gateway wrote no pool"
+        );
+
+        let ns = Netns::new();
+        let api_target: SocketAddr = plane.url.trim_start_matches("https://").parse().unwrap();
+        let vault_target: SocketAddr = bao.addr.trim_start_matches("http://").parse().unwrap();
+        let api_relay = Relay::start(ns.host_ip, api_target).await;
+        let vault_relay = Relay::start(ns.host_ip, vault_target).await;
+        let ca = base64::engine::general_purpose::STANDARD.encode(plane.ca_pem.as_bytes());
+        let kubeconfig = dir.path().join("gateway.kubeconfig");
+        write_private(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://{}\n    certificate-authority-data: {ca}\n    tls-server-name: kubernetes.default.svc\nusers:\n- name: gw\n  user:\n    token: {sa_token}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: gw\ncurrent-context: lab\n",
+                api_relay.addr
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let layout = Layout {
+            kv_mount: "secret".into(),
+            peers_prefix: "wg/peers".into(),
+            addresses_prefix: "wg/addresses".into(),
+        };
+        Self {
+            gateway: None,
+            gateway_runs: 0,
+            vault_relay: vault_relay.addr,
+            _relays: (api_relay, vault_relay),
+            ns,
+            bao,
+            plane,
+            vault,
+            gateway_record,
+            layout,
+            kubeconfig,
+            gateway_token,
+            dir,
+        }
+    }
+
+    fn gateway_log(&self) -> String {
+        self.gateway
+            .as_ref()
+            .map(|g| g.log_tail(6000))
+            .unwrap_or_default()
+    }
+
+    /// Starts the real gateway in the namespace and waits for `/ready`.
+    async fn start_gateway(&mut self) {
+        self.gateway_runs += 1;
+        let mut cmd = self.ns.command(&cargo_binary("wg-sidecar").unwrap());
+        cmd.args([
+            "--log-format",
+            "text",
+            "gateway",
+            "--pod-source",
+            "kubernetes",
+        ])
+        .args(["--interface", &self.ns.interface, "--listen-port", "51820"])
+        .args(["--vault-gateway-path", &format!("wg/gateways/{GATEWAY}")])
+        .args(["--health-addr", &format!("0.0.0.0:{HEALTH_PORT}")])
+        .args(["--masquerade=false", "--poll-interval", "2"])
+        .args(["--orphan-sweep-interval", "2", "--orphan-grace", "3"])
+        .args(["--vault-addr", &format!("http://{}", self.vault_relay)])
+        .args(["--vault-auth", "token", "--vault-token-file"])
+        .arg(&self.gateway_token)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("KUBECONFIG", &self.kubeconfig)
+        .env("WG_SIDECAR_LOG", "info,wg_sidecar=debug");
+        let name = format!("gateway-{}", self.gateway_runs);
+        self.gateway = Some(ChildGuard::spawn(&name, cmd, self.dir.path()).unwrap());
+        let started = Instant::now();
+        loop {
+            if matches!(self.http_get("/ready").await, Some((200, _))) {
+                eprintln!(
+                    "gateway run {} ready after {:?}",
+                    self.gateway_runs,
+                    started.elapsed()
+                );
+                return;
+            }
+            let g = self.gateway.as_mut().unwrap();
+            assert!(g.is_running(), "the gateway exited\n{}", self.gateway_log());
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "gateway not ready in 30 s\n{}",
+                self.gateway_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the gateway with SIGTERM (its clean shutdown: the interface goes), SIGKILL after 5 s.
+    async fn stop_gateway(&mut self) {
+        let Some(mut g) = self.gateway.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &g.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while g.is_running() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        g.stop();
+    }
+
+    async fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let fut = async {
+            let mut s = tokio::net::TcpStream::connect((self.ns.ns_ip, HEALTH_PORT))
+                .await
+                .ok()?;
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .ok()?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.ok()?;
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let status = text.split_whitespace().nth(1)?.parse().ok()?;
+            let body = text.split_once("\r\n\r\n").map(|x| x.1.to_owned())?;
+            Some((status, body))
+        };
+        tokio::time::timeout(Duration::from_secs(2), fut)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The sum of the series of `name` whose labels contain `labels` (e.g. `kind="record"`).
+    async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (_, text) = self.http_get("/metrics").await.unwrap();
+        text.lines()
+            .filter(|l| l.split([' ', '{']).next() == Some(name) && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// `wg show <if> dump`: public key → (preshared key, allowed IPs).
+    fn peers(&self) -> BTreeMap<String, (String, String)> {
+        let out = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.ns.name,
+            "wg",
+            "show",
+            &self.ns.interface,
+            "dump",
+        ]));
+        out.lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f.len() >= 4).then(|| (f[0].to_owned(), (f[1].to_owned(), f[3].to_owned())))
+            })
+            .collect()
+    }
+
+    /// Polls `ok` every 100 ms for at most `limit`; the time it took.
+    async fn wait(
+        &self,
+        limit: Duration,
+        what: &str,
+        mut ok: impl FnMut(&Self) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        loop {
+            if ok(self) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < limit,
+                "{what}: not within {limit:?}; peers {:?}\n{}",
+                self.peers(),
+                self.gateway_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.plane.admin_client().await.unwrap(), "shop")
+    }
+
+    /// Creates a Pod of the profile and writes the status a kubelet would once its
+    /// `wg-sidecar` container runs.
+    async fn running_pod(&self, name: &str) -> PodIdentity {
+        let api = self.pods().await;
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"wg-injector.io/tunnel": GATEWAY}},
+            "spec": {"serviceAccountName": "web", "containers": [
+                {"name": "app", "image": "app:1"},
+                {"name": "wg-sidecar", "image": "localhost/wg-sidecar:e2e"}]},
+        }))
+        .unwrap();
+        let stored = api.create(&PostParams::default(), &pod).await.unwrap();
+        let uid = stored.metadata.uid.unwrap();
+        let container = |n: &str, id: &str| {
+            serde_json::json!({"name": n, "containerID": format!("containerd://{id}"),
+                "image": "x", "imageID": "", "ready": true, "restartCount": 0, "started": true,
+                "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}})
+        };
+        let status = serde_json::json!({"status": {"phase": "Running", "containerStatuses": [
+            container("app", &format!("{uid}-app")),
+            container("wg-sidecar", &format!("{uid}-wg")),
+        ]}});
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap();
+        PodIdentity::new("shop", "web", name, &uid).unwrap()
+    }
+
+    async fn delete_pod(&self, name: &str) {
+        self.pods()
+            .await
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+
+    /// Registers `pod` as its sidecar does: a new key pair and preshared key, a claimed
+    /// address, the public record.
+    async fn register(&self, pod: &PodIdentity) -> Registered {
+        let (_, public_key) = generate_keypair();
+        let (psk, _) = generate_keypair();
+        let r = registration::register(
+            &self.vault,
+            &self.layout,
+            &Registration {
+                pod,
+                gateway: GATEWAY,
+                gateway_record: &self.gateway_record,
+                public_key: &public_key,
+                preshared_key: &psk,
+                fixed_addresses: &[],
+            },
+        )
+        .await
+        .unwrap();
+        Registered {
+            pod: pod.clone(),
+            public_key,
+            preshared_key: psk.expose().to_owned(),
+            address: r.addresses[0].to_string(),
+        }
+    }
+
+    async fn exists(&self, path: &str) -> bool {
+        match self.vault.read("secret", path).await {
+            Ok(_) => true,
+            Err(wg_sidecar::SidecarError::VaultKv {
+                status: Some(404), ..
+            }) => false,
+            Err(e) => panic!("reading {path}: {e}"),
+        }
+    }
+
+    fn record_path(&self, r: &Registered) -> String {
+        self.layout.record_path(GATEWAY, &r.pod)
+    }
+
+    fn claim_path(&self, r: &Registered) -> String {
+        let addr: IpAddr = r.address.split('/').next().unwrap().parse().unwrap();
+        self.layout.claim_path(GATEWAY, addr)
+    }
+
+    fn admitted(&self, r: &Registered) -> bool {
+        self.peers().get(&r.public_key) == Some(&(r.preshared_key.clone(), r.address.clone()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gateway_admits_live_pods_with_their_preshared_key_never_forged_records_and_releases_a_deleted_pod(
+) {
+    let mut lab = Lab::start(false).await;
+    lab.start_gateway().await;
+
+    // A live Pod's key is admitted with its preshared key and its one address.
+    let web1 = lab.running_pod("web-1").await;
+    let r1 = lab.register(&web1).await;
+    let took = lab
+        .wait(Duration::from_secs(10), "web-1 admitted", |l| {
+            l.admitted(&r1)
+        })
+        .await;
+    eprintln!("web-1 admitted {took:?} after it registered");
+
+    // A forged record under a UID no live Pod has (published as a sidecar would, with a claim):
+    // never admitted, and collected by the sweep once older than the grace period.
+    let ghost = PodIdentity::new(
+        "shop",
+        "web",
+        "web-ghost",
+        "6f1d6a0e-0000-4000-8000-00000000dead",
+    )
+    .unwrap();
+    let rg = lab.register(&ghost).await;
+    // A record under a live Pod's path that names another Pod: refused.
+    let web4 = lab.running_pod("web-4").await;
+    let forged_at_web4 = {
+        let (_, public_key) = generate_keypair();
+        let (psk, _) = generate_keypair();
+        let rec = wg_sidecar::keys::PeerRecord {
+            public_key: public_key.clone(),
+            addresses: vec!["10.99.200.4/32".parse().unwrap()],
+            next_public_key: None,
+            activate_at: None,
+            preshared_key: Some(psk),
+            pod: Some(PodIdentity::new("shop", "web", "web-1", &web1.uid).unwrap()),
+            version: 0,
+        };
+        let path = lab.layout.record_path(GATEWAY, &web4);
+        lab.vault
+            .write("secret", &path, &rec.to_fields(), None)
+            .await
+            .unwrap();
+        public_key
+    };
+    let (ghost_record, ghost_claim) = (lab.record_path(&rg), lab.claim_path(&rg));
+    let started = Instant::now();
+    loop {
+        let peers = lab.peers();
+        assert!(
+            !peers.contains_key(&rg.public_key),
+            "the forged record was admitted"
+        );
+        assert!(
+            !peers.contains_key(&forged_at_web4),
+            "a record naming another Pod was admitted"
+        );
+        if !lab.exists(&ghost_record).await && !lab.exists(&ghost_claim).await {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the sweep did not collect the forged record and claim\n{}",
+            lab.gateway_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "forged record and claim collected {:?} after they were written",
+        started.elapsed()
+    );
+    let mut refused = 0.0;
+    for _ in 0..50 {
+        refused = lab
+            .metric(
+                "wg_gateway_peers_refused_total",
+                "reason=\"identity_mismatch\"",
+            )
+            .await;
+        if refused >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(refused, 1.0, "{}", lab.gateway_log());
+    assert!(lab.admitted(&r1), "web-1 must stay");
+    assert!(
+        lab.exists(&lab.record_path(&r1)).await,
+        "web-1's record must stay"
+    );
+
+    // A deleted Pod's peer leaves within 5 s; its record and claim are deleted.
+    let deleted_at = Instant::now();
+    lab.delete_pod("web-1").await;
+    let took = lab
+        .wait(Duration::from_secs(5), "web-1's peer removed", |l| {
+            !l.peers().contains_key(&r1.public_key)
+        })
+        .await;
+    eprintln!("web-1's peer left {took:?} after the Pod was deleted");
+    let (p, c) = (lab.record_path(&r1), lab.claim_path(&r1));
+    loop {
+        if !lab.exists(&p).await && !lab.exists(&c).await {
+            break;
+        }
+        assert!(
+            deleted_at.elapsed() < Duration::from_secs(5),
+            "web-1's record or claim still there\n{}",
+            lab.gateway_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "web-1's record and claim deleted {:?} after the Pod",
+        deleted_at.elapsed()
+    );
+
+    // A restarted gateway resyncs the same table, with one record read per live Pod.
+    let web2 = lab.running_pod("web-2").await;
+    let web3 = lab.running_pod("web-3").await;
+    let r2 = lab.register(&web2).await;
+    let r3 = lab.register(&web3).await;
+    lab.wait(Duration::from_secs(10), "web-2 and web-3 admitted", |l| {
+        l.admitted(&r2) && l.admitted(&r3)
+    })
+    .await;
+    let before = lab.peers();
+    assert_eq!(before.len(), 2, "{before:?}");
+    lab.stop_gateway().await;
+    let restarted = Instant::now();
+    lab.start_gateway().await;
+    let took = lab
+        .wait(
+            Duration::from_secs(5),
+            "the same table after a restart",
+            |l| l.peers() == before,
+        )
+        .await;
+    eprintln!(
+        "restarted gateway: same table {:?} after it was ready ({:?} after the restart)",
+        took,
+        restarted.elapsed()
+    );
+    // web-2, web-3 and web-4 (whose record is the forgery) are read once each.
+    let reads = lab
+        .metric("wg_gateway_vault_reads_total", "kind=\"record\"")
+        .await;
+    assert_eq!(reads, 3.0, "{}", lab.gateway_log());
+    let watched = lab.metric("wg_gateway_pods_watched", "").await;
+    assert_eq!(watched, 3.0);
+    let sync = lab.metric("wg_gateway_sync_duration_seconds", "").await;
+    assert!(sync > 0.0 && sync < 30.0, "sync duration {sync}");
+    lab.stop_gateway().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_vault_down_running_peers_stay_and_a_pod_created_meanwhile_is_admitted_when_vault_is_back(
+) {
+    let mut lab = Lab::start(true).await;
+    lab.start_gateway().await;
+    let web1 = lab.running_pod("web-1").await;
+    let r1 = lab.register(&web1).await;
+    lab.wait(Duration::from_secs(10), "web-1 admitted", |l| {
+        l.admitted(&r1)
+    })
+    .await;
+
+    // OpenBao killed (by PID): the gateway's key checks and reads fail; the peer stays.
+    lab.bao.stop();
+    let down = Instant::now();
+    let web2 = lab.running_pod("web-2").await;
+    while down.elapsed() < Duration::from_secs(6) {
+        assert!(
+            lab.admitted(&r1),
+            "web-1 lost its peer while Vault was down"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(lab.peers().len(), 1, "web-2 has no record yet");
+    assert!(
+        matches!(lab.http_get("/ready").await, Some((200, _))),
+        "still ready"
+    );
+
+    // Vault is back; web-2's sidecar registers now, and the gateway's retry admits it.
+    lab.bao.start_again().unwrap();
+    let back = Instant::now();
+    lab.vault.login().await.unwrap();
+    let r2 = lab.register(&web2).await;
+    let took = lab
+        .wait(
+            Duration::from_secs(20),
+            "web-2 admitted after Vault returned",
+            |l| l.admitted(&r2),
+        )
+        .await;
+    eprintln!(
+        "web-2 admitted {took:?} after it registered ({:?} since Vault came back)",
+        back.elapsed()
+    );
+    assert!(lab.admitted(&r1));
+    lab.stop_gateway().await;
+}
