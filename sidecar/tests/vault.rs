@@ -157,7 +157,7 @@ async fn kubernetes_auth_over_tls_reads_only_its_own_keys_and_rereads_the_token_
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn token_auth_writes_with_check_and_set_and_lists() {
+async fn token_auth_claims_with_check_and_set_lists_and_a_released_claim_can_be_claimed_again() {
     let bao = tokio::task::spawn_blocking(OpenBaoTls::start)
         .await
         .unwrap()
@@ -172,16 +172,19 @@ async fn token_auth_writes_with_check_and_set_and_lists() {
     })
     .unwrap();
     vault.login().await.unwrap();
-    let data = secret_map(&[("public_key", "abc"), ("address", "10.0.0.9/32")]);
+
+    // An address claim (registration's layout): `cas=0` succeeds once, then is a 400.
+    let claim_path = "wg/addresses/corp/10.0.0.9";
+    let claim = secret_map(&[("address", "10.0.0.9"), ("uid", "u-1")]);
     assert_eq!(
         vault
-            .write("secret", "wg/peers/shop/web", &data, Some(0))
+            .write("secret", claim_path, &claim, Some(0))
             .await
             .unwrap(),
         1
     );
     let conflict = vault
-        .write("secret", "wg/peers/shop/web", &data, Some(0))
+        .write("secret", claim_path, &claim, Some(0))
         .await
         .unwrap_err();
     assert!(
@@ -194,26 +197,67 @@ async fn token_auth_writes_with_check_and_set_and_lists() {
         ),
         "{conflict}"
     );
+
+    // A Pod's public record: written, rewritten with cas=current (a restart), listed.
+    let data = secret_map(&[("public_key", "abc"), ("address", "10.0.0.9/32")]);
+    let web = "wg/peers/corp/shop/web";
+    let record = format!("{web}/0b5c7f3e-1111-4a2b-9c3d-2e4f5a6b7c8d");
     assert_eq!(
         vault
-            .write("secret", "wg/peers/shop/web", &data, Some(1))
-            .await
-            .unwrap(),
-        2
-    );
-    assert_eq!(
-        vault
-            .write("secret", "wg/peers/shop/api", &data, None)
+            .write("secret", &record, &data, Some(0))
             .await
             .unwrap(),
         1
     );
-    let mut names = vault.list("secret", "wg/peers/shop").await.unwrap();
+    assert_eq!(
+        vault
+            .write("secret", &record, &data, Some(1))
+            .await
+            .unwrap(),
+        2
+    );
+    vault
+        .write(
+            "secret",
+            &format!("{web}/7e1d0c2a-0000-4000-8000-000000000002"),
+            &data,
+            None,
+        )
+        .await
+        .unwrap();
+    let mut names = vault.list("secret", web).await.unwrap();
     names.sort();
-    assert_eq!(names, vec!["api", "web"]);
-    let rec = vault.read("secret", "wg/peers/shop/web").await.unwrap();
+    assert_eq!(
+        names,
+        [
+            "0b5c7f3e-1111-4a2b-9c3d-2e4f5a6b7c8d",
+            "7e1d0c2a-0000-4000-8000-000000000002"
+        ]
+    );
+    assert_eq!(
+        vault.list("secret", "wg/peers/corp").await.unwrap(),
+        ["shop/"],
+        "folders end in /"
+    );
+    let rec = vault.read("secret", &record).await.unwrap();
     assert_eq!(
         (rec.version, rec.data["address"].expose()),
         (2, "10.0.0.9/32")
+    );
+
+    // The gateway releases a gone Pod's record and claim with all their versions: the address
+    // can be claimed again with cas=0, starting over at version 1.
+    vault.delete_all("secret", &record).await.unwrap();
+    vault.delete_all("secret", claim_path).await.unwrap();
+    match vault.read("secret", &record).await.unwrap_err() {
+        SidecarError::VaultKv { status, .. } => assert_eq!(status, Some(404)),
+        other => panic!("expected a 404, got {other}"),
+    }
+    assert_eq!(
+        vault
+            .write("secret", claim_path, &claim, Some(0))
+            .await
+            .unwrap(),
+        1
     );
 }

@@ -1,19 +1,30 @@
 //! The sidecar command-line contract (docs/sidecar-cli.md): every argument list the injector
 //! writes into a Pod parses with `wg-sidecar`'s own clap definition, as the kubelet would run
-//! it (image ENTRYPOINT `wg-sidecar`, `$(VAR)` references expanded from the container's env).
+//! it (image ENTRYPOINT `wg-sidecar`, `$(VAR)` references expanded from the container's env),
+//! every env var it writes is one a flag of that subcommand reads (`env = …`), and the result
+//! validates into the sidecar's `RunConfig`: a Vault-keyed sidecar registers as the Pod the
+//! downward API names (namespace, service account, name, UID), unless the Pod has a static
+//! identity (`wg-injector.io/vault-path`).
 //!
 //! Inputs: every golden Pod of the injection core (`injector/tests/testdata/golden`) under the
 //! golden config, plus annotation combinations that exercise every flag the injector writes.
 #![allow(clippy::unwrap_used)]
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use k8s_openapi::api::core::v1::{Container, Pod};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use wg_injector::admission::{evaluate, Verdict};
 use wg_injector::config::Config;
 use wg_injector::inject::expand_kubelet_vars;
-use wg_sidecar::cli::{Cli, Command};
+use wg_sidecar::cli::{Cli, Command, KeySourceConfig};
+use wg_sidecar::registration::PodIdentity;
+
+/// The Pod the downward API stands in for: `web-0` of service account `web` in `shop`.
+const NAMESPACE: &str = "shop";
+const SERVICE_ACCOUNT: &str = "web";
+const POD_NAME: &str = "web-0";
+const POD_UID: &str = "0b5c7f3e-1111-4a2b-9c3d-2e4f5a6b7c8d";
 
 fn golden_dir() -> PathBuf {
     wg_e2e::lab::workspace_root().join("injector/tests/testdata")
@@ -23,18 +34,22 @@ fn golden_config() -> Config {
     Config::from_yaml_file(&golden_dir().join("golden-config.yaml")).unwrap()
 }
 
-/// What the kubelet would pass: `$(VAR)` from the container's env (fieldRef values stand in
-/// as a namespace and a service account name).
+/// What the kubelet would run: `$(VAR)` expanded from the container's env (downward-API
+/// values of the stand-in Pod above), and the env itself as the flags clap reads it from.
 fn argv(container: &Container) -> Vec<String> {
     let mut vars = BTreeMap::new();
     for env in container.env.iter().flatten() {
         let value = match (&env.value, &env.value_from) {
             (Some(v), _) => v.clone(),
             (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
-                Some("metadata.namespace") => "shop".to_owned(),
-                Some("spec.serviceAccountName") => "web".to_owned(),
-                Some("metadata.name") => "web-0".to_owned(),
-                _ => "x".to_owned(),
+                Some("metadata.namespace") => NAMESPACE.to_owned(),
+                Some("spec.serviceAccountName") => SERVICE_ACCOUNT.to_owned(),
+                Some("metadata.name") => POD_NAME.to_owned(),
+                Some("metadata.uid") => POD_UID.to_owned(),
+                other => panic!(
+                    "{}: env {} from an unknown field {other:?}",
+                    container.name, env.name
+                ),
             },
             (None, None) => String::new(),
         };
@@ -51,7 +66,31 @@ fn argv(container: &Container) -> Vec<String> {
             .flatten()
             .map(|a| expand_kubelet_vars(a, &vars)),
     );
+    let subcommand = argv.get(1).cloned().unwrap_or_default();
+    argv.extend(env_as_flags(&container.name, &subcommand, &vars));
     argv
+}
+
+/// The env as flags of `wg-sidecar SUBCOMMAND`, found through clap's own `env = …` names: an env
+/// var that no flag reads is a broken contract (the sidecar would never see it).
+fn env_as_flags(container: &str, subcommand: &str, env: &BTreeMap<String, String>) -> Vec<String> {
+    let cli = Cli::command();
+    let Some(sub) = cli.find_subcommand(subcommand) else {
+        return Vec::new(); // `try_parse_from` reports the unknown subcommand
+    };
+    env.iter()
+        .map(|(name, value)| {
+            let arg = sub
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|e| e == name.as_str()))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{container}: env {name} is read by no flag of `wg-sidecar {subcommand}`"
+                    )
+                });
+            format!("--{}={value}", arg.get_long().unwrap())
+        })
+        .collect()
 }
 
 /// Check every injected container of `pod`; returns how many argument lists were checked.
@@ -70,8 +109,14 @@ fn check(pod: &Pod, origin: &str) -> usize {
         let parsed = Cli::try_parse_from(&argv).unwrap_or_else(|e| {
             panic!("{origin}: {} does not parse: {e}\n{argv:?}", container.name)
         });
-        match (container.name.as_str(), &parsed.command) {
-            ("wg-init", Command::Init(_)) | ("wg-sidecar", Command::Run(_)) => {}
+        match (container.name.as_str(), parsed.command) {
+            ("wg-init", Command::Init(_)) => {}
+            ("wg-sidecar", Command::Run(run)) => {
+                let config = run.into_config().unwrap_or_else(|e| {
+                    panic!("{origin}: wg-sidecar's flags do not validate: {e}\n{argv:?}")
+                });
+                check_identity(&config.key_source, &argv, origin);
+            }
             (name, command) => panic!("{origin}: {name} runs {command:?}"),
         }
         checked += 1;
@@ -79,8 +124,32 @@ fn check(pod: &Pod, origin: &str) -> usize {
     checked
 }
 
+/// A Vault-keyed sidecar without a static identity registers as exactly the stand-in Pod; one
+/// with a static identity still knows the Pod (its record is published under the UID too).
+fn check_identity(key_source: &KeySourceConfig, argv: &[String], origin: &str) {
+    let KeySourceConfig::Vault {
+        registration,
+        key_path,
+        ..
+    } = key_source
+    else {
+        return; // a mounted key folder: nothing to register
+    };
+    let (pod, _) = registration.as_ref().unwrap_or_else(|| {
+        panic!("{origin}: a Vault-keyed sidecar that would not register: {argv:?}")
+    });
+    assert_eq!(
+        pod,
+        &PodIdentity::new(NAMESPACE, SERVICE_ACCOUNT, POD_NAME, POD_UID).unwrap(),
+        "{origin}"
+    );
+    let static_identity = argv.iter().any(|a| a.starts_with("--vault-key-path="));
+    assert_eq!(key_path.is_some(), static_identity, "{origin}: {argv:?}");
+}
+
 #[test]
-fn every_argument_list_the_injector_writes_for_the_golden_pods_parses_with_the_sidecar_cli() {
+fn every_argument_list_the_injector_writes_for_the_golden_pods_parses_and_validates_with_the_sidecar_cli(
+) {
     let config = golden_config();
     let mut checked = 0;
     let mut injected = 0;
@@ -104,7 +173,7 @@ fn every_argument_list_the_injector_writes_for_the_golden_pods_parses_with_the_s
 }
 
 #[test]
-fn every_flag_combination_from_the_annotations_parses_with_the_sidecar_cli() {
+fn every_flag_combination_from_the_annotations_parses_and_validates_with_the_sidecar_cli() {
     let config = golden_config();
     let cases: &[&[(&str, &str)]] = &[
         &[],

@@ -21,8 +21,17 @@
 //! Vault login: OpenBao's JWT auth method is mounted at `kubernetes` and verifies a token this
 //! test signs like the kubelet's projected service-account token (issuer, `sub`, audience
 //! `vault`, 10-minute expiry); the sidecar logs in with the injected flags unchanged (same
-//! login request as Kubernetes auth). `TokenReview` against a real apiserver is the control-plane
-//! tier's job. Needs: podman, runc, wireguard-go, wg, tcpdump, curl, python3, openssl, bao
+//! login request as Kubernetes auth) to the one role `wg-pod`, whose claim mappings give the
+//! login the alias metadata Kubernetes auth gives it (namespace and service account), so the
+//! real templated `wg-pod` policy (`wg_sidecar::bootstrap::plan`) applies. `TokenReview` against
+//! a real apiserver is the control-plane tier's job (`vault_auth.rs`).
+//!
+//! Registration: the gateway record carries an address pool; the sidecar generates its key in
+//! the Pod, claims an address and publishes its public record under the Pod's UID (from the
+//! downward API, `WG_POD_UID`); the test reads the public key, preshared key and address from
+//! that record to add the peer to the wireguard-go gateway, as the real gateway would.
+//!
+//! Needs: podman, runc, wireguard-go, wg, tcpdump, curl, python3, openssl, bao
 //! (`bash scripts/lab-install.sh`); images are (re)built by `scripts/build-images.sh`.
 #![allow(
     clippy::unwrap_used,
@@ -40,14 +49,17 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use clap::Parser as _;
 use k8s_openapi::api::core::v1::Pod;
 use wg_e2e::lab::{find_binary, scratch_dir, workspace_root, write_private};
 use wg_e2e::podman::{self, find_container, Container, Sandbox};
 use wg_e2e::process::ChildGuard;
 
 const ROUTES: &str = "10.66.0.0/16";
-const POD_TUN: &str = "10.66.0.2/32";
+/// The Pods' address pool; its first host is the gateway's tunnel address.
+const POOL: &str = "10.66.0.0/24";
 const GW_TUN: &str = "10.66.0.1/24";
+const POD_UID: &str = "5f0c9a7e-2b1d-4c3e-8f4a-6d7e8f9a0b1c";
 const PRIVATE_ADDR: &str = "10.66.1.2";
 const PRIVATE_PORT: u16 = 8080;
 
@@ -312,6 +324,78 @@ fn captured(mut guard: ChildGuard) -> (u64, String) {
     (count, log)
 }
 
+/// The real `wg-pod` policy (`wg-sidecar vault bootstrap`'s) for the auth mount `accessor`.
+fn wg_pod_policy(accessor: &str) -> String {
+    #[derive(clap::Parser)]
+    struct Args {
+        #[command(flatten)]
+        bootstrap: wg_sidecar::bootstrap::BootstrapArgs,
+    }
+    let args = Args::try_parse_from([
+        "bootstrap",
+        "--gateway",
+        "corp",
+        "--gateway-namespace",
+        "vpn",
+        "--vault-addr",
+        "http://127.0.0.1:8200",
+    ])
+    .unwrap();
+    let plan = wg_sidecar::bootstrap::plan(&args.bootstrap, accessor);
+    assert_eq!(plan.policies[0].0, "wg-pod");
+    plan.policies[0].1.clone()
+}
+
+/// The sidecar's interface name (`--interface`, default `wg0`).
+fn interface_of(sidecar: &k8s_openapi::api::core::v1::Container) -> String {
+    sidecar
+        .args
+        .iter()
+        .flatten()
+        .find_map(|a| a.strip_prefix("--interface="))
+        .unwrap_or("wg0")
+        .to_owned()
+}
+
+/// The private key (hex) of the WireGuard device behind the UAPI socket `sock` (`get=1`).
+fn uapi_private_key(sock: &Path) -> String {
+    use std::io::{BufRead as _, BufReader};
+    let mut stream = std::os::unix::net::UnixStream::connect(sock)
+        .unwrap_or_else(|e| panic!("no UAPI socket at {}: {e}", sock.display()));
+    stream.write_all(b"get=1\n\n").unwrap();
+    let mut key = None;
+    for line in BufReader::new(stream).lines() {
+        let line = line.unwrap();
+        if line.is_empty() {
+            break;
+        }
+        if let Some(k) = line.strip_prefix("private_key=") {
+            key = Some(k.to_owned());
+        }
+    }
+    key.unwrap_or_else(|| panic!("{} reported no private key", sock.display()))
+}
+
+/// The hex form (as the UAPI prints it) of a base64 key.
+fn key_hex(b64: &str) -> String {
+    use std::fmt::Write as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+        .iter()
+        .fold(String::new(), |mut acc, b| {
+            let _ = write!(acc, "{b:02x}");
+            acc
+        })
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
 #[test]
 fn injected_pod_runs_under_podman_with_only_its_declared_privileges_and_never_leaks_without_the_sidecar(
 ) {
@@ -402,18 +486,13 @@ fn injected_pod_runs_under_podman_with_only_its_declared_privileges_and_never_le
         bao_guard.log_tail(3000)
     );
 
-    let (pod_priv, pod_pub) = wg_keypair();
     let (gw_priv, gw_pub) = wg_keypair();
     bao.write_json(
-        &["kv", "put", "-mount=secret", "wg/keys/shop/web"],
-        &serde_json::json!({"private_key": pod_priv, "address": POD_TUN}),
-    );
-    bao.write_json(
         &["kv", "put", "-mount=secret", "wg/gateways/corp"],
-        &serde_json::json!({"public_key": gw_pub, "endpoints": "192.168.66.1:51820", "allowed_ips": ROUTES}),
+        &serde_json::json!({"public_key": gw_pub, "endpoints": "192.168.66.1:51820", "allowed_ips": ROUTES, "pool": POOL}),
     );
 
-    // Service-account-token login: JWT auth at the `kubernetes` mount, one role, least privilege.
+    // Service-account-token login: JWT auth at the `kubernetes` mount, the one role `wg-pod`.
     let sa_key = dir.path().join("sa.key");
     let sa_pub = dir.path().join("sa.pub");
     write_private(&sa_key, b"").unwrap(); // openssl keeps the 0600 mode of an existing file
@@ -434,16 +513,22 @@ fn injected_pod_runs_under_podman_with_only_its_declared_privileges_and_never_le
             "bound_issuer": "https://kubernetes.default.svc",
         }),
     );
+    let auths: serde_json::Value =
+        serde_json::from_str(&bao.run(&["auth", "list", "-format=json"])).unwrap();
+    let accessor = auths["kubernetes/"]["accessor"].as_str().unwrap();
     run_stdin(
-        bao.cmd().args(["policy", "write", "wg-shop-web", "-"]),
-        b"path \"secret/data/wg/keys/shop/web\" { capabilities = [\"read\"] }\npath \"secret/data/wg/gateways/corp\" { capabilities = [\"read\"] }\n",
+        bao.cmd().args(["policy", "write", "wg-pod", "-"]),
+        wg_pod_policy(accessor).as_bytes(),
     );
     bao.write_json(
-        &["write", "auth/kubernetes/role/wg-shop-web"],
+        &["write", "auth/kubernetes/role/wg-pod"],
         &serde_json::json!({
             "role_type": "jwt", "bound_audiences": ["vault"], "user_claim": "sub",
-            "bound_subject": "system:serviceaccount:shop:web",
-            "token_policies": ["wg-shop-web"], "token_ttl": "10m",
+            "claim_mappings": {
+                "/kubernetes.io/namespace": "service_account_namespace",
+                "/kubernetes.io/serviceaccount/name": "service_account_name",
+            },
+            "token_policies": ["wg-pod"], "token_ttl": "10m",
         }),
     );
 
@@ -464,14 +549,7 @@ fn injected_pod_runs_under_podman_with_only_its_declared_privileges_and_never_le
         .command("wg")
         .args(["set", &gw_if, "private-key"])
         .arg(&gw_key_file)
-        .args([
-            "listen-port",
-            "51820",
-            "peer",
-            &pod_pub,
-            "allowed-ips",
-            POD_TUN,
-        ]));
+        .args(["listen-port", "51820"]));
     std::fs::remove_file(&gw_key_file).unwrap();
     gw_ns.ip(&["addr", "add", GW_TUN, "dev", &gw_if]);
     gw_ns.ip(&["link", "set", &gw_if, "up"]);
@@ -484,7 +562,7 @@ fn injected_pod_runs_under_podman_with_only_its_declared_privileges_and_never_le
         format!(
             "images: {{sidecar: '{sidecar_image}', pullPolicy: Never}}\nnativeSidecars: true\n\
              defaultGateway: corp\ngateways:\n  corp: {{routes: ['{ROUTES}']}}\n\
-             vault: {{address: 'http://127.0.0.1:8200'}}\n"
+             vault: {{address: 'http://127.0.0.1:8200', roleTemplate: wg-pod}}\n"
         ),
     )
     .unwrap();
@@ -495,7 +573,7 @@ fn injected_pod_runs_under_podman_with_only_its_declared_privileges_and_never_le
     )
     .unwrap();
     let manifest = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  annotations:\n    wg-injector.io/inject: \"true\"\n    wg-injector.io/gateway: corp\n\
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: shop\n  uid: {POD_UID}\n  annotations:\n    wg-injector.io/inject: \"true\"\n    wg-injector.io/gateway: corp\n\
          spec:\n  serviceAccountName: web\n  containers:\n  - name: app\n    image: {app_image}\n    imagePullPolicy: Never\n\
          \x20   args: [\"http://{PRIVATE_ADDR}:{PRIVATE_PORT}/marker.txt\"]\n    securityContext:\n      runAsUser: 65532\n      runAsGroup: 65532\n      runAsNonRoot: true\n\
          \x20     allowPrivilegeEscalation: false\n      readOnlyRootFilesystem: true\n      capabilities: {{drop: [ALL]}}\n      seccompProfile: {{type: RuntimeDefault}}\n"
@@ -579,8 +657,64 @@ fn injected_pod_runs_under_podman_with_only_its_declared_privileges_and_never_le
         "kill switch missing after wg-init: {routes}"
     );
 
-    // 2. wg-sidecar (native sidecar): started, then probed like the kubelet's startup probe.
+    // 2. wg-sidecar (native sidecar): started; it registers (a record under the Pod's UID), the
+    // gateway learns the peer from that record, and the sidecar is probed like the kubelet's
+    // startup probe.
     let sidecar = Container::start(&pod, sidecar_spec, &sandbox).unwrap();
+    let record_path = format!("wg/peers/corp/shop/web/{POD_UID}");
+    let mut record = serde_json::Value::Null;
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            let out = bao
+                .cmd()
+                .args(["kv", "get", "-format=json", "-mount=secret", &record_path])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                record = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["data"]
+                    ["data"]
+                    .clone();
+            }
+            out.status.success()
+        }),
+        "the sidecar never published {record_path}: {}\n{}",
+        sidecar.logs(),
+        bao_guard.log_tail(2000)
+    );
+    let field = |k: &str| record[k].as_str().unwrap_or_default().to_owned();
+    let (pod_pub, psk, pod_tun) = (
+        field("public_key"),
+        field("preshared_key"),
+        field("address"),
+    );
+    assert_eq!(
+        (
+            field("namespace"),
+            field("service_account"),
+            field("pod"),
+            field("uid")
+        ),
+        ("shop".into(), "web".into(), "web".into(), POD_UID.into()),
+        "{record}"
+    );
+    assert!(record.get("private_key").is_none(), "{record}");
+    let pod_addr: std::net::Ipv4Addr = pod_tun
+        .strip_suffix("/32")
+        .unwrap_or_else(|| panic!("one IPv4 host address: {pod_tun}"))
+        .parse()
+        .unwrap();
+    assert!(
+        pod_addr.octets()[..3] == [10, 66, 0] && pod_addr.octets()[3] > 1,
+        "{pod_tun} is not a Pod address of {POOL}"
+    );
+    let psk_file = dir.path().join("pod.psk");
+    write_private(&psk_file, psk.as_bytes()).unwrap();
+    run(gw_ns
+        .command("wg")
+        .args(["set", &gw_if, "peer", &pod_pub, "preshared-key"])
+        .arg(&psk_file)
+        .args(["allowed-ips", &pod_tun]));
+    std::fs::remove_file(&psk_file).unwrap();
     let ready = wait_for(Duration::from_secs(60), || {
         pod_ns.http_get("http://127.0.0.1:9901/ready").0 == 200
     });
@@ -627,10 +761,35 @@ fn injected_pod_runs_under_podman_with_only_its_declared_privileges_and_never_le
         metrics.lines().any(|l| l == "wg_sidecar_ready 1"),
         "{metrics}"
     );
-    assert!(
-        !metrics.contains(&pod_priv) && !sidecar.logs().contains(&pod_priv),
-        "the private key must never appear in metrics or logs"
+    // The key born in the Pod, as its WireGuard device holds it (UAPI socket in the runtime
+    // volume), and the preshared key: in neither metrics nor logs, in either encoding.
+    let uapi =
+        sandbox.volume_dirs["wg-runtime"].join(format!("{}.sock", interface_of(sidecar_spec)));
+    let pod_priv_hex = uapi_private_key(&uapi);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let pod_priv = b64.encode(hex_bytes(&pod_priv_hex));
+    let psk_hex = key_hex(&psk);
+    let derived = run_stdin(
+        Command::new(find_binary("wg").unwrap()).arg("pubkey"),
+        pod_priv.as_bytes(),
     );
+    assert_eq!(
+        derived.trim(),
+        pod_pub,
+        "the published public key is the device's"
+    );
+    let sidecar_log = sidecar.logs();
+    for (what, secret) in [
+        ("private key", &pod_priv),
+        ("private key (hex)", &pod_priv_hex),
+        ("preshared key", &psk),
+        ("preshared key (hex)", &psk_hex),
+    ] {
+        assert!(
+            !metrics.contains(secret.as_str()) && !sidecar_log.contains(secret.as_str()),
+            "the Pod's {what} must never appear in metrics or logs"
+        );
+    }
 
     // 3. The app container (uid 65532, no capabilities) reaches the private server through
     // the tunnel.

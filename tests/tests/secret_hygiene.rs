@@ -1,10 +1,11 @@
-//! Secret hygiene of `wg-sidecar gateway` and `wg-sidecar keys provision|provision-gateway|rotate`
-//! against a real OpenBao dev server, as root, in a network namespace made by the test.
-//! (`sidecar/tests/dataplane.rs` already checks the Pod sidecar's argv, environment, log and
-//! metrics; this suite covers the other two roles of the same binary.)
+//! Secret hygiene of `wg-sidecar gateway` (`--pod-source vault`), `wg-sidecar keys
+//! provision|provision-gateway|rotate` and a registering `wg-sidecar run` (a key born in the
+//! process, its public record and preshared key published in Vault, the gateway admitting it
+//! from that record) against a real OpenBao dev server, as root, in a network namespace made by
+//! the test. (`sidecar/tests/dataplane.rs` checks the Pod sidecar with a mounted key folder.)
 //!
-//! Every private key, in base64 and in the hex form the UAPI uses, and the Vault token must be
-//! absent from: the processes' argv (`/proc/PID/cmdline`) and environment (`/proc/PID/environ`),
+//! Every private key, in base64 and in the hex form the UAPI uses, the registered Pod's
+//! preshared key (which the gateway holds too) and the Vault token must be absent from: the processes' argv (`/proc/PID/cmdline`) and environment (`/proc/PID/environ`),
 //! their stdout/stderr, `/metrics`, and every file they leave in their working directory. The
 //! token file the test hands them is 0600 on memory-backed storage (`/dev/shm`), and so is every
 //! regular file the gateway holds open. Needs root, `ip`, `curl` and `bao` (scripts/lab-install.sh).
@@ -255,6 +256,63 @@ fn assert_clean(what: &str, text: &str, secrets: &[String]) {
     }
 }
 
+/// A running process (`what`, PID `pid`, its health server at `health`): argv, environment,
+/// `/metrics`, and every regular file it holds open but `log` (0600 on tmpfs if it holds one).
+fn assert_process_clean(
+    lab: &Lab,
+    what: &str,
+    pid: u32,
+    health: &str,
+    log: &Path,
+    secrets: &[String],
+) {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains(what),
+        "pid {pid} is not the {what}: {cmdline}"
+    );
+    assert_clean(&format!("{what} argv"), &cmdline, secrets);
+    let environ = fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert_clean(
+        &format!("{what} environment"),
+        &String::from_utf8_lossy(&environ),
+        secrets,
+    );
+    let (status, metrics) = lab.ns.http_get(&format!("http://{health}/metrics"));
+    assert_eq!(status, 200);
+    assert!(metrics.contains("wg_"), "no metrics: {metrics}");
+    assert_clean(&format!("{what} metrics"), &metrics, secrets);
+    for fd in fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let Ok(target) = fs::read_link(fd.unwrap().path()) else {
+            continue;
+        };
+        if target.is_file() && target != log {
+            let mode = fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+            let text = fs::read(&target).map(|b| String::from_utf8_lossy(&b).into_owned());
+            let holds_secret = text
+                .as_ref()
+                .is_ok_and(|t| secrets.iter().any(|s| t.contains(s.as_str())));
+            if holds_secret {
+                assert!(
+                    mode & 0o777 == 0o600 && on_tmpfs(&target),
+                    "{} holds a secret with mode {mode:o} (want 600) or off tmpfs",
+                    target.display()
+                );
+            }
+        }
+    }
+}
+
+/// A file removed on drop (a userspace device's UAPI socket survives a SIGKILL).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).unwrap() {
@@ -285,7 +343,8 @@ fn on_tmpfs(path: &Path) -> bool {
 }
 
 #[test]
-fn gateway_and_keys_never_expose_private_keys_or_the_vault_token() {
+fn the_gateway_keys_and_a_registered_sidecar_never_expose_private_or_preshared_keys_or_the_vault_token(
+) {
     let lab = Lab::new();
     assert!(
         on_tmpfs(&lab.token_file),
@@ -320,6 +379,7 @@ fn gateway_and_keys_never_expose_private_keys_or_the_vault_token() {
     }
 
     let iface = unique("wgh");
+    let _gateway_uapi = RemoveOnDrop(PathBuf::from(format!("/var/run/wireguard/{iface}.sock")));
     let log_path = lab.work.path().join("gateway.log");
     let log = fs::File::create(&log_path).unwrap();
     let gateway = Guard(
@@ -331,6 +391,8 @@ fn gateway_and_keys_never_expose_private_keys_or_the_vault_token() {
                 "51820",
                 "--vault-gateway-path",
                 "wg/gateways/corp",
+                "--pod-source",
+                "vault",
             ])
             .args(["--health-addr", "127.0.0.1:9901", "--poll-interval", "1"])
             .args(lab.vault_flags())
@@ -352,6 +414,62 @@ fn gateway_and_keys_never_expose_private_keys_or_the_vault_token() {
         fs::read_to_string(&log_path).unwrap_or_default()
     );
 
+    // A Pod's sidecar that registers: its identity from the downward-API env as the injector
+    // writes it, token auth in place of Kubernetes auth. The gateway admits it from its record
+    // (the sidecar turns ready only after a handshake, which needs the published preshared key).
+    let pod_uid = "3c9e2f1a-5b7d-4e8f-9a0b-1c2d3e4f5a6b";
+    let pod_if = unique("wgp");
+    let _pod_uapi = RemoveOnDrop(PathBuf::from(format!("/var/run/wireguard/{pod_if}.sock")));
+    let pod_log_path = lab.work.path().join("sidecar.log");
+    let pod_log = fs::File::create(&pod_log_path).unwrap();
+    let sidecar = Guard(
+        lab.ns
+            .command(&sidecar_bin())
+            .args(["--log-format", "json", "run", "--interface", &pod_if])
+            .args(["--gateway", "corp", "--routes", "10.20.0.0/24"])
+            .args(["--health-addr", "127.0.0.1:9902", "--poll-interval", "1"])
+            .args(lab.vault_flags())
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("WG_POD_NAMESPACE", "shop")
+            .env("WG_POD_SERVICE_ACCOUNT", "web")
+            .env("WG_POD_NAME", "web-0")
+            .env("WG_POD_UID", pod_uid)
+            .current_dir(lab.work.path())
+            .stdout(pod_log.try_clone().unwrap())
+            .stderr(pod_log)
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || lab
+            .ns
+            .http_get("http://127.0.0.1:9902/ready")
+            .0
+            == 200),
+        "the registered sidecar never had a handshake with the gateway: {}\n{}",
+        fs::read_to_string(&pod_log_path).unwrap_or_default(),
+        fs::read_to_string(&log_path).unwrap_or_default()
+    );
+    let record = format!("wg/peers/corp/shop/web/{pod_uid}");
+    let pod_psk = lab.field(&record, "preshared_key");
+    let pod_private = lab
+        .ns
+        .command(&find_binary("wg").unwrap())
+        .args(["show", &pod_if, "private-key"])
+        .output()
+        .unwrap();
+    assert!(pod_private.status.success(), "wg show {pod_if} failed");
+    let pod_private = String::from_utf8(pod_private.stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert_eq!(
+        key_hex(&pod_private).len(),
+        64,
+        "a 32-byte key from wg show"
+    );
+
     // Rotate one identity while the gateway runs (it must pick up the new public key, and
     // the new private key must not show up anywhere either).
     outputs.push(lab.keys(&[
@@ -366,7 +484,13 @@ fn gateway_and_keys_never_expose_private_keys_or_the_vault_token() {
     std::thread::sleep(Duration::from_secs(3));
 
     // Every secret that now exists or existed during the test.
-    let mut secrets = vec![TOKEN.to_owned()];
+    let mut secrets = vec![
+        TOKEN.to_owned(),
+        key_hex(&pod_psk),
+        pod_psk.clone(),
+        key_hex(&pod_private),
+        pod_private.clone(),
+    ];
     for path in [
         "wg/gateway-keys/corp",
         "wg/keys/shop/web",
@@ -401,66 +525,52 @@ fn gateway_and_keys_never_expose_private_keys_or_the_vault_token() {
         }
     }
     assert!(
-        secrets.len() > 2 * 4,
-        "expected the gateway key and three web/api versions: {} secrets",
+        secrets.len() >= 5 + 2 * 4,
+        "expected the token, the registered Pod's two keys, the gateway key and three web/api versions: {} secrets",
         secrets.len()
     );
     let _ = lab.field("wg/keys/shop/web", "address");
 
-    // The gateway process: argv, environment, log, metrics, open files.
-    let gw_pid = pid(&gateway);
-    let cmdline = fs::read(format!("/proc/{gw_pid}/cmdline")).unwrap();
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    assert!(
-        cmdline.contains("gateway"),
-        "pid {gw_pid} is not the gateway: {cmdline}"
-    );
-    assert_clean("gateway argv", &cmdline, &secrets);
-    let environ = fs::read(format!("/proc/{gw_pid}/environ")).unwrap();
-    assert_clean(
-        "gateway environment",
-        &String::from_utf8_lossy(&environ),
+    // The gateway and the registered sidecar: argv, environment, metrics, open files.
+    assert_process_clean(
+        &lab,
+        "gateway",
+        pid(&gateway),
+        "127.0.0.1:9901",
+        &log_path,
         &secrets,
     );
-    let (status, metrics) = lab.ns.http_get("http://127.0.0.1:9901/metrics");
-    assert_eq!(status, 200);
-    assert!(metrics.contains("wg_"), "no metrics: {metrics}");
-    assert_clean("gateway metrics", &metrics, &secrets);
-    for fd in fs::read_dir(format!("/proc/{gw_pid}/fd")).unwrap() {
-        let Ok(target) = fs::read_link(fd.unwrap().path()) else {
-            continue;
-        };
-        if target.is_file() && target != log_path {
-            let mode = fs::metadata(&target).unwrap().permissions().mode() & 0o777;
-            let text = fs::read(&target).map(|b| String::from_utf8_lossy(&b).into_owned());
-            let holds_secret = text
-                .as_ref()
-                .is_ok_and(|t| secrets.iter().any(|s| t.contains(s.as_str())));
-            if holds_secret {
-                assert!(
-                    mode & 0o777 == 0o600 && on_tmpfs(&target),
-                    "{} holds a secret with mode {mode:o} (want 600) or off tmpfs",
-                    target.display()
-                );
-            }
-        }
-    }
+    assert_process_clean(
+        &lab,
+        "run",
+        pid(&sidecar),
+        "127.0.0.1:9902",
+        &pod_log_path,
+        &secrets,
+    );
 
     // keys: argv as run, and everything printed (JSON lines on stdout, logs on stderr).
     for (argv, text) in &outputs {
         assert_clean("keys argv", argv, &secrets);
         assert_clean("keys output", text, &secrets);
     }
+    drop(sidecar);
     drop(gateway);
-    let log = fs::read_to_string(&log_path).unwrap();
-    assert!(!log.is_empty(), "the gateway logged nothing");
-    assert_clean("gateway log", &log, &secrets);
+    for (what, path) in [("gateway", &log_path), ("sidecar", &pod_log_path)] {
+        let log = fs::read_to_string(path).unwrap();
+        assert!(!log.is_empty(), "the {what} logged nothing");
+        assert_clean(&format!("{what} log"), &log, &secrets);
+    }
+    let sidecar_log = fs::read_to_string(&pod_log_path).unwrap();
+    assert!(
+        sidecar_log.contains("registered with the gateway"),
+        "{sidecar_log}"
+    );
 
-    // Nothing left behind in the working directory but the log the test created.
+    // Nothing left behind in the working directory but the logs the test created.
     for file in files_under(lab.work.path()) {
-        assert_eq!(
-            file,
-            log_path,
+        assert!(
+            file == log_path || file == pod_log_path,
             "unexpected file written: {}",
             file.display()
         );

@@ -1,61 +1,119 @@
-//! Vault Kubernetes auth for real: OpenBao's `kubernetes` auth method verifies service-account
-//! tokens with this kube-apiserver's `TokenReview`; the sidecar, configured *only* from the
-//! argument list the webhook wrote into a stored Pod, logs in with a `TokenRequest` token of
-//! the Pod's service account and the audience of the Pod's projected volume, and reads its
-//! keys. Another service account's token is refused, and the sidecar says so plainly.
+//! Vault Kubernetes auth and per-Pod registration for real: OpenBao's `kubernetes` auth method
+//! verifies service-account tokens with this kube-apiserver's `TokenReview`; its roles and
+//! policies are the ones the real `wg-sidecar vault bootstrap` writes (an admin token from a file,
+//! as in docs/install.md step 2), the gateway record (with its address pool) the one
+//! `wg-sidecar keys provision-gateway` writes. The sidecar, configured *only* from what the
+//! webhook wrote into a stored Pod (its argument list and its downward-API env, filled in from
+//! the stored Pod like a kubelet does), logs in to the one role `wg-pod` with a `TokenRequest`
+//! token of the Pod's service account and audience, and registers a key born in the process.
 //!
-//! Uses the sidecar's library (`wg_sidecar::cli` → `RunConfig` → `VaultKeySource`), the same
+//! What it proves: the Pod's public record lands at `wg/peers/default/shop/web/<uid>` (no private
+//! key in it) with a claim naming the Pod; a second load is served without Vault; another
+//! service account (same namespace, or the same name in another namespace) logs in to `wg-pod`
+//! too but is refused (403) reading or writing web's record and overwriting web's claim, while it
+//! may write below its own path; a token of the wrong audience is refused at login with a message
+//! that names the login and contains no token.
+//!
+//! Uses the sidecar's library (`wg_sidecar::cli` → `RunConfig` → `RegisteredKeySource`), the same
 //! path `wg-sidecar run` takes before it touches any network interface.
-//! Prerequisites: `bash scripts/lab-install.sh` and `cargo build -p wg-injector`.
+//! Prerequisites: `bash scripts/lab-install.sh` and `cargo build -p wg-sidecar -p wg-injector`.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::api::{Api, PostParams};
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use wg_e2e::control_plane::ControlPlane;
 use wg_e2e::injector::start_registered;
 use wg_e2e::openbao::OpenBao;
 use wg_sidecar::cli::{Cli, Command, KeySourceConfig};
-use wg_sidecar::keysource::{KeySource as _, VaultKeySource};
-use wg_sidecar::vault::{Vault, VaultAuth};
+use wg_sidecar::keysource::{KeySource as _, RegisteredKeySource};
+use wg_sidecar::registration::PodIdentity;
+use wg_sidecar::secret::Secret;
+use wg_sidecar::vault::{Vault, VaultAuth, VaultSettings};
+use wg_sidecar::SidecarError;
 
-fn wg_genkey() -> String {
-    let out = std::process::Command::new("wg")
-        .arg("genkey")
+/// Runs the built `wg-sidecar ARGS…` as an operator does in docs/install.md: Vault address and
+/// `token` auth from `WG_SIDECAR_*`, the admin token from a file; returns stdout.
+fn wg_sidecar(bao: &OpenBao, args: &[&str]) -> String {
+    let admin = bao.admin_token_file().unwrap();
+    let out = std::process::Command::new(wg_e2e::lab::cargo_binary("wg-sidecar").unwrap())
+        .args(["--log-format", "text"])
+        .args(args)
+        .arg("--vault-token-file")
+        .arg(&admin)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("WG_SIDECAR_VAULT_ADDR", &bao.addr)
+        .env("WG_SIDECAR_VAULT_AUTH", "token")
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "wg genkey failed (install wireguard-tools)"
+        "wg-sidecar {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    String::from_utf8(out.stdout).unwrap()
 }
 
-fn wg_pubkey(private: &str) -> String {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new("wg")
-        .arg("pubkey")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(private.as_bytes())
-        .unwrap();
-    String::from_utf8(child.wait_with_output().unwrap().stdout)
-        .unwrap()
-        .trim()
-        .to_owned()
+/// The container's env as flags of `wg-sidecar run`, through clap's own `env = …` names: what
+/// clap would read from the environment the kubelet sets. An env var no flag reads fails here.
+fn env_as_flags(env: &[(String, String)]) -> Vec<String> {
+    let cli = Cli::command();
+    let run = cli.find_subcommand("run").unwrap();
+    env.iter()
+        .map(|(name, value)| {
+            let arg = run
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|e| e == name.as_str()))
+                .unwrap_or_else(|| panic!("env {name} is read by no flag of `wg-sidecar run`"));
+            format!("--{}={value}", arg.get_long().unwrap())
+        })
+        .collect()
+}
+
+/// A Vault client logging in to `wg-pod` with the service-account token in `jwt_file`.
+fn client_with_token(settings: &VaultSettings, jwt_file: &Path) -> Vault {
+    let mut settings = settings.clone();
+    let VaultAuth::Kubernetes { jwt_file: file, .. } = &mut settings.auth else {
+        panic!("the injected sidecar does not use kubernetes auth: {settings:?}");
+    };
+    jwt_file.clone_into(file);
+    Vault::new(settings).unwrap()
+}
+
+fn status(e: &SidecarError) -> Option<u16> {
+    match e {
+        SidecarError::VaultKv { status, .. } => *status,
+        _ => None,
+    }
+}
+
+/// A KV v2 record as the `bao` CLI (root) sees it: (data, version).
+fn kv_get(bao: &OpenBao, path: &str) -> (serde_json::Map<String, serde_json::Value>, u64) {
+    let out = bao
+        .cli(&["kv", "get", "-format=json", &format!("secret/{path}")])
+        .unwrap_or_else(|e| panic!("no record at secret/{path}: {e}"));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    (
+        v["data"]["data"].as_object().unwrap().clone(),
+        v["data"]["metadata"]["version"].as_u64().unwrap(),
+    )
+}
+
+fn fields(pairs: &[(&str, &str)]) -> BTreeMap<String, Secret> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Secret::new((*v).to_owned())))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_injected_sidecar_logs_in_with_its_service_account_token_and_reads_its_keys_while_another_account_is_refused(
+async fn an_injected_pod_logs_in_to_wg_pod_registers_its_own_key_and_no_other_service_account_can_touch_its_record(
 ) {
     let plane = ControlPlane::start().await.unwrap();
     let bao = tokio::task::spawn_blocking(OpenBao::start)
@@ -64,7 +122,7 @@ async fn the_injected_sidecar_logs_in_with_its_service_account_token_and_reads_i
         .unwrap();
     let admin = plane.admin_client().await.unwrap();
 
-    // OpenBao's reviewer: a service account allowed to create TokenReviews.
+    // OpenBao's reviewer: a service account allowed to create TokenReviews (docs step 1).
     plane.create_namespace("vault", &[]).await.unwrap();
     let reviewer = plane
         .service_account_token("vault", "openbao", "https://kubernetes.default.svc")
@@ -93,62 +151,48 @@ async fn the_injected_sidecar_logs_in_with_its_service_account_token_and_reads_i
         "disable_local_ca_jwt=true",
     ])
     .unwrap();
-    let policy = bao
-        .private_file(
-            "wg-shop-web.hcl",
-            b"path \"secret/data/wg/keys/shop/web\" { capabilities = [\"read\"] }\n\
-              path \"secret/data/wg/gateways/*\" { capabilities = [\"read\"] }\n",
-        )
-        .unwrap();
-    bao.cli(&[
-        "policy",
-        "write",
-        "wg-shop-web",
-        &policy.display().to_string(),
-    ])
-    .unwrap();
-    // The role name the injector writes: wg-$(namespace)-$(serviceAccount).
-    bao.cli(&[
-        "write",
-        "auth/kubernetes/role/wg-shop-web",
-        "bound_service_account_names=web",
-        "bound_service_account_namespaces=shop",
-        "audience=vault",
-        "policies=wg-shop-web",
-        "ttl=10m",
-    ])
-    .unwrap();
-    let private_key = wg_genkey();
-    let keys = serde_json::json!({ "private_key": private_key, "address": "10.99.0.2/32" });
-    let keys_file = bao
-        .private_file("keys.json", keys.to_string().as_bytes())
-        .unwrap();
-    bao.cli(&[
-        "kv",
-        "put",
-        "secret/wg/keys/shop/web",
-        &format!("@{}", keys_file.display()),
-    ])
-    .unwrap();
-    let gateway = serde_json::json!({
-        "public_key": wg_pubkey(&wg_genkey()),
-        "endpoints": "127.0.0.1:51820",
-        "allowed_ips": "10.0.0.0/8",
-    });
-    let gateway_file = bao
-        .private_file("gateway.json", gateway.to_string().as_bytes())
-        .unwrap();
-    bao.cli(&[
-        "kv",
-        "put",
-        "secret/wg/gateways/default",
-        &format!("@{}", gateway_file.display()),
-    ])
-    .unwrap();
 
-    // The injector points sidecars at this OpenBao; a Pod of service account `web` in `shop`.
+    // Docs step 2: the roles and policies, then the gateway's keys and public record.
+    let written = wg_sidecar(
+        &bao,
+        &[
+            "vault",
+            "bootstrap",
+            "--gateway",
+            "default",
+            "--gateway-namespace",
+            "vpn",
+        ],
+    );
+    let lines: Vec<serde_json::Value> = written
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let pod_role = lines
+        .iter()
+        .find(|l| l["kind"] == "role" && l["name"] == "wg-pod")
+        .unwrap_or_else(|| panic!("bootstrap wrote no wg-pod role: {written}"));
+    assert_eq!(pod_role["service_accounts"], serde_json::json!(["*"]));
+    assert_eq!(pod_role["namespaces"], serde_json::json!(["*"]));
+    wg_sidecar(
+        &bao,
+        &[
+            "keys",
+            "provision-gateway",
+            "default",
+            "--endpoints",
+            "127.0.0.1:51820",
+            "--allowed-ips",
+            "10.0.0.0/8",
+            "--pool",
+            "10.99.0.0/24",
+        ],
+    );
+
+    // The injector points sidecars at this OpenBao and at the one role (the chart's
+    // `config.vault.roleTemplate: wg-pod`); a Pod of service account `web` in `shop`.
     let config = format!(
-        "images:\n  sidecar: localhost/wg-sidecar:e2e\ndefaultGateway: default\ngateways:\n  default:\n    routes: [10.0.0.0/8]\nvault:\n  address: {}\n  tokenAudience: vault\n",
+        "images:\n  sidecar: localhost/wg-sidecar:e2e\ndefaultGateway: default\ngateways:\n  default:\n    routes: [10.0.0.0/8]\nvault:\n  address: {}\n  tokenAudience: vault\n  roleTemplate: wg-pod\n",
         bao.addr
     );
     let injector = start_registered(&plane, &config).await.unwrap();
@@ -165,12 +209,32 @@ async fn the_injected_sidecar_logs_in_with_its_service_account_token_and_reads_i
         .create(&PostParams::default(), &pod)
         .await
         .unwrap();
+    let name = stored.metadata.name.clone().unwrap();
+    let uid = stored.metadata.uid.clone().unwrap();
     let spec = stored.spec.clone().unwrap();
     let sidecar = spec
         .containers
         .iter()
         .find(|c| c.name == "wg-sidecar")
         .unwrap_or_else(|| panic!("not injected\n{}", injector.log()));
+    let env_names: Vec<&str> = sidecar
+        .env
+        .iter()
+        .flatten()
+        .map(|e| e.name.as_str())
+        .collect();
+    for wanted in [
+        "WG_POD_NAMESPACE",
+        "WG_POD_SERVICE_ACCOUNT",
+        "WG_POD_NAME",
+        "WG_POD_UID",
+    ] {
+        assert!(
+            env_names.contains(&wanted),
+            "the injector wrote no {wanted} env on wg-sidecar (registration needs the Pod's \
+             namespace, service account, name and UID from the downward API); its env: {env_names:?}"
+        );
+    }
 
     // The token the kubelet would project: the Pod's service account, the volume's audience.
     let projected = spec
@@ -192,12 +256,11 @@ async fn the_injected_sidecar_logs_in_with_its_service_account_token_and_reads_i
         .unwrap();
     wg_e2e::lab::write_private(&token_file, web_token.as_bytes()).unwrap();
 
-    // The sidecar's argument list as the kubelet runs it: $(VAR)s expanded; only the token
-    // file moves (the kubelet would mount it at the path the injector chose).
-    let vars = BTreeMap::from([
-        ("WG_POD_NAMESPACE".to_owned(), "shop".to_owned()),
-        ("WG_POD_SERVICE_ACCOUNT".to_owned(), "web".to_owned()),
-    ]);
+    // The sidecar's command line as the kubelet runs it: the env resolved from the stored Pod
+    // (downward API), $(VAR)s expanded; only the token file moves (the kubelet would mount it at
+    // the path the injector chose).
+    let env = wg_e2e::podman::environment(&stored, sidecar).unwrap();
+    let vars: BTreeMap<String, String> = env.iter().cloned().collect();
     let mut argv = vec!["wg-sidecar".to_owned()];
     for arg in sidecar.args.iter().flatten() {
         let arg = wg_injector::inject::expand_kubelet_vars(arg, &vars);
@@ -207,6 +270,7 @@ async fn the_injected_sidecar_logs_in_with_its_service_account_token_and_reads_i
             argv.push(arg);
         }
     }
+    argv.extend(env_as_flags(&env));
     let Command::Run(run) = Cli::try_parse_from(&argv).unwrap().command else {
         panic!("wg-sidecar container does not run `run`: {argv:?}");
     };
@@ -216,63 +280,211 @@ async fn the_injected_sidecar_logs_in_with_its_service_account_token_and_reads_i
         kv_mount,
         key_path,
         gateway_path,
+        registration,
     } = run.key_source
     else {
         panic!("key source is not vault: {argv:?}");
     };
     assert_eq!(settings.addr, bao.addr);
-    let source = VaultKeySource::new(
+    assert!(
+        matches!(&settings.auth, VaultAuth::Kubernetes { role, .. } if role == "wg-pod"),
+        "{settings:?}"
+    );
+    assert_eq!(key_path, None, "no static identity by default: {argv:?}");
+    let (identity, layout) =
+        registration.unwrap_or_else(|| panic!("the sidecar would not register: {argv:?}"));
+    assert_eq!(
+        identity,
+        PodIdentity::new("shop", "web", &name, &uid).unwrap()
+    );
+    assert_eq!(
+        (kv_mount.as_str(), gateway_path.as_str()),
+        ("secret", "wg/gateways/default")
+    );
+    let source = RegisteredKeySource::new(
         Arc::new(Vault::new(settings.clone()).unwrap()),
-        kv_mount.clone(),
-        key_path.clone(),
+        layout.clone(),
+        identity.clone(),
         gateway_path.clone(),
+        key_path.clone(),
     );
     source.prepare().await.unwrap();
-    let private = source.load_private().await.unwrap();
-    assert_eq!(private.public_key().unwrap(), wg_pubkey(&private_key));
+    let registered = source.load_private().await.unwrap();
     let gateway = source.load_gateway().await.unwrap();
-    assert_eq!(gateway.public_key, gateway_public_key_of(&bao));
     assert_eq!(gateway.endpoints, ["127.0.0.1:51820"]);
+    let pool: Vec<String> = gateway.pool.iter().map(ToString::to_string).collect();
+    assert_eq!(pool, ["10.99.0.0/24"]);
+    let [address] = registered.addresses.as_slice() else {
+        panic!(
+            "one address from a one-family pool: {:?}",
+            registered.addresses
+        );
+    };
+    assert!(
+        gateway.pool[0].contains(&address.addr()) && address.addr().to_string() != "10.99.0.1",
+        "{address} is not a Pod address of the pool"
+    );
+    let psk = registered.preshared_key.clone().expect("a preshared key");
 
-    // Another service account's token (same namespace, right audience): refused, plainly.
-    let other_token = plane
-        .service_account_token("shop", "other", &audience)
+    // The public record, as root reads it: the Pod's identity, public halves, nothing private.
+    let record_path = format!("wg/peers/default/shop/web/{uid}");
+    let (record, version) = kv_get(&bao, &record_path);
+    let text = |k: &str| record.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+    assert_eq!(text("public_key"), registered.public_key().unwrap());
+    assert_eq!(text("address"), address.to_string());
+    assert_eq!(text("preshared_key"), psk.expose());
+    assert_eq!(
+        (
+            text("namespace"),
+            text("service_account"),
+            text("pod"),
+            text("uid")
+        ),
+        ("shop", "web", name.as_str(), uid.as_str())
+    );
+    assert!(
+        !record.contains_key("private_key"),
+        "{record_path}: {record:?}"
+    );
+    assert!(
+        record
+            .values()
+            .all(|v| v.as_str() != Some(registered.private_key.expose())),
+        "the private key was published at {record_path}"
+    );
+    assert_eq!(version, 1);
+    let claim_path = format!(
+        "wg/addresses/default/{}",
+        wg_sidecar::pool::record_name(address.addr())
+    );
+    let (claim, _) = kv_get(&bao, &claim_path);
+    let claimed = |k: &str| claim.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+    assert_eq!(
+        (
+            claimed("address"),
+            claimed("namespace"),
+            claimed("service_account"),
+            claimed("pod"),
+            claimed("uid")
+        ),
+        (
+            address.addr().to_string().as_str(),
+            "shop",
+            "web",
+            name.as_str(),
+            uid.as_str()
+        ),
+        "{claim_path}"
+    );
+
+    // Other service accounts (right audience) log in to the same role, but their policy is their
+    // own identity's: web's record and claim are out of reach, their own path is not.
+    plane.create_namespace("billing", &[]).await.unwrap();
+    let foreign = fields(&[
+        ("public_key", &registered.public_key().unwrap()),
+        ("address", "10.99.0.200/32"),
+    ]);
+    for (i, (ns, sa)) in [("shop", "other"), ("billing", "web")]
+        .into_iter()
+        .enumerate()
+    {
+        let token = plane
+            .service_account_token(ns, sa, &audience)
+            .await
+            .unwrap();
+        let file = token_dir.join(format!("{ns}-{sa}"));
+        wg_e2e::lab::write_private(&file, token.as_bytes()).unwrap();
+        let other = client_with_token(&settings, &file);
+        other
+            .login()
+            .await
+            .unwrap_or_else(|e| panic!("{ns}/{sa} could not log in to wg-pod: {e}"));
+        let read = other.read("secret", &record_path).await.unwrap_err();
+        assert_eq!(
+            status(&read),
+            Some(403),
+            "{ns}/{sa} reading web's record: {read}"
+        );
+        let write = other
+            .write("secret", &record_path, &foreign, None)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status(&write),
+            Some(403),
+            "{ns}/{sa} writing web's record: {write}"
+        );
+        let steal = other
+            .write("secret", &claim_path, &foreign, None)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status(&steal),
+            Some(403),
+            "{ns}/{sa} overwriting web's claim: {steal}"
+        );
+        let web_static = other
+            .read("secret", &format!("wg/keys/shop/web/{name}"))
+            .await
+            .unwrap_err();
+        assert_eq!(status(&web_static), Some(403), "{web_static}");
+        let own = format!("wg/peers/default/{ns}/{sa}/00000000-0000-4000-8000-{i:012}");
+        other
+            .write("secret", &own, &foreign, None)
+            .await
+            .unwrap_or_else(|e| panic!("{ns}/{sa} could not write its own record {own}: {e}"));
+        let own_static = other
+            .read("secret", &format!("wg/keys/{ns}/{sa}/x"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status(&own_static),
+            Some(404),
+            "its own static-identity folder is readable (and empty): {own_static}"
+        );
+    }
+    assert_eq!(
+        kv_get(&bao, &record_path).1,
+        1,
+        "web's record was rewritten"
+    );
+
+    // A token of the wrong audience (the Pod's own service account): refused at login, plainly.
+    let wrong = plane
+        .service_account_token("shop", "web", "not-vault")
         .await
         .unwrap();
-    let other_file = token_dir.join("other");
-    wg_e2e::lab::write_private(&other_file, other_token.as_bytes()).unwrap();
-    let mut other_settings = settings;
-    let VaultAuth::Kubernetes { jwt_file, .. } = &mut other_settings.auth else {
-        panic!("not kubernetes auth");
-    };
-    *jwt_file = other_file;
-    let other = VaultKeySource::new(
-        Arc::new(Vault::new(other_settings).unwrap()),
-        kv_mount,
-        key_path,
-        gateway_path,
+    let wrong_file = token_dir.join("wrong-audience");
+    wg_e2e::lab::write_private(&wrong_file, wrong.as_bytes()).unwrap();
+    let refused = client_with_token(&settings, &wrong_file)
+        .login()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, SidecarError::VaultLogin { .. }),
+        "{refused}"
     );
-    let refused = other.prepare().await.unwrap_err().to_string();
+    let refused = refused.to_string();
     assert!(
         refused.contains("failed to log in to Vault with kubernetes auth at mount kubernetes"),
         "{refused}"
     );
-    assert!(refused.contains("status 403"), "{refused}");
     assert!(
-        !refused.contains(&other_token),
-        "the token must never appear in errors"
+        refused.contains("audience"),
+        "the reason names the audience: {refused}"
     );
-    eprintln!("refused login reads: {refused}");
-}
+    assert!(
+        !refused.contains(&wrong) && !refused.contains(&web_token),
+        "a token appeared in the error"
+    );
+    eprintln!("wrong-audience login reads: {refused}");
 
-fn gateway_public_key_of(bao: &OpenBao) -> String {
-    let out = bao
-        .cli(&[
-            "kv",
-            "get",
-            "-field=public_key",
-            "secret/wg/gateways/default",
-        ])
-        .unwrap();
-    out.trim().to_owned()
+    // A second load is served from memory: with Vault sealed it still returns the same key,
+    // address and preshared key (while a real Vault call fails).
+    bao.cli(&["operator", "seal"]).unwrap();
+    assert!(source.load_gateway().await.is_err(), "Vault is sealed");
+    let again = source.load_private().await.unwrap();
+    assert_eq!(again.private_key.expose(), registered.private_key.expose());
+    assert_eq!(again.addresses, registered.addresses);
+    assert_eq!(again.preshared_key.unwrap().expose(), psk.expose());
 }
