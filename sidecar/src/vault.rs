@@ -121,7 +121,21 @@ fn client_error_reason(e: &ClientError) -> (String, Option<u16>) {
         ClientError::APIError { code, errors } => {
             (format!("status {code}: {}", errors.join("; ")), Some(*code))
         }
-        other => (other.to_string(), None),
+        other => {
+            // The client's own message ("An error occurred with the request") hides the cause:
+            // append the source chain (connection refused, timed out, bad certificate…).
+            let mut reason = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(cause) = source {
+                let text = cause.to_string();
+                if !reason.contains(&text) {
+                    reason.push_str(": ");
+                    reason.push_str(&text);
+                }
+                source = cause.source();
+            }
+            (reason, None)
+        }
     }
 }
 
