@@ -191,7 +191,7 @@ impl Default for VaultSettings {
             kv_mount: "secret".to_owned(),
             token_audience: "vault".to_owned(),
             token_expiration_seconds: 600,
-            role_template: "wg-{namespace}-{serviceAccount}".to_owned(),
+            role_template: "wg-pod".to_owned(),
             key_path_template: String::new(),
         }
     }
