@@ -431,3 +431,68 @@ async fn while_vault_is_down_registration_fails_as_vault_unavailable_and_succeed
         gateway.pool
     );
 }
+
+/// A static identity (a StatefulSet Pod with `wg-injector.io/vault-path: wg/keys/{namespace}/{serviceAccount}/{pod}`,
+/// rendered as `--vault-key-path wg/keys/db/db/db-0`): the fixed key from its private record is
+/// registered like a born one, and the record's fixed address is claimed as is; a second Pod
+/// asking for the same fixed address is refused as a claim conflict, naming the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_identity_registers_its_fixed_key_and_address_and_a_second_holder_is_refused() {
+    let bao = tokio::task::spawn_blocking(OpenBao::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let root = vault(&bao, &bao.admin_token_file().unwrap()).await;
+    tokio::task::block_in_place(|| provision_gateway(&bao, "10.96.8.0/24"));
+    let (private, public) = wg_sidecar::keys::generate_keypair();
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert("private_key".to_owned(), private);
+    fields.insert(
+        "address".to_owned(),
+        wg_sidecar::secret::Secret::new("10.96.8.40/32".into()),
+    );
+    root.write("secret", "wg/keys/db/db/db-0", &fields, None)
+        .await
+        .unwrap();
+    let db0 = PodIdentity::new("db", "db", "db-0", "9a8b7c6d-0000-4000-8000-000000000001").unwrap();
+    let static_source = |pod: &PodIdentity| {
+        RegisteredKeySource::new(
+            root.clone(),
+            layout(),
+            pod.clone(),
+            "wg/gateways/corp".into(),
+            Some("wg/keys/db/db/db-0".into()),
+        )
+    };
+    let loaded = static_source(&db0).load_private().await.unwrap();
+    assert_eq!(
+        loaded.public_key().unwrap(),
+        public,
+        "the fixed key, not a born one"
+    );
+    assert_eq!(loaded.addresses, ["10.96.8.40/32".parse().unwrap()]);
+    let rec = record(&root, &db0).await;
+    assert_eq!(rec.public_key, public);
+    assert_eq!(rec.pod.as_ref(), Some(&db0));
+    let claim = root
+        .read("secret", "wg/addresses/corp/10.96.8.40")
+        .await
+        .unwrap();
+    assert_eq!(
+        Claim::from_fields("claim", &claim.data).unwrap().pod,
+        db0,
+        "the fixed address is claimed for db-0"
+    );
+
+    // Another Pod (a second StatefulSet that copied the path) cannot hold the same address.
+    let intruder = PodIdentity::new(
+        "db",
+        "db",
+        "db-copy",
+        "9a8b7c6d-0000-4000-8000-000000000002",
+    )
+    .unwrap();
+    let e = static_source(&intruder).load_private().await.unwrap_err();
+    assert_eq!(failure_reason(&e), "claim_conflict", "{e}");
+    assert!(e.to_string().contains("10.96.8.40"), "{e}");
+}
