@@ -566,6 +566,7 @@ fn the_users_path_on_a_real_node() {
         "a private key in Vault: {record}"
     );
     let preshared_key = fields["preshared_key"].as_str().unwrap().to_owned();
+    let web_address = fields["address"].as_str().unwrap().to_owned();
     let private_key = uapi_private_key(&node, &web_uid);
     assert_eq!(private_key.len(), 44, "not a base64 WireGuard key");
     let sidecar_log = logs(&node, "shop", &web_name, "wg-sidecar");
@@ -638,11 +639,14 @@ fn the_users_path_on_a_real_node() {
         !forged.status.success() && stderr.contains("403"),
         "shop/other wrote shop/web's record: {stderr}"
     );
-    let claim = read_as_other("put secret/wg/addresses/vpn-gateway/10.203.0.2 address=10.203.0.2");
+    let web_address = web_address.split('/').next().unwrap().to_owned();
+    let claim = read_as_other(&format!(
+        "put secret/wg/addresses/vpn-gateway/{web_address} address={web_address}"
+    ));
     let stderr = String::from_utf8_lossy(&claim.stderr);
     assert!(
         !claim.status.success() && (stderr.contains("403") || stderr.contains("check-and-set")),
-        "shop/other overwrote a claim: {stderr}"
+        "shop/other overwrote shop/web's claim on {web_address}: {stderr}"
     );
     eprintln!("shop/other -> shop/web's record: read 403, write 403; an existing claim: refused");
 
@@ -964,8 +968,10 @@ fn uapi_private_key(node: &Node, uid: &str) -> String {
         .display()
         .to_string();
     let script = r#"python3 - "$SOCK" <<'PY'
-import base64, socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"get=1\n\n")
+import base64, os, socket, sys
+# The full path is longer than a socket address may be (108 bytes): connect from its folder.
+os.chdir(os.path.dirname(sys.argv[1]))
+s = socket.socket(socket.AF_UNIX); s.connect(os.path.basename(sys.argv[1])); s.sendall(b"get=1\n\n")
 data = b""
 while not data.endswith(b"\n\n"):
     chunk = s.recv(65536)
@@ -1057,7 +1063,9 @@ fn concurrent_streams(node: &Node, replicas: &[Value]) -> Vec<(String, u64)> {
                         &[
                             "-n", "shop", "exec", &pod, "-c", "app", "--", "/bin/busybox", "sh",
                             "-c",
-                            "/bin/busybox wget -q -T 30 -O - http://10.20.0.2:8081/stream | /bin/busybox wc -c",
+                            // Debian's static busybox wget crashes here; http-get prints the
+                            // body only when the whole stream arrived with no read stalling 5 s.
+                            "/http-get http://10.20.0.2:8081/stream | /bin/busybox wc -c",
                         ],
                     );
                     let bytes = out
