@@ -92,7 +92,11 @@ fn cargo_binary_of(profile: &str, name: &str) -> anyhow::Result<PathBuf> {
         .map_or_else(|| workspace_root().join("target"), PathBuf::from);
     let path = target.join(profile).join(name);
     if !path.is_file() {
-        let flag = if profile == "release" { " --release" } else { "" };
+        let flag = if profile == "release" {
+            " --release"
+        } else {
+            ""
+        };
         bail!(
             "{} not found: build it first with `cargo build{flag} -p {name}`",
             path.display()

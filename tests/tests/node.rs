@@ -1061,7 +1061,15 @@ fn concurrent_streams(node: &Node, replicas: &[Value]) -> Vec<(String, u64)> {
                     let out = node.run(
                         "kubectl",
                         &[
-                            "-n", "shop", "exec", &pod, "-c", "app", "--", "/bin/busybox", "sh",
+                            "-n",
+                            "shop",
+                            "exec",
+                            &pod,
+                            "-c",
+                            "app",
+                            "--",
+                            "/bin/busybox",
+                            "sh",
                             "-c",
                             // Debian's static busybox wget crashes here; http-get prints the
                             // body only when the whole stream arrived with no read stalling 5 s.
