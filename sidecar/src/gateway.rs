@@ -13,12 +13,20 @@
 //!   `--poll-interval` (N reads per poll; it cannot tell a live Pod from a dead one).
 //!
 //! Both check the gateway key every `--poll-interval` and tick statistics every second.
+//!
+//! Who may go where is one nftables table ([`crate::nat`]), always installed: tunnel traffic is
+//! forwarded only to the advertised networks ([`advertised`]: `--private-networks`, else the
+//! public record's `allowed_ips`, re-read with the key check; none: nothing is forwarded), and in
+//! kubernetes mode each peer gets the egress its Pod's NetworkPolicies give it
+//! ([`crate::policy_watch`], watched beside the Pods). A peer's rules are written before its
+//! WireGuard peer is added, and nothing is applied before the policies are listed.
 //! Must never: touch a peer whose desired state did not change (its session must live on), log
 //! key material (preshared keys included), remove an admitted peer because a Vault read failed,
-//! or write to Vault other than deleting what a gone Pod left behind.
+//! let a peer run without its policy, or write to Vault other than deleting what a gone Pod
+//! left behind.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     future::Future,
     net::{IpAddr, SocketAddr},
     sync::{
@@ -50,6 +58,8 @@ use crate::{
         old_enough, ClaimRead, PeerChange, PodIndex, ReadRequest, RecordRead, RecordRef, Release,
     },
     pod_watch::{self, WatchUpdate},
+    policy::Egress,
+    policy_watch::{self, PolicyStore, PolicyWatchUpdate},
     registration::{gateway_name, Claim, Layout, PodIdentity},
     tunnel::{PeerSpec, PeerStats, Tunnel, WgTunnel},
     vault::Vault,
@@ -136,11 +146,25 @@ pub struct GatewayArgs {
     /// Masquerade tunnel traffic leaving to the private network (an nftables table of our own).
     #[arg(long, env = "WG_SIDECAR_MASQUERADE", action = clap::ArgAction::Set, default_value_t = true)]
     pub masquerade: bool,
-    /// Networks behind the gateway that tunnelled Pods may reach, comma-separated CIDRs (IPv4
-    /// and IPv6). Tunnel traffic to anything else is dropped and only traffic towards these is
-    /// masqueraded. Empty (the default): every destination the gateway can route to.
+    /// The networks the gateway advertises and forwards to, comma-separated CIDRs (IPv4 and
+    /// IPv6): tunnel traffic to anything else is dropped, and only traffic towards these is
+    /// masqueraded. Empty (the default): the `allowed_ips` of the gateway's public record
+    /// (re-read every `--poll-interval`); when that is empty too, nothing is forwarded.
     #[arg(long, env = "WG_SIDECAR_PRIVATE_NETWORKS", value_delimiter = ',')]
     pub private_networks: Vec<String>,
+    /// Peers of Pods that no egress NetworkPolicy selects get nothing (without it they get every
+    /// advertised network, NetworkPolicy's default allow). Vault mode has no policies: every peer
+    /// gets nothing.
+    #[arg(
+        long,
+        env = "WG_SIDECAR_DEFAULT_DENY",
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        require_equals = true,
+        default_value_t = false,
+        default_missing_value = "true"
+    )]
+    pub default_deny: bool,
     /// Vault connection.
     #[command(flatten)]
     pub vault: VaultArgs,
@@ -194,8 +218,10 @@ pub struct GatewayConfig {
     pub peer_keepalive: Option<u16>,
     /// Masquerade tunnel sources leaving by other interfaces.
     pub masquerade: bool,
-    /// The only destinations tunnel traffic may reach (empty = every destination).
+    /// `--private-networks` (empty: the public record's `allowed_ips`, see [`advertised`]).
     pub private_networks: Vec<IpNet>,
+    /// Peers no egress policy selects get nothing.
+    pub default_deny: bool,
 }
 
 impl GatewayArgs {
@@ -290,6 +316,7 @@ impl GatewayArgs {
             peer_keepalive: (self.peer_keepalive > 0).then_some(self.peer_keepalive),
             masquerade: self.masquerade,
             private_networks,
+            default_deny: self.default_deny,
         })
     }
 }
@@ -302,6 +329,86 @@ fn is_label_value(v: &str) -> bool {
         && v.starts_with(alnum)
         && v.ends_with(alnum)
         && v.chars().all(|c| alnum(c) || matches!(c, '-' | '_' | '.'))
+}
+
+/// Where the advertised networks come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworksFrom {
+    /// `--private-networks`.
+    Flag,
+    /// The public gateway record's `allowed_ips` (what the sidecars route into the tunnel).
+    Record,
+}
+
+/// The networks the gateway advertises: the only destinations of its tunnel traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advertised {
+    /// Truncated, deduplicated, sorted (empty: nothing is forwarded).
+    pub networks: Vec<IpNet>,
+    /// Their source.
+    pub from: NetworksFrom,
+    /// With `--private-networks`: the record's `allowed_ips` when they are set and differ.
+    pub record_differs: Option<Vec<IpNet>>,
+}
+
+fn normalized(nets: &[IpNet]) -> Vec<IpNet> {
+    let mut v: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// One source of truth for the networks: `--private-networks` when given, else the public
+/// record's `allowed_ips` (`None`: the record could not be read).
+#[must_use]
+pub fn advertised(flag: &[IpNet], record: Option<&[IpNet]>) -> Advertised {
+    let from_record = normalized(record.unwrap_or_default());
+    if flag.is_empty() {
+        return Advertised {
+            networks: from_record,
+            from: NetworksFrom::Record,
+            record_differs: None,
+        };
+    }
+    let networks = normalized(flag);
+    let record_differs =
+        (!from_record.is_empty() && from_record != networks).then_some(from_record);
+    Advertised {
+        networks,
+        from: NetworksFrom::Flag,
+        record_differs,
+    }
+}
+
+fn cidr_list(nets: &[IpNet]) -> String {
+    let v: Vec<String> = nets.iter().map(ToString::to_string).collect();
+    v.join(",")
+}
+
+impl Advertised {
+    /// Logs what the gateway forwards to (at start and when it changes).
+    fn log(&self) {
+        if let Some(record) = &self.record_differs {
+            tracing::warn!(
+                private_networks = %cidr_list(&self.networks),
+                record_allowed_ips = %cidr_list(record),
+                "--private-networks and the gateway record's allowed_ips differ: the gateway \
+                 forwards to --private-networks only, the sidecars route the record's allowed_ips"
+            );
+        }
+        if self.networks.is_empty() {
+            tracing::warn!(
+                "the gateway advertises no network (no --private-networks, no allowed_ips in its \
+                 public record): it forwards no tunnel traffic"
+            );
+        } else {
+            let from = match self.from {
+                NetworksFrom::Flag => "--private-networks",
+                NetworksFrom::Record => "the gateway record's allowed_ips",
+            };
+            tracing::info!(networks = %cidr_list(&self.networks), from, "tunnel traffic is forwarded to these networks only");
+        }
+    }
 }
 
 /// The desired peer table at one instant.
@@ -467,6 +574,18 @@ pub struct GatewayMetrics {
     /// Seconds from the start to the first complete peer table (kubernetes mode: the first
     /// list and a first answer for every running sidecar in it).
     pub sync_duration: Gauge<f64, AtomicU64>,
+    /// Rules in the peers' egress chains.
+    pub policy_rules: Gauge,
+    /// Peers with an egress chain (selected by an egress NetworkPolicy).
+    pub policy_peers: Gauge,
+    /// Distinct parts of the policies selecting admitted peers that were dropped.
+    pub policy_unsupported: Gauge,
+    /// Duration of writing the peers' egress rules (one `set_peer_policies` call).
+    pub policy_apply_duration: Histogram,
+    /// NetworkPolicies the gateway watches (kubernetes mode).
+    pub policies_watched: Gauge,
+    /// Errors of the NetworkPolicy watch (each retried with backoff).
+    pub policy_watch_errors: Counter,
 }
 
 impl std::fmt::Debug for GatewayMetrics {
@@ -506,6 +625,14 @@ impl GatewayMetrics {
             records_released: Family::default(),
             watch_errors: Counter::default(),
             sync_duration: Gauge::default(),
+            policy_rules: Gauge::default(),
+            policy_peers: Gauge::default(),
+            policy_unsupported: Gauge::default(),
+            policy_apply_duration: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+            policies_watched: Gauge::default(),
+            policy_watch_errors: Counter::default(),
         };
         r.register(
             "wg_gateway_peers",
@@ -553,6 +680,7 @@ impl GatewayMetrics {
             m.ready.clone(),
         );
         m.register_pod_metrics(&mut r);
+        m.register_policy_metrics(&mut r);
         Self {
             registry: Arc::new(r),
             ..m
@@ -593,6 +721,42 @@ impl GatewayMetrics {
             "wg_gateway_sync_duration_seconds",
             "Seconds from the start to the first complete peer table",
             m.sync_duration.clone(),
+        );
+    }
+
+    /// Registers the egress policy metrics.
+    fn register_policy_metrics(&self, r: &mut Registry) {
+        let m = self;
+        r.register(
+            "wg_gateway_policy_rules",
+            "Rules in the peers' egress chains (their final verdicts included)",
+            m.policy_rules.clone(),
+        );
+        r.register(
+            "wg_gateway_policy_peers",
+            "Peers with an egress chain (selected by an egress NetworkPolicy)",
+            m.policy_peers.clone(),
+        );
+        r.register(
+            "wg_gateway_policy_unsupported",
+            "Parts of the NetworkPolicies selecting admitted peers that cannot apply in the \
+             tunnel and were dropped",
+            m.policy_unsupported.clone(),
+        );
+        r.register(
+            "wg_gateway_policy_apply_duration_seconds",
+            "Duration of writing the peers' egress rules",
+            m.policy_apply_duration.clone(),
+        );
+        r.register(
+            "wg_gateway_policies_watched",
+            "NetworkPolicies the gateway watches (kubernetes mode)",
+            m.policies_watched.clone(),
+        );
+        r.register(
+            "wg_gateway_policy_watch_errors",
+            "Errors of the NetworkPolicy watch (retried with backoff)",
+            m.policy_watch_errors.clone(),
         );
     }
 
@@ -906,6 +1070,16 @@ struct Gateway {
     health: Arc<GatewayHealth>,
     tunnel: WgTunnel,
     running: PeerTable,
+    /// The gateway's nftables table: masquerading, the forward filter, the peers' egress.
+    nat: Nat,
+    /// The networks the table forwards to now.
+    networks: Advertised,
+    /// What the table masquerades (the gateway's own networks with `--masquerade`).
+    masquerade_sources: Vec<IpNet>,
+    /// The egress last written, by public key (written again after a re-install).
+    egress: BTreeMap<String, Egress>,
+    /// Addresses that may still have an egress chain (released once no peer holds them).
+    policy_addresses: BTreeSet<IpAddr>,
     /// The peer records last read successfully, by identity ([`keep_last_known`]).
     last_records: BTreeMap<String, PeerRecord>,
     next_activation: Option<Timestamp>,
@@ -917,6 +1091,20 @@ struct Gateway {
 
 async fn read_key(vault: &Vault, cfg: &GatewayConfig) -> Result<crate::vault::KvRecord> {
     vault.read(&cfg.kv_mount, &cfg.gateway_key_path).await
+}
+
+/// The public record, read with the key poll when it is the source of the networks (no
+/// `--private-networks`); `None` otherwise.
+async fn read_record(vault: &Vault, cfg: &GatewayConfig) -> Option<Result<GatewayRecord>> {
+    if !cfg.private_networks.is_empty() {
+        return None;
+    }
+    Some(
+        vault
+            .read(&cfg.kv_mount, &cfg.gateway_path)
+            .await
+            .and_then(|r| GatewayRecord::from_fields(&cfg.gateway_path, &r.data, r.version)),
+    )
 }
 
 impl Gateway {
@@ -945,10 +1133,37 @@ impl Gateway {
         Ok(())
     }
 
-    /// Makes the interface's peers equal to `desired` (unchanged peers untouched).
-    fn apply_table(&mut self, desired: &PeerTable) -> Result<()> {
+    /// Makes the interface's peers equal to `desired` (unchanged peers untouched) and their
+    /// egress rules equal to `egress` (public key → policy; a peer not in it gets the table's
+    /// default). Every desired peer's rules are written before the interface changes, so a new
+    /// peer never runs without its policy; when they cannot be, the interface is left as it is
+    /// (the caller retries). Rules of addresses no peer holds any more go after the interface
+    /// change: a removed peer is off the interface before its rules are.
+    fn apply_table(
+        &mut self,
+        desired: &PeerTable,
+        egress: &BTreeMap<String, Egress>,
+    ) -> Result<()> {
+        let refused = unenforceable(desired, egress);
+        let kept: PeerTable;
+        let desired = if refused.is_empty() {
+            desired
+        } else {
+            for k in &refused {
+                tracing::warn!(public_key = %k, "peer refused: it has an egress policy, and an allowed IP wider than one address cannot carry one");
+            }
+            kept = desired
+                .iter()
+                .filter(|(k, _)| !refused.contains(*k))
+                .map(|(k, p)| (k.clone(), p.clone()))
+                .collect();
+            &kept
+        };
+        self.write_policies(desired, egress)?;
+        self.egress.clone_from(egress);
         let d = diff(&self.running, desired);
         if d.is_empty() {
+            self.release_policies();
             return Ok(());
         }
         let keepalive = self.cfg.peer_keepalive;
@@ -980,7 +1195,132 @@ impl Gateway {
             peers = self.running.len(),
             "peer table reconciled"
         );
+        self.release_policies();
         Ok(())
+    }
+
+    /// Writes the egress rules of every peer of `desired` (only changed peers cost anything).
+    fn write_policies(
+        &mut self,
+        desired: &PeerTable,
+        egress: &BTreeMap<String, Egress>,
+    ) -> Result<()> {
+        let mut changes = Vec::with_capacity(desired.len());
+        for (key, peer) in desired {
+            let Some(a) = nat::PeerAddresses::from_allowed_ips(&peer.allowed_ips) else {
+                continue; // no policy (see `unenforceable`): the table's default applies
+            };
+            let e = egress.get(key);
+            if matches!(e, Some(Egress::Allowed(_))) {
+                self.policy_addresses.extend(a.addresses().iter().copied());
+            }
+            changes.push((a, e));
+        }
+        let started = Instant::now();
+        let result = self.nat.set_peer_policies(&changes);
+        self.observe_policies(started);
+        let done = result?;
+        if done.transactions > 0 {
+            tracing::info!(
+                written = done.written,
+                removed = done.removed,
+                transactions = done.transactions,
+                peers_with_policy = self.nat.rule_counts().peers,
+                "peer egress rules applied"
+            );
+        }
+        Ok(())
+    }
+
+    /// Removes the egress rules of addresses no running peer holds.
+    fn release_policies(&mut self) {
+        let held: HashSet<IpAddr> = self
+            .running
+            .values()
+            .flat_map(|p| p.allowed_ips.iter().map(IpNet::addr))
+            .collect();
+        let stale: Vec<IpAddr> = self
+            .policy_addresses
+            .iter()
+            .filter(|a| !held.contains(a))
+            .copied()
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        let changes: Vec<(nat::PeerAddresses, Option<&Egress>)> = stale
+            .iter()
+            .filter_map(|a| nat::PeerAddresses::new([*a]))
+            .map(|a| (a, None))
+            .collect();
+        let started = Instant::now();
+        let result = self.nat.set_peer_policies(&changes);
+        self.observe_policies(started);
+        match result {
+            Ok(_) => {
+                for a in &stale {
+                    self.policy_addresses.remove(a);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "removing the egress rules of gone peers failed; retried at the next change (no peer holds their addresses)");
+            }
+        }
+    }
+
+    fn observe_policies(&self, started: Instant) {
+        let m = &self.health.metrics;
+        m.policy_apply_duration
+            .observe(started.elapsed().as_secs_f64());
+        let c = self.nat.rule_counts();
+        m.policy_rules
+            .set(i64::try_from(c.peer_rules).unwrap_or(i64::MAX));
+        m.policy_peers
+            .set(i64::try_from(c.peers).unwrap_or(i64::MAX));
+    }
+
+    /// Takes a fresh read of the public record (made only without `--private-networks`) and
+    /// re-installs the table when its `allowed_ips` changed; the peers' egress rules are written
+    /// again right after (the re-install drops them). True when that failed: the caller must
+    /// write them again soon.
+    fn refresh_networks(&mut self, record: Result<GatewayRecord>) -> bool {
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the public gateway record; the advertised networks stay");
+                return false;
+            }
+        };
+        let now = advertised(&self.cfg.private_networks, Some(&record.allowed_ips));
+        if now.networks == self.networks.networks {
+            return false;
+        }
+        tracing::info!(
+            before = %cidr_list(&self.networks.networks),
+            after = %cidr_list(&now.networks),
+            "the gateway record's allowed_ips changed: re-installing the nftables table"
+        );
+        now.log();
+        match install_rules(&self.cfg, &self.masquerade_sources, &now.networks) {
+            Ok(n) => self.nat = n,
+            Err(e) => {
+                self.health.metrics.reconcile_errors.inc();
+                tracing::warn!(error = %e, "re-installing the nftables table failed; the old one stays, retrying at the next poll");
+                return false;
+            }
+        }
+        self.networks = now;
+        self.policy_addresses.clear();
+        let running = self.running.clone();
+        let egress = std::mem::take(&mut self.egress);
+        let r = self.write_policies(&running, &egress);
+        self.egress = egress;
+        if let Err(e) = r {
+            self.health.metrics.reconcile_errors.inc();
+            tracing::warn!(error = %e, "writing the peers' egress rules after the re-install failed; retrying");
+            return true;
+        }
+        false
     }
 
     /// One vault-mode reconcile: the key, then every record below the peers folder.
@@ -988,6 +1328,10 @@ impl Gateway {
         let started = Instant::now();
         let key = read_key(&self.vault, &self.cfg).await?;
         self.apply_key(&key)?;
+        if let Some(record) = read_record(&self.vault, &self.cfg).await {
+            // Vault mode has no policies: nothing to write again when that fails.
+            let _ = self.refresh_networks(record);
+        }
         let (fresh, errors) =
             load_peer_records(&self.vault, &self.cfg.kv_mount, &self.cfg.peers_path).await?;
         self.health
@@ -1006,7 +1350,8 @@ impl Gateway {
             .metrics
             .conflicts
             .set(i64::try_from(desired.conflicts.len() + errors.len()).unwrap_or(i64::MAX));
-        self.apply_table(&desired.peers)?;
+        // No NetworkPolicies in vault mode: every peer gets the table's default.
+        self.apply_table(&desired.peers, &BTreeMap::new())?;
         self.next_activation = match (desired.next_activation, self.key_due) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1080,30 +1425,33 @@ async fn load_gateway_key(
     }
 }
 
-/// Installs the gateway's nftables table: masquerading of the tunnel `pool` (with
-/// `--masquerade`) and, with `--private-networks`, the forward filter limiting tunnel traffic to
-/// them. `None` when neither is asked for.
-fn install_rules(cfg: &GatewayConfig, pool: &[IpNet]) -> Result<Option<Nat>> {
-    if cfg.private_networks.is_empty() {
-        tracing::info!("no --private-networks: tunnelled Pods reach every destination the gateway can route to");
-    }
-    if !cfg.masquerade && cfg.private_networks.is_empty() {
-        return Ok(None);
-    }
-    let sources: &[IpNet] = if cfg.masquerade { pool } else { &[] };
-    let n = Nat::install(&cfg.interface, sources, &cfg.private_networks)?;
-    let networks: Vec<String> = cfg
-        .private_networks
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+/// Installs (or re-installs) the gateway's nftables table, always: masquerading of `sources`,
+/// the forward filter letting tunnel traffic into `networks` only (none: nowhere), and the
+/// per-peer egress part, whose default for peers without a policy is `networks`
+/// (`--default-deny`: nothing).
+fn install_rules(cfg: &GatewayConfig, sources: &[IpNet], networks: &[IpNet]) -> Result<Nat> {
+    let n = Nat::install_with(&cfg.interface, sources, networks, cfg.default_deny)?;
     tracing::info!(
         table = %nat::table_name(&cfg.interface),
         masquerade = cfg.masquerade,
-        private_networks = %networks.join(","),
-        "NAT and forwarding rules installed"
+        networks = %cidr_list(networks),
+        default_deny = cfg.default_deny,
+        "nftables table installed (NAT, forward filter, per-peer egress)"
     );
-    Ok(Some(n))
+    Ok(n)
+}
+
+/// Peers that have an egress policy but an allowed IP wider than one address: refused (the
+/// per-address map cannot hold a range, and leaving part of it out would widen their egress).
+fn unenforceable(desired: &PeerTable, egress: &BTreeMap<String, Egress>) -> BTreeSet<String> {
+    desired
+        .iter()
+        .filter(|(k, p)| {
+            matches!(egress.get(*k), Some(Egress::Allowed(_)))
+                && nat::PeerAddresses::from_allowed_ips(&p.allowed_ips).is_none()
+        })
+        .map(|(k, _)| k.clone())
+        .collect()
 }
 
 /// Turns IP forwarding on (IPv6 too with `ipv6`) and logs which way; a failure is a warning and
@@ -1199,13 +1547,35 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
     // per interface, and only interfaces present now get it.
     let ipv6 = private.addresses.iter().any(|a| a.addr().is_ipv6());
     enable_forwarding(ipv6).await;
-    let nat = install_rules(&cfg, &private.addresses)?;
+    let networks = advertised(
+        &cfg.private_networks,
+        record.as_ref().map(|r| r.allowed_ips.as_slice()),
+    );
+    networks.log();
+    let masquerade_sources = if cfg.masquerade {
+        private.addresses.clone()
+    } else {
+        Vec::new()
+    };
+    let nat = match install_rules(&cfg, &masquerade_sources, &networks.networks) {
+        Ok(n) => n,
+        Err(e) => {
+            let mut tunnel = tunnel;
+            let _ = tunnel.remove();
+            return Err(e);
+        }
+    };
     let mut gw = Gateway {
         cfg,
         vault,
         health: health.clone(),
         tunnel,
         running: PeerTable::new(),
+        nat,
+        networks,
+        masquerade_sources,
+        egress: BTreeMap::new(),
+        policy_addresses: BTreeSet::new(),
         last_records: BTreeMap::new(),
         next_activation: None,
         key_version: private.version,
@@ -1216,12 +1586,10 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
         Some(client) => gw.run_kubernetes(client, pools, &mut shutdown).await,
         None => gw.run_vault(&mut shutdown).await,
     }
-    tracing::info!("shutting down: removing NAT rules and the interface");
+    tracing::info!("shutting down: removing the nftables table and the interface");
     health.set(false, None);
-    if let Some(n) = nat {
-        if let Err(e) = n.remove() {
-            tracing::warn!(error = %e, "removing NAT rules failed");
-        }
+    if let Err(e) = gw.nat.remove() {
+        tracing::warn!(error = %e, "removing the nftables table failed");
     }
     gw.tunnel.remove()
 }
@@ -1270,7 +1638,13 @@ enum Done {
     Released,
     Listed(Result<(Vec<RecordRef>, Vec<IpAddr>)>),
     Swept,
-    Key(Result<crate::vault::KvRecord>),
+    /// The private record, and the public one when it is the source of the networks.
+    Key(
+        Box<(
+            Result<crate::vault::KvRecord>,
+            Option<Result<GatewayRecord>>,
+        )>,
+    ),
 }
 
 /// What the Vault tasks of kubernetes mode share.
@@ -1492,6 +1866,7 @@ impl VaultWork {
 /// Loop state of kubernetes mode beyond the index.
 struct KubeLoop {
     index: PodIndex,
+    policies: PolicyStore,
     tasks: JoinSet<Done>,
     releases: std::collections::VecDeque<Release>,
     started: Instant,
@@ -1573,6 +1948,7 @@ impl Gateway {
         );
         let mut st = KubeLoop {
             index: PodIndex::new(pools),
+            policies: PolicyStore::new(),
             tasks: JoinSet::new(),
             releases: std::collections::VecDeque::new(),
             started: Instant::now(),
@@ -1590,6 +1966,9 @@ impl Gateway {
                 "the Pod watch has not listed the profile's Pods yet".into()
             )),
         );
+        tracing::info!("watching the NetworkPolicies of every namespace (peers are admitted once they are listed)");
+        let policy_events = policy_watch::watch(client.clone());
+        tokio::pin!(policy_events);
         let events = pod_watch::watch(client, &self.cfg.profile);
         tokio::pin!(events);
         let mut next_tick = Instant::now();
@@ -1603,7 +1982,8 @@ impl Gateway {
                 next_tick = now + Duration::from_secs(1);
             }
             let mut wake = next_tick.min(st.next_key);
-            if let Some(t) = st.dirty_at {
+            // Until the policies are listed nothing is applied: a policy event wakes the loop.
+            if let Some(t) = st.dirty_at.filter(|_| st.policies.synced()) {
                 wake = wake.min(t + DEBOUNCE);
             }
             if st.tasks.len() < MAX_VAULT_TASKS {
@@ -1629,6 +2009,9 @@ impl Gateway {
                         break;
                     }
                 },
+                u = policy_events.next() => if !self.on_policy_update(&mut st, u) {
+                    break;
+                },
                 Some(done) = st.tasks.join_next(), if !st.tasks.is_empty() => match done {
                     Ok(d) => self.finish(&mut st, &work, d),
                     Err(e) => tracing::warn!(error = %e, "a Vault task failed"),
@@ -1643,7 +2026,7 @@ impl Gateway {
 
     /// One pass of the kubernetes-mode loop at `now`: apply the table, start due Vault work.
     fn step(&mut self, st: &mut KubeLoop, work: &Arc<VaultWork>, now: Instant) {
-        if st.index.take_changed() {
+        if st.index.take_changed() | st.policies.take_changed() {
             st.dirty_at.get_or_insert(now);
         }
         if st.first_list_at.is_none() && st.index.synced() {
@@ -1658,31 +2041,19 @@ impl Gateway {
             );
             self.health.set(true, Some(Err(why)));
         }
-        if st.dirty_at.is_some_and(|t| now >= t + DEBOUNCE) {
-            st.dirty_at = None;
-            let started = Instant::now();
-            let out = st.index.peers(now);
-            for c in &out.changes {
-                log_change(c, &self.health.metrics);
-            }
-            self.health
-                .metrics
-                .conflicts
-                .set(i64::try_from(out.refused).unwrap_or(i64::MAX));
-            if let Err(e) = self.apply_table(&out.table) {
-                self.health.metrics.reconcile_errors.inc();
-                tracing::warn!(error = %e, "applying the peer table failed; retrying in 1 s");
-                st.dirty_at = Some(now + Duration::from_secs(1));
-            }
-            self.health
-                .metrics
-                .reconcile_duration
-                .observe(started.elapsed().as_secs_f64());
+        // Nothing is applied before the policies are listed: a new peer never runs without its
+        // policy.
+        if st.policies.synced() && st.dirty_at.is_some_and(|t| now >= t + DEBOUNCE) {
+            self.apply_index(st, now);
         }
         self.health
             .metrics
             .pods_watched
             .set(i64::try_from(st.index.watched()).unwrap_or(i64::MAX));
+        self.health
+            .metrics
+            .policies_watched
+            .set(i64::try_from(st.policies.len()).unwrap_or(i64::MAX));
         // Ready once the first list is in and every running sidecar of it had an answer: a
         // replica joining behind the load balancer already knows its peers.
         if !st.synced && st.index.initial_reads_done() && st.dirty_at.is_none() {
@@ -1733,9 +2104,67 @@ impl Gateway {
             st.next_key = now + Self::jittered(self.cfg.poll_interval);
             let vault = self.vault.clone();
             let cfg = self.cfg.clone();
-            st.tasks
-                .spawn(async move { Done::Key(read_key(&vault, &cfg).await) });
+            st.tasks.spawn(async move {
+                let key = read_key(&vault, &cfg).await;
+                Done::Key(Box::new((key, read_record(&vault, &cfg).await)))
+            });
         }
+    }
+
+    /// Applies the index's peer table with the egress its Pods' policies give them.
+    fn apply_index(&mut self, st: &mut KubeLoop, now: Instant) {
+        st.dirty_at = None;
+        let started = Instant::now();
+        let out = st.index.peers(now);
+        for c in &out.changes {
+            log_change(c, &self.health.metrics);
+        }
+        self.health
+            .metrics
+            .conflicts
+            .set(i64::try_from(out.refused).unwrap_or(i64::MAX));
+        let egress = policy_watch::peer_egress(&st.policies, st.index.admitted_pods());
+        for (policy, version, dropped) in st.policies.unreported(&egress.unsupported) {
+            tracing::warn!(
+                %policy, resource_version = %version, dropped = %dropped.join("; "),
+                "NetworkPolicy rules that cannot apply in the tunnel were dropped (never widened)"
+            );
+        }
+        self.health
+            .metrics
+            .policy_unsupported
+            .set(i64::try_from(egress.unsupported.len()).unwrap_or(i64::MAX));
+        if let Err(e) = self.apply_table(&out.table, &egress.egress) {
+            self.health.metrics.reconcile_errors.inc();
+            tracing::warn!(error = %e, "applying the peer table failed; retrying in 1 s");
+            st.dirty_at = Some(now + Duration::from_secs(1));
+        }
+        self.health
+            .metrics
+            .reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Takes a NetworkPolicy watch update; false when the watch ended.
+    fn on_policy_update(&self, st: &mut KubeLoop, u: Option<PolicyWatchUpdate>) -> bool {
+        match u {
+            Some(PolicyWatchUpdate::Event(e)) => st.policies.apply(*e),
+            Some(PolicyWatchUpdate::Error(e)) => {
+                self.health.metrics.policy_watch_errors.inc();
+                tracing::warn!(error = %e, "NetworkPolicy watch failed; retrying with backoff (the rules in force stay; no peer is admitted before the first list: the gateway needs networkpolicies get, list, watch)");
+                if !st.policies.synced() {
+                    self.health.set(
+                        true,
+                        Some(Err(format!("the NetworkPolicy watch failed: {e}"))),
+                    );
+                }
+            }
+            None => {
+                tracing::error!("the NetworkPolicy watch ended; shutting down");
+                return false;
+            }
+        }
+        true
     }
 
     /// Takes a finished task's result.
@@ -1770,9 +2199,13 @@ impl Gateway {
                 self.sweep_done(st, now);
             }
             Done::Swept => self.sweep_done(st, now),
-            Done::Key(r) => {
+            Done::Key(b) => {
+                let (r, record) = *b;
                 st.key_reading = false;
                 st.next_key = now + Self::jittered(self.cfg.poll_interval);
+                if record.is_some_and(|rec| self.refresh_networks(rec)) {
+                    st.dirty_at = Some(now);
+                }
                 if let Err(e) = r.and_then(|rec| self.apply_key(&rec)) {
                     self.health.metrics.reconcile_errors.inc();
                     tracing::warn!(error = %e, "gateway key check failed; keeping the current key");
@@ -1964,7 +2397,70 @@ mod tests {
         assert!(!cfg.masquerade);
         assert!(
             cfg.private_networks.is_empty(),
-            "default: every destination"
+            "default: the record's allowed_ips"
+        );
+        assert!(!cfg.default_deny);
+        for (arg, want) in [
+            ("--default-deny", true),
+            ("--default-deny=true", true),
+            ("--default-deny=false", false),
+        ] {
+            assert_eq!(
+                gateway_args(&[arg]).into_config().unwrap().default_deny,
+                want,
+                "{arg}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_networks_are_the_flag_else_the_record_and_a_difference_is_named() {
+        use super::{advertised, NetworksFrom};
+        let nets = |v: &[&str]| -> Vec<IpNet> { v.iter().map(|n| n.parse().unwrap()).collect() };
+        let record = nets(&["10.20.0.9/24", "fd00:20::/64"]);
+        // No flag: the record's allowed_ips, truncated and sorted.
+        let a = advertised(&[], Some(&record));
+        assert_eq!(a.networks, nets(&["10.20.0.0/24", "fd00:20::/64"]));
+        assert_eq!((a.from, a.record_differs), (NetworksFrom::Record, None));
+        // Neither (or an unreadable record): nothing, so nothing is forwarded.
+        assert!(advertised(&[], None).networks.is_empty());
+        assert!(advertised(&[], Some(&[])).networks.is_empty());
+        // The flag wins; the record's differing networks are kept for the warning.
+        let a = advertised(&nets(&["10.30.0.0/16"]), Some(&record));
+        assert_eq!(
+            (a.networks.clone(), a.from),
+            (nets(&["10.30.0.0/16"]), NetworksFrom::Flag)
+        );
+        assert_eq!(
+            a.record_differs,
+            Some(nets(&["10.20.0.0/24", "fd00:20::/64"]))
+        );
+        // The same set in another order or spelling is no difference.
+        let same = advertised(&nets(&["fd00:20::1/64", "10.20.0.0/24"]), Some(&record));
+        assert_eq!(same.record_differs, None);
+        assert_eq!(
+            advertised(&nets(&["10.30.0.0/16"]), Some(&[])).record_differs,
+            None
+        );
+    }
+
+    #[test]
+    fn a_peer_with_a_policy_and_an_allowed_range_is_unenforceable_and_a_host_one_is_not() {
+        use crate::policy::Egress;
+        let desired = table(&[
+            ("a", "10.99.0.2/32"),
+            ("b", "10.99.1.0/24"),
+            ("c", "10.99.2.0/24"),
+        ]);
+        let egress = BTreeMap::from([
+            ("a".to_owned(), Egress::Allowed(vec![])),
+            ("b".to_owned(), Egress::Allowed(vec![])),
+        ]);
+        let refused = super::unenforceable(&desired, &egress);
+        assert_eq!(
+            refused.into_iter().collect::<Vec<_>>(),
+            ["b"],
+            "c has no policy"
         );
     }
 

@@ -22,6 +22,7 @@ pub mod nat;
 pub mod pod_index;
 pub mod pod_watch;
 pub mod policy;
+pub mod policy_watch;
 pub mod pool;
 pub mod registration;
 pub mod rotation;

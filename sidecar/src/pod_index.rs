@@ -26,7 +26,9 @@
 //!   record (public key or address). Peers already admitted win ties, so a working peer is not
 //!   displaced by a newcomer's bad record;
 //! - **which sweep candidates are orphans** ([`PodIndex::orphan_records`],
-//!   [`PodIndex::orphan_claims`], [`old_enough`]).
+//!   [`PodIndex::orphan_claims`], [`old_enough`]);
+//! - **whose labels the admitted peers carry** ([`PodIndex::admitted_pods`]): a change of an
+//!   admitted Pod's labels counts as a change, so its NetworkPolicy egress is computed again.
 //!
 //! A failed read never removes an admitted record: only the Pod's deletion, its end, or a newer
 //! record of the same Pod does.
@@ -76,6 +78,19 @@ pub struct WatchedPod {
     pub sidecar: Option<String>,
     /// Phase `Succeeded` or `Failed`: the Pod will never run again.
     pub finished: bool,
+    /// The Pod's labels (what NetworkPolicy `podSelector`s match).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// An admitted peer's Pod as its egress policy needs it ([`PodIndex::admitted_pods`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdmittedPod<'a> {
+    /// The peer's public key.
+    pub public_key: &'a str,
+    /// The Pod.
+    pub pod: &'a PodIdentity,
+    /// Its labels now.
+    pub labels: &'a BTreeMap<String, String>,
 }
 
 /// A Pod event (the shape of `kube::runtime::watcher::Event`).
@@ -431,6 +446,9 @@ impl PodIndex {
             released: false,
         });
         let was_finished = st.released;
+        if st.pod.labels != pod.labels && self.admitted.contains_key(&st.pod.identity.uid) {
+            self.changed = true; // its egress policy may differ now
+        }
         st.pod = pod;
         if st.pod.finished {
             if !was_finished {
@@ -798,6 +816,18 @@ impl PodIndex {
         changes
     }
 
+    /// The peers of the last [`PodIndex::peers`] outcome with their Pods' current labels.
+    pub fn admitted_pods(&self) -> impl Iterator<Item = AdmittedPod<'_>> {
+        self.admitted.iter().filter_map(|(uid, a)| {
+            let st = self.pods.get(uid)?;
+            Some(AdmittedPod {
+                public_key: &a.public_key,
+                pod: &a.pod,
+                labels: &st.pod.labels,
+            })
+        })
+    }
+
     /// True when `uid` is a live, unfinished Pod of the index.
     #[must_use]
     pub fn is_live(&self, uid: &str) -> bool {
@@ -859,6 +889,7 @@ mod tests {
             identity: id(name, uid),
             sidecar: Some(instance.into()),
             finished: false,
+            labels: BTreeMap::new(),
         }
     }
 
@@ -958,6 +989,38 @@ mod tests {
         );
         assert!(ix.peers(t0 + ms(301)).changes.is_empty(), "reported once");
         assert_eq!(ix.next_due(), None, "no more reads for this instance");
+    }
+
+    #[test]
+    fn a_label_change_of_an_admitted_pod_is_a_change_and_its_labels_are_current() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        let mut web = running("web-1", "0001", "containerd://a");
+        web.labels.insert("app".into(), "web".into());
+        ix.apply(PodEvent::Apply(web.clone()), t0);
+        let n = serve(&mut ix, t0 + FIRST_READ_DELAY, |r| {
+            RecordRead::Found(record(&r.pod, 1, "10.99.0.2/32", 1))
+        });
+        assert_eq!(n, 1);
+        ix.peers(t0 + ms(300));
+        assert!(ix.take_changed());
+        let labels = |ix: &PodIndex| -> Vec<(String, String)> {
+            ix.admitted_pods()
+                .map(|p| {
+                    assert_eq!(p.public_key, key(1));
+                    (p.pod.name.clone(), p.labels["app"].clone())
+                })
+                .collect()
+        };
+        assert_eq!(labels(&ix), [("web-1".to_owned(), "web".to_owned())]);
+        // A status update with the same labels is no change; new labels are.
+        ix.apply(PodEvent::Apply(web.clone()), t0 + ms(400));
+        assert!(!ix.take_changed());
+        web.labels.insert("app".into(), "api".into());
+        ix.apply(PodEvent::Apply(web), t0 + ms(500));
+        assert!(ix.take_changed());
+        assert_eq!(labels(&ix), [("web-1".to_owned(), "api".to_owned())]);
+        assert!(ix.peers(t0 + ms(600)).changes.is_empty(), "same peer");
     }
 
     #[test]

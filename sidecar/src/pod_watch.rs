@@ -8,7 +8,8 @@
 //! when it must, which the index sees as `Init` … `InitDone`), and the mapping of a Pod object to
 //! a [`WatchedPod`]: identity (namespace, `spec.serviceAccountName`, name, UID), the running
 //! `wg-sidecar` container's ID (`status.initContainerStatuses` for a native sidecar, else
-//! `status.containerStatuses`) and whether the Pod is finished (`status.phase`).
+//! `status.containerStatuses`), whether the Pod is finished (`status.phase`) and its labels
+//! (what the NetworkPolicies of [`crate::policy_watch`] select on).
 //! The watch asks for full objects, not metadata only: the service account (`spec`) and the
 //! phase and container statuses (`status`) are not in a Pod's metadata.
 //! Must never: write to the Kubernetes API, or decide anything (the index does).
@@ -98,6 +99,7 @@ pub fn watched_pod(pod: &Pod) -> Option<WatchedPod> {
         identity,
         sidecar,
         finished,
+        labels: m.labels.clone().unwrap_or_default(),
     })
 }
 
@@ -123,7 +125,7 @@ fn map_event(event: watcher::Event<Pod>) -> Option<PodEvent> {
 }
 
 /// An error with its causes (`kube` puts the useful part, e.g. a TLS or DNS failure, in them).
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -190,6 +192,7 @@ mod tests {
         assert_eq!(native.sidecar.as_deref(), Some("containerd://abc"));
         assert_eq!(native.identity.service_account, "web");
         assert_eq!(native.identity.uid, "0b5c7f3e-1111");
+        assert_eq!(native.labels[TUNNEL_LABEL], "corp");
         assert!(!native.finished);
         let classic = watched_pod(&pod(&serde_json::json!({
             "phase": "Running", "containerStatuses": sidecar("running")})))

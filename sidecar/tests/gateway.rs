@@ -300,7 +300,8 @@ fn gateway_metrics(ns: &Netns) -> String {
 #[test]
 fn provisioned_pod_reaches_the_private_network_through_the_gateway_and_loses_it_when_removed() {
     let lab = Lab::new(false);
-    // Dual-stack gateway: both address families get a masquerade rule.
+    // Dual-stack pool; the record advertises 10.20.0.0/24 (`--allowed-ips`), and with no
+    // `--private-networks` that is all the gateway forwards to and masquerades towards.
     let gw = lab.provision_gateway("192.168.77.1:51820", "10.99.0.0/16,fd99::/64");
     assert_eq!(gw["address"], "10.99.0.1/16,fd99::1/64", "{gw}");
     let web = lab.provision("shop", "web");
@@ -359,12 +360,22 @@ fn provisioned_pod_reaches_the_private_network_through_the_gateway_and_loses_it_
     assert!(lab.private.ip(&["route", "get", "10.99.0.2"]).is_err());
     let rules = lab.gwa.run("nft", &["list", "ruleset"]).unwrap();
     assert!(
-        rules.contains("ip saddr 10.99.0.0/16 oifname != \"wgw") && rules.contains("masquerade"),
+        rules.contains("ip saddr 10.99.0.0/16 ip daddr 10.20.0.0/24 oifname != \"wgw")
+            && rules.contains("masquerade"),
         "{rules}"
     );
     assert!(
-        rules.contains("ip6 saddr fd99::/64 oifname != \"wgw"),
-        "{rules}"
+        rules.contains("ip daddr 10.20.0.0/24 jump tunnel"),
+        "the record's allowed_ips are the forward filter's networks: {rules}"
+    );
+    assert!(
+        !rules.contains("ip6 saddr fd99::/64"),
+        "no IPv6 network advertised, so no IPv6 masquerading: {rules}"
+    );
+    assert!(
+        log_of(&gwlog).contains("\"the gateway record's allowed_ips\""),
+        "{}",
+        log_of(&gwlog)
     );
 
     // Statistics are sampled every second.
@@ -528,7 +539,7 @@ fn with_private_networks_the_pod_reaches_the_listed_network_and_not_another_the_
         "{rules}"
     );
     assert!(
-        rules.contains("ip daddr 10.20.0.0/24 accept") && rules.contains(" drop"),
+        rules.contains("ip daddr 10.20.0.0/24 jump tunnel") && rules.contains(" drop"),
         "{rules}"
     );
     // Control: without the gateway's forward chain the same request gets through, so the

@@ -3,7 +3,7 @@
 //! real OpenBao, and the real gateway binary in userspace mode inside a network namespace the
 //! test creates (`wgt15-…`). Pods register as their sidecars do, with
 //! `wg_sidecar::registration::register`; the gateway's peers are read with `wg show <if> dump`
-//! and its `/metrics`.
+//! and its `/metrics`; its nftables table with `nft -j list table` in the namespace.
 //!
 //! The gateway reaches the apiserver and OpenBao (both on 127.0.0.1 of the host) through a TCP
 //! relay this test runs on the host end of a veth pair; the kubeconfig names the apiserver's
@@ -32,6 +32,7 @@ use std::{
 use base64::Engine as _;
 use k8s_openapi::api::{
     core::v1::Pod,
+    networking::v1::NetworkPolicy,
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -374,6 +375,11 @@ impl Lab {
 
     /// Starts the real gateway in the namespace and waits for `/ready`.
     async fn start_gateway(&mut self) {
+        self.start_gateway_with(&[]).await;
+    }
+
+    /// [`Lab::start_gateway`] with more flags.
+    async fn start_gateway_with(&mut self, extra: &[&str]) {
         self.gateway_runs += 1;
         let mut cmd = self.ns.command(&cargo_binary("wg-sidecar").unwrap());
         cmd.args([
@@ -391,6 +397,7 @@ impl Lab {
         .args(["--vault-addr", &format!("http://{}", self.vault_relay)])
         .args(["--vault-auth", "token", "--vault-token-file"])
         .arg(&self.gateway_token)
+        .args(extra)
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("KUBECONFIG", &self.kubeconfig)
@@ -515,9 +522,18 @@ impl Lab {
     /// Creates a Pod of the profile and writes the status a kubelet would once its
     /// `wg-sidecar` container runs.
     async fn running_pod(&self, name: &str) -> PodIdentity {
+        self.running_pod_labelled(name, "").await
+    }
+
+    /// [`Lab::running_pod`] with the label `app=<app>` too (none when empty).
+    async fn running_pod_labelled(&self, name: &str, app: &str) -> PodIdentity {
         let api = self.pods().await;
+        let mut labels = serde_json::json!({"wg-injector.io/tunnel": GATEWAY});
+        if !app.is_empty() {
+            labels["app"] = app.into();
+        }
         let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "labels": {"wg-injector.io/tunnel": GATEWAY}},
+            "metadata": {"name": name, "labels": labels},
             "spec": {"serviceAccountName": "web", "containers": [
                 {"name": "app", "image": "app:1"},
                 {"name": "wg-sidecar", "image": "localhost/wg-sidecar:e2e"}]},
@@ -597,6 +613,103 @@ impl Lab {
     fn admitted(&self, r: &Registered) -> bool {
         self.peers().get(&r.public_key) == Some(&(r.preshared_key.clone(), r.address.clone()))
     }
+
+    /// The gateway's nftables table as `nft -j` lists it.
+    fn nft(&self) -> Vec<serde_json::Value> {
+        let table = wg_sidecar::nat::table_name(&self.ns.interface);
+        let text = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.ns.name,
+            "nft",
+            "-j",
+            "list",
+            "table",
+            "inet",
+            &table,
+        ]));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["nftables"].as_array().unwrap().clone()
+    }
+
+    async fn policies(&self) -> Api<NetworkPolicy> {
+        Api::namespaced(self.plane.admin_client().await.unwrap(), "shop")
+    }
+}
+
+/// The egress chain of a registered Pod's peer: `peer_` and its address with `_` for `.`.
+fn chain_of(r: &Registered) -> String {
+    let addr = r.address.split('/').next().unwrap();
+    format!("peer_{}", addr.replace('.', "_"))
+}
+
+/// The rules of `chain` in an `nft -j` listing, each as `left op right; …; verdict` (`None`:
+/// no such chain).
+fn chain_rules(json: &[serde_json::Value], chain: &str) -> Option<Vec<String>> {
+    json.iter()
+        .filter_map(|o| o.get("chain"))
+        .find(|c| c["name"] == chain)?;
+    let describe = |e: &serde_json::Value| -> String {
+        let Some(m) = e.get("match") else {
+            return e.as_object().unwrap().keys().next().unwrap().clone();
+        };
+        let left = &m["left"];
+        let l = if let Some(p) = left.get("payload") {
+            format!(
+                "{} {}",
+                p["protocol"].as_str().unwrap(),
+                p["field"].as_str().unwrap()
+            )
+        } else if let Some(k) = left.get("meta") {
+            format!("meta {}", k["key"].as_str().unwrap())
+        } else {
+            left.to_string()
+        };
+        let r = match &m["right"] {
+            serde_json::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        };
+        format!("{l} {} {r}", m["op"].as_str().unwrap())
+    };
+    Some(
+        json.iter()
+            .filter_map(|o| o.get("rule"))
+            .filter(|r| r["chain"] == chain)
+            .map(|r| {
+                let parts: Vec<String> =
+                    r["expr"].as_array().unwrap().iter().map(describe).collect();
+                parts.join("; ")
+            })
+            .collect(),
+    )
+}
+
+/// The last rule of the `tunnel` chain: the verdict of peers without a policy.
+fn tunnel_default(json: &[serde_json::Value]) -> String {
+    chain_rules(json, "tunnel").unwrap().last().unwrap().clone()
+}
+
+/// `shop/web-egress`: Pods labelled `app=web` may reach 10.20.0.2 on TCP `port` only.
+fn web_egress(port: u16) -> NetworkPolicy {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web-egress", "namespace": "shop"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "10.20.0.2/32"}}],
+                        "ports": [{"protocol": "TCP", "port": port}]}],
+        },
+    }))
+    .unwrap()
+}
+
+/// The chain [`web_egress`] compiles to (`nft` shows `meta l4proto tcp th dport N` as
+/// `tcp dport N`).
+fn web_chain(port: u16) -> Vec<String> {
+    vec![
+        format!("ip daddr == 10.20.0.2; tcp dport == {port}; accept"),
+        "drop".to_owned(),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -802,5 +915,160 @@ async fn with_vault_down_running_peers_stay_and_a_pod_created_meanwhile_is_admit
         back.elapsed()
     );
     assert!(lab.admitted(&r1));
+    lab.stop_gateway().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pods_egress_networkpolicy_becomes_its_peer_chain_within_two_seconds_and_default_deny_closes_unselected_pods(
+) {
+    const APPLY: Duration = Duration::from_secs(2);
+    let mut lab = Lab::start(false).await;
+    lab.start_gateway_with(&["--private-networks", "10.20.0.0/16"])
+        .await;
+    let web = lab.running_pod_labelled("web-1", "web").await;
+    let other = lab.running_pod_labelled("other-1", "other").await;
+    let (rw, ro) = (lab.register(&web).await, lab.register(&other).await);
+    lab.wait(Duration::from_secs(10), "web-1 and other-1 admitted", |l| {
+        l.admitted(&rw) && l.admitted(&ro)
+    })
+    .await;
+    let (web_chain_name, other_chain_name) = (chain_of(&rw), chain_of(&ro));
+    let json = lab.nft();
+    assert_eq!(chain_rules(&json, &web_chain_name), None, "no policy yet");
+    assert_eq!(chain_rules(&json, &other_chain_name), None);
+    assert_eq!(tunnel_default(&json), "accept", "without --default-deny");
+
+    // The policy appears: web-1's peer gets exactly its rule, other-1 (not selected) nothing.
+    let policies = lab.policies().await;
+    policies
+        .create(&PostParams::default(), &web_egress(8080))
+        .await
+        .unwrap();
+    let took = lab
+        .wait(APPLY, "web-1's chain with the policy's rule", |l| {
+            chain_rules(&l.nft(), &web_chain_name) == Some(web_chain(8080))
+        })
+        .await;
+    eprintln!("policy created: web-1's chain in force {took:?} later");
+    let json = lab.nft();
+    assert_eq!(
+        chain_rules(&json, &other_chain_name),
+        None,
+        "other-1 is not selected"
+    );
+    let peers_map = json
+        .iter()
+        .filter_map(|o| o.get("map"))
+        .find(|m| m["name"] == "peers")
+        .unwrap();
+    let web_addr = rw.address.split('/').next().unwrap();
+    assert_eq!(
+        peers_map["elem"],
+        serde_json::json!([[web_addr, {"jump": {"target": web_chain_name}}]]),
+        "{peers_map}"
+    );
+    let mut metric_ok = false;
+    for _ in 0..20 {
+        if lab.metric("wg_gateway_policy_peers", "").await == 1.0
+            && lab.metric("wg_gateway_policy_rules", "").await == 2.0
+        {
+            metric_ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(metric_ok, "policy metrics\n{}", lab.gateway_log());
+    assert!(
+        lab.metric("wg_gateway_policy_apply_duration_seconds_count", "")
+            .await
+            >= 1.0,
+        "apply duration histogram"
+    );
+    assert!(lab.admitted(&rw) && lab.admitted(&ro), "peers untouched");
+
+    // The port changes live.
+    policies
+        .patch(
+            "web-egress",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"egress": [
+                {"to": [{"ipBlock": {"cidr": "10.20.0.2/32"}}],
+                 "ports": [{"protocol": "TCP", "port": 9090}]}]}})),
+        )
+        .await
+        .unwrap();
+    let took = lab
+        .wait(APPLY, "web-1's chain with the new port", |l| {
+            chain_rules(&l.nft(), &web_chain_name) == Some(web_chain(9090))
+        })
+        .await;
+    eprintln!("port changed: in force {took:?} later");
+
+    // A label change selects other-1 too.
+    lab.pods()
+        .await
+        .patch(
+            "other-1",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"app": "web"}}})),
+        )
+        .await
+        .unwrap();
+    let took = lab
+        .wait(APPLY, "other-1 relabelled app=web gets the chain", |l| {
+            chain_rules(&l.nft(), &other_chain_name) == Some(web_chain(9090))
+        })
+        .await;
+    eprintln!("label changed: in force {took:?} later");
+
+    // Deleted: the chains go, the peers stay.
+    policies
+        .delete("web-egress", &DeleteParams::default())
+        .await
+        .unwrap();
+    let took = lab
+        .wait(APPLY, "the chains gone with the policy", |l| {
+            let json = l.nft();
+            chain_rules(&json, &web_chain_name).is_none()
+                && chain_rules(&json, &other_chain_name).is_none()
+        })
+        .await;
+    eprintln!("policy deleted: chains gone {took:?} later");
+    assert!(lab.admitted(&rw) && lab.admitted(&ro), "peers untouched");
+    lab.stop_gateway().await;
+
+    // --default-deny: a Pod selected by no policy has no chain and the default is drop; a
+    // policy still gives its Pods exactly its rules.
+    lab.pods()
+        .await
+        .patch(
+            "other-1",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"app": "other"}}})),
+        )
+        .await
+        .unwrap();
+    policies
+        .create(&PostParams::default(), &web_egress(8080))
+        .await
+        .unwrap();
+    lab.start_gateway_with(&["--private-networks", "10.20.0.0/16", "--default-deny"])
+        .await;
+    lab.wait(Duration::from_secs(5), "both admitted again", |l| {
+        l.admitted(&rw) && l.admitted(&ro)
+    })
+    .await;
+    let json = lab.nft();
+    assert_eq!(tunnel_default(&json), "drop", "--default-deny");
+    assert_eq!(
+        chain_rules(&json, &other_chain_name),
+        None,
+        "other-1: nothing"
+    );
+    assert_eq!(
+        chain_rules(&json, &web_chain_name),
+        Some(web_chain(8080)),
+        "web-1's chain is in force when the gateway is ready"
+    );
     lab.stop_gateway().await;
 }

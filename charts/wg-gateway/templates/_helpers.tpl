@@ -107,6 +107,9 @@ batch/v1beta1
 {{- with .Values.server.privateNetworks }}
 - {{ printf "--private-networks=%s" (join "," .) | quote }}
 {{- end }}
+{{- if .Values.policy.defaultDeny }}
+- --default-deny=true
+{{- end }}
 {{- end }}
 
 {{/* `wg-sidecar keys rotate` arguments. ONE place. */}}
