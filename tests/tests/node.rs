@@ -80,6 +80,8 @@ class Stream(http.server.BaseHTTPRequestHandler):
         sys.stderr.write("stream to %s\n" % self.client_address[0]); sys.stderr.flush()
 import threading
 threading.Thread(target=http.server.ThreadingHTTPServer(("10.20.0.2", 8081), Stream).serve_forever, daemon=True).start()
+# A second address of the private network, for the NetworkPolicy step.
+threading.Thread(target=http.server.ThreadingHTTPServer(("10.20.0.3", 8080), H).serve_forever, daemon=True).start()
 http.server.ThreadingHTTPServer(("10.20.0.2", 8080), H).serve_forever()
 "#;
 /// The stream's full length (60 chunks of 16 KiB).
@@ -360,6 +362,19 @@ fn the_users_path_on_a_real_node() {
     eprintln!("node Ready after {:.2} s (from nothing: netns, containerd, images, control plane, kubelet)", node.ready_after.as_secs_f64());
     let private_ns = format!("wgp-{}", std::process::id());
     node.attach_network(&private_ns, PRIVATE_PREFIX).unwrap();
+    let added = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &private_ns,
+            "addr",
+            "add",
+            "10.20.0.3/32",
+            "dev",
+            "lo",
+        ])
+        .status()
+        .unwrap();
+    assert!(added.success(), "a second private address");
     let service_log = node.dir().join("logs/private-service.log");
     let mut service = {
         let mut cmd = std::process::Command::new("ip");
@@ -849,6 +864,12 @@ fn the_users_path_on_a_real_node() {
 
     step(
         t0,
+        "a NetworkPolicy of the Pods' own namespace decides what they reach through the tunnel",
+    );
+    network_policy_in_the_tunnel(&node);
+
+    step(
+        t0,
         "a Job with an injected Pod completes (classic mode: the app stops the sidecar)",
     );
     let t_job = Instant::now();
@@ -1194,5 +1215,141 @@ fn scale_one_three_one_three(node: &Node, vault_addr: &str, vault_token: &str) {
     let second_three = check_round("3 replicas again", &three);
     eprintln!(
         "addresses: first three {first_three:?}, second three {second_three:?} (pool {TUNNEL_POOL}: five Pod addresses)"
+    );
+}
+
+/// A gateway metric of each Ready gateway Pod (an error when one Pod lacks it).
+fn gateway_metric(node: &Node, metric: &str) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::new();
+    for g in pods(node, "vpn", "app.kubernetes.io/name=wg-gateway")?
+        .iter()
+        .filter(|p| all_ready(p))
+    {
+        let text = node.run_ok(
+            "curl",
+            &[
+                "-s",
+                "--max-time",
+                "2",
+                &format!("http://{}:9901/metrics", pod_ip(g)),
+            ],
+        )?;
+        let v = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{metric} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("no {metric} in {}'s metrics", name(g)))?;
+        out.push(v);
+    }
+    Ok(out)
+}
+
+/// `/http-get URL` in the app container of `pod`: `Ok(body)` or `Err(stderr)`.
+fn app_get(node: &Node, pod: &str, url: &str) -> Result<String, String> {
+    let out = node
+        .run(
+            "kubectl",
+            &[
+                "-n",
+                "shop",
+                "exec",
+                pod,
+                "-c",
+                "app",
+                "--",
+                "/http-get",
+                url,
+            ],
+        )
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+/// Issue 16 on the real node: a NetworkPolicy allowing one /32 and one port lets exactly that
+/// through the tunnel (a second port and a second address are dropped at the gateway), applied
+/// and removed live, each within 2 s on both gateway replicas.
+fn network_policy_in_the_tunnel(node: &Node) {
+    let web = pods(node, "shop", "app=web").unwrap();
+    let pod = name(&web[0]);
+    let other_address = "http://10.20.0.3:8080/";
+    let other_port = "http://10.20.0.2:8081/stream";
+    // Without a policy the Pods reach the whole private network (the gateway's network).
+    let body = app_get(node, &pod, other_address)
+        .unwrap_or_else(|e| panic!("10.20.0.3 unreachable before any policy: {e}"));
+    assert!(body.starts_with("client="), "{body}");
+    let replicas = f64::from(u32::try_from(web.len()).unwrap());
+    let t = Instant::now();
+    node.apply(
+        r"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-egress, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: 10.20.0.2/32}}]
+    ports: [{protocol: TCP, port: 8080}]
+",
+    )
+    .unwrap();
+    Node::wait_for(
+        "both gateway replicas enforcing the policy for every web Pod",
+        Duration::from_secs(2),
+        || {
+            Ok(gateway_metric(node, "wg_gateway_policy_peers")?
+                .iter()
+                .all(|n| (*n - replicas).abs() < 0.5)
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e} (within 2 s): {:?}",
+            gateway_metric(node, "wg_gateway_policy_peers")
+        )
+    });
+    eprintln!(
+        "policy applied on both gateway replicas {:.2} s after kubectl apply",
+        t.elapsed().as_secs_f64()
+    );
+    let allowed = app_get(node, &pod, SERVICE_URL);
+    assert!(
+        allowed.as_ref().is_ok_and(|b| b.starts_with("client=")),
+        "the allowed /32 and port: {allowed:?}"
+    );
+    for (what, url) in [
+        ("a second port", other_port),
+        ("a second address", other_address),
+    ] {
+        let refused = app_get(node, &pod, url);
+        assert!(refused.is_err(), "{what} ({url}) went through: {refused:?}");
+        eprintln!("{what} ({url}): {}", refused.unwrap_err());
+    }
+    let t = Instant::now();
+    node.kubectl(&["-n", "shop", "delete", "networkpolicy", "web-egress"])
+        .unwrap();
+    Node::wait_for(
+        "the policy removed on both gateway replicas",
+        Duration::from_secs(2),
+        || {
+            Ok(gateway_metric(node, "wg_gateway_policy_peers")?
+                .iter()
+                .all(|n| n.abs() < 0.5)
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e} (within 2 s)"));
+    eprintln!(
+        "policy removed on both gateway replicas {:.2} s after kubectl delete",
+        t.elapsed().as_secs_f64()
+    );
+    let back = app_get(node, &pod, other_address);
+    assert!(
+        back.is_ok(),
+        "10.20.0.3 after the policy's removal: {back:?}"
     );
 }
