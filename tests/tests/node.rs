@@ -236,31 +236,7 @@ fn logs(node: &Node, ns: &str, pod: &str, container: &str) -> String {
 
 /// The app container's request to the private service: `Ok(body)` or `Err(reason)`.
 fn app_request(node: &Node, pod: &str) -> Result<String, String> {
-    let out = node
-        .run(
-            "kubectl",
-            &[
-                "-n",
-                "shop",
-                "exec",
-                pod,
-                "-c",
-                "app",
-                "--",
-                "/http-get",
-                SERVICE_URL,
-            ],
-        )
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    } else {
-        Err(format!(
-            "{} {}",
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    app_get(node, pod, SERVICE_URL)
 }
 
 fn pod_ip(pod: &Value) -> String {
@@ -1013,29 +989,11 @@ PY"#;
 
 /// `wg_gateway_peers` of every Ready gateway Pod (scraped from its health port on the node).
 fn gateway_peers(node: &Node) -> anyhow::Result<Vec<u64>> {
-    let mut out = Vec::new();
-    for g in pods(node, "vpn", "app.kubernetes.io/name=wg-gateway")?
-        .iter()
-        .filter(|p| all_ready(p))
-    {
-        let metrics = node.run_ok(
-            "curl",
-            &[
-                "-s",
-                "--max-time",
-                "2",
-                &format!("http://{}:9901/metrics", pod_ip(g)),
-            ],
-        )?;
-        let peers = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("wg_gateway_peers "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .with_context(|| format!("no wg_gateway_peers in {}'s metrics", name(g)))?;
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        out.push(peers as u64);
-    }
-    Ok(out)
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Ok(gateway_metric(node, "wg_gateway_peers")?
+        .into_iter()
+        .map(|v| v as u64)
+        .collect())
 }
 
 /// The names of Vault's entries below `path` (`bao kv list`; empty when the folder is gone).
@@ -1244,7 +1202,7 @@ fn gateway_metric(node: &Node, metric: &str) -> anyhow::Result<Vec<f64>> {
     Ok(out)
 }
 
-/// `/http-get URL` in the app container of `pod`: `Ok(body)` or `Err(stderr)`.
+/// `/http-get URL` in the app container of `pod`: `Ok(body)` or `Err(what it printed)`.
 fn app_get(node: &Node, pod: &str, url: &str) -> Result<String, String> {
     let out = node
         .run(
@@ -1265,7 +1223,11 @@ fn app_get(node: &Node, pod: &str, url: &str) -> Result<String, String> {
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        Err(format!(
+            "{} {}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
