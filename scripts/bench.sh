@@ -11,6 +11,11 @@
 #  2. the core criterion bench (cargo bench -p wg-injector --bench inject), when it exists.
 #  3. the sidecar/gateway bench programs (sidecar/benches/*.rs, sidecar/examples/*bench*.rs),
 #     when they exist (some need root for network namespaces).
+#  4. gateway scale (tests/benches/gateway_scale.rs, root): the release `wg-sidecar gateway
+#     --pod-source kubernetes` against a real kube-apiserver + etcd and OpenBao with 10 000 Pods
+#     (initial sync, change latency at 100 Pod starts/s, Vault reads per start, RSS per peer;
+#     about 10 minutes). WG_GATEWAY_SCALE_ARGS passes flags, e.g. "--pods 1000" for a quick run.
+#     Its table lands under "Other benchmarks"; the "## Gateway scale" section is kept as written.
 # This is a measuring tool, not a test: a missing bench is reported and skipped; a failing one
 # is reported, the others still run, and the script exits 1 at the end.
 set -uo pipefail
@@ -106,6 +111,21 @@ done
 if [[ $found == 0 ]]; then
   echo "skip: no sidecar/benches/*.rs or sidecar/examples/*bench*.rs yet"
   echo "Sidecar/gateway benches: none found (sidecar/benches/*.rs, sidecar/examples/*bench*.rs)." >>"$others"
+fi
+
+echo "== gateway scale (cargo bench -p wg-e2e --bench gateway_scale)"
+if [[ $(id -u) != 0 ]]; then
+  echo "skip: the gateway scale bench needs root (network namespace, TUN device)"
+  echo "Gateway scale: not run (needs root)." >>"$others"; echo >>"$others"
+elif ! cargo build --release -p wg-sidecar; then
+  failed+=("cargo build --release -p wg-sidecar (for the gateway scale bench)")
+elif cargo bench -p wg-e2e --bench gateway_scale -- --markdown "$out/gateway-scale.md" \
+    ${WG_GATEWAY_SCALE_ARGS:-} 2>&1 | tee "$out/gateway-scale.txt" && [[ -s "$out/gateway-scale.md" ]]; then
+  { echo "Gateway scale (\`cargo bench -p wg-e2e --bench gateway_scale -- ${WG_GATEWAY_SCALE_ARGS:-}\`," \
+      "release \`wg-sidecar\`; see \"Gateway scale\" above for what it measures):"; echo
+    cat "$out/gateway-scale.md"; echo; } >>"$others"
+else
+  failed+=("cargo bench -p wg-e2e --bench gateway_scale")
 fi
 
 if [[ -s "$out/load.md" ]]; then
