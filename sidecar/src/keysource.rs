@@ -298,6 +298,9 @@ pub struct RegisteredKeySource {
     gateway_path: String,
     static_key_path: Option<String>,
     registered: tokio::sync::Mutex<Option<PrivateRecord>>,
+    /// The gateway record read by the registration, handed to the first `load_gateway` (the
+    /// control loop loads both right after each other: one Vault read, not two).
+    fresh_gateway: std::sync::Mutex<Option<GatewayRecord>>,
 }
 
 impl RegisteredKeySource {
@@ -317,6 +320,7 @@ impl RegisteredKeySource {
             gateway_path,
             static_key_path,
             registered: tokio::sync::Mutex::new(None),
+            fresh_gateway: std::sync::Mutex::new(None),
         }
     }
 
@@ -386,6 +390,10 @@ impl RegisteredKeySource {
             static_identity = self.static_key_path.is_some(),
             "registered with the gateway"
         );
+        *self
+            .fresh_gateway
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(gateway);
         Ok(PrivateRecord {
             private_key,
             addresses: r.addresses,
@@ -435,7 +443,15 @@ impl KeySource for RegisteredKeySource {
     }
 
     async fn load_gateway(&self) -> Result<GatewayRecord> {
-        self.read_gateway().await
+        let fresh = self
+            .fresh_gateway
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match fresh {
+            Some(g) => Ok(g),
+            None => self.read_gateway().await,
+        }
     }
 }
 
