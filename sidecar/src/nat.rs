@@ -10,18 +10,19 @@
 //!   ip[6] saddr <pool> [ip[6] daddr <net>] oifname != <wg> masquerade }   # per (pool, network)
 //! chain forward { type filter hook forward priority 0; policy accept;
 //!   iifname <wg> ip[6] daddr <net> jump tunnel                      # per gateway network
-//!   iifname <wg> drop }                                             # closed by default
+//!   iifname <wg> counter name dropped_outside_networks drop }       # closed by default
 //! chain tunnel {                                                    # destination is in a network
 //!   meta nfproto ipv4 ip saddr vmap @peers                          # peer address → jump peer_<id>
 //!   meta nfproto ipv6 ip6 saddr vmap @peers6
-//!   accept | drop }                                                 # peers without a policy
+//!   accept | counter name dropped_policy drop }                     # peers without a policy
 //! map peers  { type ipv4_addr : verdict }                           # hash, flat cost per packet
 //! map peers6 { type ipv6_addr : verdict }
 //! chain peer_<id> {                                                 # one per peer with a policy
 //!   [ip[6] daddr <block>] [meta l4proto <p> [th dport <first>-<last>]] accept | jump peer_<id>_x<n>
 //!   …
-//!   drop }
+//!   counter name dropped_policy drop }
 //! chain peer_<id>_x<n> { ip[6] daddr <except> return; …; accept }   # a block with exceptions
+//! counter dropped_outside_networks, counter dropped_policy          # read by Nat::drop_counters
 //! ```
 //!
 //! Tunnel traffic (`iifname <wg>`) is only ever forwarded into the gateway's networks: with none,
@@ -78,6 +79,9 @@ const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_NEWSET: u16 = 9;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
+const NFT_MSG_NEWOBJ: u16 = 18;
+const NFT_MSG_GETOBJ: u16 = 19;
+const NFT_OBJECT_COUNTER: u32 = 1;
 const NFPROTO_INET: u8 = 1;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
@@ -119,6 +123,10 @@ const FORWARD_CHAIN: &str = "forward";
 const TUNNEL_CHAIN: &str = "tunnel";
 const PEERS_V4: &str = "peers";
 const PEERS_V6: &str = "peers6";
+/// Named counter of tunnel packets dropped for a destination outside the gateway's networks.
+const DROPPED_OUTSIDE: &str = "dropped_outside_networks";
+/// Named counter of tunnel packets dropped by a peer's egress chain or `default_deny`.
+const DROPPED_POLICY: &str = "dropped_policy";
 
 /// The largest batch [`Nat::set_peer_policies`] sends as one transaction (below the kernel's
 /// default netlink send buffer, 212 992 bytes minus overhead).
@@ -665,11 +673,20 @@ fn network_rule(interface: &str, net: IpNet) -> Vec<Attr> {
     rule
 }
 
-/// The forward-chain rule `iifname <interface> drop`.
+/// The forward-chain rule `iifname <interface> counter name dropped_outside_networks drop`.
 fn drop_rule(interface: &str) -> Vec<Attr> {
     let mut rule = ifname_match(NFT_META_IIFNAME, NFT_CMP_EQ, interface);
-    rule.push(verdict(Verdict::Drop));
+    rule.extend(counted_drop(DROPPED_OUTSIDE));
     rule
+}
+
+/// `counter name <counter> drop`: the named counter object's `objref`, then the verdict.
+fn counted_drop(counter: &str) -> Vec<Attr> {
+    // NFTA_OBJREF_IMM_TYPE = 1, NFTA_OBJREF_IMM_NAME = 2.
+    vec![
+        expr("objref", vec![be32(1, NFT_OBJECT_COUNTER), s(2, counter)]),
+        verdict(Verdict::Drop),
+    ]
 }
 
 /// The tunnel-chain rule `meta nfproto ipv4 ip saddr vmap @peers` (`ip6 … @peers6`).
@@ -782,6 +799,18 @@ impl Batch {
             s(7, kind),
         ];
         self.nft(NFT_MSG_NEWCHAIN, NLM_F_CREATE, &attrs);
+    }
+
+    /// A named counter object (`counter <name>`), referenced by drop rules.
+    fn counter(&mut self, name: &str) {
+        // NFTA_OBJ_TABLE = 1, _NAME = 2, _TYPE = 3, _DATA = 4 (required; empty: from zero).
+        let attrs = [
+            s(1, &self.table),
+            s(2, name),
+            be32(3, NFT_OBJECT_COUNTER),
+            Attr::Nested(4, Vec::new()),
+        ];
+        self.nft(NFT_MSG_NEWOBJ, NLM_F_CREATE, &attrs);
     }
 
     /// A regular chain (a jump target).
@@ -921,6 +950,8 @@ pub fn install_batch(
     b.table_message(NFT_MSG_NEWTABLE, NLM_F_CREATE);
     b.table_message(NFT_MSG_DELTABLE, 0);
     b.table_message(NFT_MSG_NEWTABLE, NLM_F_CREATE);
+    b.counter(DROPPED_OUTSIDE);
+    b.counter(DROPPED_POLICY);
     if !sources.is_empty() {
         b.base_chain(CHAIN, "nat", NF_INET_POST_ROUTING, NAT_SRC_PRIORITY);
         for net in sources {
@@ -940,12 +971,14 @@ pub fn install_batch(
     b.chain(TUNNEL_CHAIN);
     b.rule(TUNNEL_CHAIN, vmap_rule(true));
     b.rule(TUNNEL_CHAIN, vmap_rule(false));
-    let default = if default_deny {
-        Verdict::Drop
-    } else {
-        Verdict::Accept
-    };
-    b.rule(TUNNEL_CHAIN, vec![verdict(default)]);
+    b.rule(
+        TUNNEL_CHAIN,
+        if default_deny {
+            counted_drop(DROPPED_POLICY)
+        } else {
+            vec![verdict(Verdict::Accept)]
+        },
+    );
     b.base_chain(FORWARD_CHAIN, "filter", NF_INET_FORWARD, FILTER_PRIORITY);
     for net in networks {
         b.rule(FORWARD_CHAIN, network_rule(interface, *net));
@@ -1003,7 +1036,7 @@ fn fill_peer(b: &mut Batch, chain: &str, chains: &PeerChains) {
         rule.push(verdict(x.as_deref().map_or(Verdict::Accept, Verdict::Jump)));
         b.rule(chain, rule);
     }
-    b.rule(chain, vec![verdict(Verdict::Drop)]);
+    b.rule(chain, counted_drop(DROPPED_POLICY));
 }
 
 /// Removes peer `chain` entirely: map entries first, then its chains.
@@ -1274,6 +1307,127 @@ impl Netlink {
         }
         Ok(())
     }
+
+    /// Reads the packet count of counter object `name` (one request, its answer and ack).
+    fn counter(&self, interface: &str, name: &str) -> Result<u64> {
+        let err = |reason: String| SidecarError::Nat {
+            op: "read the drop counters of",
+            reason,
+        };
+        let sock = &self.0;
+        sock.set_non_blocking(false)
+            .map_err(|e| err(e.to_string()))?;
+        sock.send(&get_counter_request(interface, name, 1), 0)
+            .map_err(|e| err(format!("failed to ask for counter {name}: {e}")))?;
+        let mut packets = None;
+        loop {
+            let buf = match sock.recv_from_full() {
+                Ok((buf, _)) => buf,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(err(e.to_string())),
+            };
+            match counter_packets(&buf) {
+                Ok(p) => packets = packets.or(p),
+                Err(code) => {
+                    return Err(err(format!(
+                        "kernel refused to read counter {name}: {}",
+                        std::io::Error::from_raw_os_error(-code)
+                    )))
+                }
+            }
+            sock.set_non_blocking(true)
+                .map_err(|e| err(e.to_string()))?;
+        }
+        packets.ok_or_else(|| err(format!("no answer with counter {name}")))
+    }
+}
+
+/// Tunnel packets the table dropped since it was installed (its named counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropCounters {
+    /// For a destination outside the gateway's networks (the forward filter's last rule).
+    pub outside_networks: u64,
+    /// By a peer's egress chain, or by the `tunnel` chain with `default_deny`.
+    pub policy: u64,
+}
+
+/// The request `NFT_MSG_GETOBJ` for counter `name` of the table of `interface`.
+fn get_counter_request(interface: &str, name: &str, seq: u32) -> Vec<u8> {
+    let mut buf = Vec::new();
+    buf.extend_from_slice(&[0; 4]);
+    buf.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ).to_ne_bytes());
+    buf.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.extend_from_slice(&[NFPROTO_INET, 0, 0, 0]);
+    for a in [
+        s(1, &table_name(interface)),
+        s(2, name),
+        be32(3, NFT_OBJECT_COUNTER),
+    ] {
+        a.encode(&mut buf);
+    }
+    let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+    buf[..4].copy_from_slice(&len.to_ne_bytes());
+    buf
+}
+
+/// The attributes `(type without flags, payload)` of a netlink attribute stream.
+fn attributes(mut buf: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while buf.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
+        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & !NLA_F_NESTED;
+        if len < 4 || len > buf.len() {
+            break;
+        }
+        out.push((ty, &buf[4..len]));
+        buf = &buf[((len + 3) & !3).min(buf.len())..];
+    }
+    out
+}
+
+/// The packet count of a counter object in the answers to [`get_counter_request`]:
+/// `NFT_MSG_NEWOBJ { …, NFTA_OBJ_DATA { NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS } }`.
+/// `Err(errno)` when the kernel answered with an error.
+fn counter_packets(answers: &[u8]) -> std::result::Result<Option<u64>, i32> {
+    let mut off = 0;
+    let mut found = None;
+    while off + 16 <= answers.len() {
+        let len = u32::from_ne_bytes([
+            answers[off],
+            answers[off + 1],
+            answers[off + 2],
+            answers[off + 3],
+        ]) as usize;
+        if len < 16 || off + len > answers.len() {
+            break;
+        }
+        let ty = u16::from_ne_bytes([answers[off + 4], answers[off + 5]]);
+        let body = &answers[off + 16..off + len];
+        if ty == NLMSG_ERROR && body.len() >= 4 {
+            let code = i32::from_ne_bytes([body[0], body[1], body[2], body[3]]);
+            if code != 0 {
+                return Err(code);
+            }
+        } else if ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ && body.len() >= 4 {
+            found = attributes(&body[4..])
+                .into_iter()
+                .find(|(t, _)| *t == 4)
+                .and_then(|(_, data)| {
+                    attributes(data)
+                        .into_iter()
+                        .find(|(t, v)| *t == 2 && v.len() == 8)
+                })
+                .map(|(_, v)| {
+                    let mut b = [0; 8];
+                    b.copy_from_slice(v);
+                    u64::from_be_bytes(b)
+                });
+        }
+        off += (len + 3) & !3;
+    }
+    Ok(found)
 }
 
 /// The installed table; [`Nat::remove`] deletes it.
@@ -1359,6 +1513,14 @@ impl Nat {
         }
     }
 
+    /// The tunnel packets dropped since the table was installed (two counter reads).
+    pub fn drop_counters(&self) -> Result<DropCounters> {
+        Ok(DropCounters {
+            outside_networks: self.netlink.counter(&self.interface, DROPPED_OUTSIDE)?,
+            policy: self.netlink.counter(&self.interface, DROPPED_POLICY)?,
+        })
+    }
+
     /// Deletes the table.
     pub fn remove(&self) -> Result<()> {
         self.netlink
@@ -1431,6 +1593,7 @@ mod tests {
     const NEWRULE: u16 = 0xa06;
     const DELRULE: u16 = 0xa08;
     const NEWSET: u16 = 0xa09;
+    const NEWOBJ: u16 = 0xa12;
     const NEWSETELEM: u16 = 0xa0c;
     const DELSETELEM: u16 = 0xa0e;
     const IIF: &[u8] = b"wg0\0\0\0\0\0\0\0\0\0\0\0\0\0";
@@ -1470,11 +1633,11 @@ mod tests {
         let m = messages(&tx.bytes);
         assert_eq!(
             &types(&tx)[..8],
-            [BEGIN, NEWTABLE, DELTABLE, NEWTABLE, NEWCHAIN, NEWRULE, NEWRULE, NEWSET]
+            [BEGIN, NEWTABLE, DELTABLE, NEWTABLE, NEWOBJ, NEWOBJ, NEWCHAIN, NEWRULE]
         );
         assert!(contains(&m[1].2, b"wg_gateway_wg0\0"));
-        assert!(contains(&m[4].2, b"nat\0") && contains(&m[4].2, b"postrouting\0"));
-        let v4 = &m[5].2;
+        assert!(contains(&m[6].2, b"nat\0") && contains(&m[6].2, b"postrouting\0"));
+        let v4 = &m[7].2;
         assert!(contains(v4, b"masq\0") && contains(v4, b"payload\0"));
         assert!(
             contains(v4, &[10, 99, 0, 0]),
@@ -1482,7 +1645,7 @@ mod tests {
         );
         assert!(contains(v4, &[255, 255, 0, 0]), "prefix mask");
         assert!(contains(v4, IIF), "oifname padded to IFNAMSIZ");
-        let v6 = &m[6].2;
+        let v6 = &m[8].2;
         assert!(contains(
             v6,
             &[0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
@@ -1498,61 +1661,61 @@ mod tests {
             false,
         );
         let m = messages(&tx.bytes);
-        // begin, newtable, deltable, newtable, nat chain, 2 × v4 masq + 1 × v6 masq,
+        // begin, newtable, deltable, newtable, 2 counters, nat chain, 2 × v4 masq + 1 × v6 masq,
         // 2 maps, tunnel chain + 3 rules, forward chain + 3 jumps + drop, end
         assert_eq!(
             types(&tx),
             vec![
-                BEGIN, NEWTABLE, DELTABLE, NEWTABLE, NEWCHAIN, NEWRULE, NEWRULE, NEWRULE, NEWSET,
+                BEGIN, NEWTABLE, DELTABLE, NEWTABLE, NEWOBJ, NEWOBJ, NEWCHAIN, NEWRULE, NEWRULE, NEWRULE, NEWSET,
                 NEWSET, NEWCHAIN, NEWRULE, NEWRULE, NEWRULE, NEWCHAIN, NEWRULE, NEWRULE, NEWRULE,
                 NEWRULE, END
             ]
         );
-        let first = &m[5].2;
+        let first = &m[7].2;
         assert!(contains(first, b"masq\0"));
         assert!(contains(first, &payload_at(12)) && contains(first, &payload_at(16)));
         assert!(contains(first, &[10, 99, 0, 0]) && contains(first, &[10, 20, 0, 0]));
         assert!(contains(first, &[255, 255, 255, 0]), "the /24 mask");
-        assert!(contains(&m[6].2, &[172, 16, 0, 0]) && contains(&m[6].2, &[255, 240, 0, 0]));
-        let v6 = &m[7].2;
+        assert!(contains(&m[8].2, &[172, 16, 0, 0]) && contains(&m[8].2, &[255, 240, 0, 0]));
+        let v6 = &m[9].2;
         assert!(contains(v6, &payload_at(8)) && contains(v6, &payload_at(24)));
         assert!(
             !contains(v6, &[10, 20, 0, 0]),
             "no pair across address families"
         );
         // The maps: NFT_SET_MAP, key type ipv4_addr (7) / ipv6_addr (8), verdict data.
-        let map4 = &m[8].2;
+        let map4 = &m[10].2;
         assert!(contains(map4, b"peers\0") && contains(map4, &[8, 0, 3, 0, 0, 0, 0, 8]));
         assert!(
             contains(map4, &[8, 0, 4, 0, 0, 0, 0, 7]) && contains(map4, &[8, 0, 5, 0, 0, 0, 0, 4])
         );
         assert!(contains(map4, &[8, 0, 6, 0, 0xff, 0xff, 0xff, 0]));
-        assert!(contains(&m[9].2, b"peers6\0") && contains(&m[9].2, &[8, 0, 4, 0, 0, 0, 0, 8]));
+        assert!(contains(&m[11].2, b"peers6\0") && contains(&m[11].2, &[8, 0, 4, 0, 0, 0, 0, 8]));
         // The tunnel chain: a lookup in each map, then the default verdict.
-        assert!(contains(&m[10].2, b"tunnel\0"));
-        assert!(contains(&m[11].2, b"lookup\0") && contains(&m[11].2, b"peers\0"));
+        assert!(contains(&m[12].2, b"tunnel\0"));
+        assert!(contains(&m[13].2, b"lookup\0") && contains(&m[13].2, b"peers\0"));
         assert!(
-            contains(&m[11].2, &payload_at(12)),
+            contains(&m[13].2, &payload_at(12)),
             "keyed by source address"
         );
-        assert!(contains(&m[12].2, b"peers6\0") && contains(&m[12].2, &payload_at(8)));
+        assert!(contains(&m[14].2, b"peers6\0") && contains(&m[14].2, &payload_at(8)));
         assert!(
-            contains(&m[13].2, &ACCEPT),
+            contains(&m[15].2, &ACCEPT),
             "peers without a policy: accept"
         );
         // The filter chain: forward hook (2), priority 0, policy accept, type filter.
-        let chain = &m[14].2;
+        let chain = &m[16].2;
         assert!(contains(chain, b"forward\0") && contains(chain, b"filter\0"));
         assert!(contains(chain, &[8, 0, 1, 0, 0, 0, 0, 2]), "hook forward");
         assert!(contains(chain, &[8, 0, 2, 0, 0, 0, 0, 0]), "priority 0");
-        for (i, addr) in [(15, &[10, 20, 0, 0][..]), (16, &[172, 16, 0, 0][..])] {
+        for (i, addr) in [(17, &[10, 20, 0, 0][..]), (18, &[172, 16, 0, 0][..])] {
             let r = &m[i].2;
             assert!(contains(r, IIF) && contains(r, &payload_at(16)) && contains(r, addr));
             assert!(contains(r, &JUMP) && contains(r, b"tunnel\0"));
             assert!(!contains(r, &ACCEPT) && !contains(r, &DROP));
         }
-        assert!(contains(&m[17].2, &payload_at(24)));
-        let last = &m[18].2;
+        assert!(contains(&m[19].2, &payload_at(24)));
+        let last = &m[20].2;
         assert!(contains(last, IIF) && contains(last, &DROP) && !contains(last, &ACCEPT));
         assert!(
             !contains(last, b"payload\0"),
@@ -1567,12 +1730,12 @@ mod tests {
         assert_eq!(
             types(&tx),
             vec![
-                BEGIN, NEWTABLE, DELTABLE, NEWTABLE, NEWSET, NEWSET, NEWCHAIN, NEWRULE, NEWRULE,
+                BEGIN, NEWTABLE, DELTABLE, NEWTABLE, NEWOBJ, NEWOBJ, NEWSET, NEWSET, NEWCHAIN, NEWRULE, NEWRULE,
                 NEWRULE, NEWCHAIN, NEWRULE, END
             ]
         );
-        assert!(contains(&m[9].2, &DROP), "default deny");
-        assert!(contains(&m[11].2, IIF) && contains(&m[11].2, &DROP));
+        assert!(contains(&m[11].2, &DROP), "default deny");
+        assert!(contains(&m[13].2, IIF) && contains(&m[13].2, &DROP));
         assert!(!contains(&tx.bytes, b"masq\0"));
         assert_eq!(base_rules(&[], &[]), 4);
     }

@@ -450,10 +450,25 @@ fn with_networks_an_unrestricted_peer_reaches_them_and_nothing_else() {
     assert!(first.contains(r#""addr":"10.20.0.0","len":24"#), "{first}");
     assert!(jumps_to(&fw[0]["expr"], "tunnel"), "{first}");
     assert_eq!(
-        fw[1]["expr"][1],
-        serde_json::json!({"drop": null}),
+        (&fw[1]["expr"][1], &fw[1]["expr"][2]),
+        (
+            &serde_json::json!({"counter": "dropped_outside_networks"}),
+            &serde_json::json!({"drop": null})
+        ),
         "{:?}",
         fw[1]
+    );
+    assert!(object(&json, "counter", "dropped_outside_networks").is_some());
+    let dropped = nat.drop_counters().unwrap();
+    // The matrix sent one connection per peer to the outside address: its SYN and retries.
+    assert!(
+        dropped.outside_networks >= 2 && dropped.policy == 0,
+        "{dropped:?}"
+    );
+    assert_eq!(
+        object(&json, "counter", "dropped_outside_networks").unwrap()["packets"],
+        dropped.outside_networks,
+        "the netlink read agrees with nft"
     );
     let tunnel = rules(&json, "tunnel");
     assert_eq!(tunnel.len(), 3);
@@ -515,7 +530,15 @@ fn a_peer_policy_allows_exactly_its_destination_and_port_and_changes_apply_live(
         text.contains(r#""right":"10.20.0.2""#) && text.contains(r#""right":8080"#),
         "{text}"
     );
-    assert_eq!(chain[1]["expr"][0], serde_json::json!({"drop": null}));
+    assert_eq!(
+        chain[1]["expr"],
+        serde_json::json!([{"counter": "dropped_policy"}, {"drop": null}])
+    );
+    let dropped = nat.drop_counters().unwrap();
+    assert!(
+        dropped.policy >= 3,
+        "peer A's three refused connections inside the network: {dropped:?}"
+    );
     assert_eq!(
         (
             nat.rule_counts().peers,
@@ -598,8 +621,8 @@ fn default_deny_drops_peers_without_a_policy() {
         &Lab::matrix([[true; 2]; 2], none, false),
     );
     assert_eq!(
-        rules(&lab.nft_json(), "tunnel")[2]["expr"][0],
-        serde_json::json!({"drop": null})
+        rules(&lab.nft_json(), "tunnel")[2]["expr"],
+        serde_json::json!([{"counter": "dropped_policy"}, {"drop": null}])
     );
 }
 
