@@ -1666,9 +1666,9 @@ mod tests {
         assert_eq!(
             types(&tx),
             vec![
-                BEGIN, NEWTABLE, DELTABLE, NEWTABLE, NEWOBJ, NEWOBJ, NEWCHAIN, NEWRULE, NEWRULE, NEWRULE, NEWSET,
-                NEWSET, NEWCHAIN, NEWRULE, NEWRULE, NEWRULE, NEWCHAIN, NEWRULE, NEWRULE, NEWRULE,
-                NEWRULE, END
+                BEGIN, NEWTABLE, DELTABLE, NEWTABLE, NEWOBJ, NEWOBJ, NEWCHAIN, NEWRULE, NEWRULE,
+                NEWRULE, NEWSET, NEWSET, NEWCHAIN, NEWRULE, NEWRULE, NEWRULE, NEWCHAIN, NEWRULE,
+                NEWRULE, NEWRULE, NEWRULE, END
             ]
         );
         let first = &m[7].2;
@@ -1730,8 +1730,8 @@ mod tests {
         assert_eq!(
             types(&tx),
             vec![
-                BEGIN, NEWTABLE, DELTABLE, NEWTABLE, NEWOBJ, NEWOBJ, NEWSET, NEWSET, NEWCHAIN, NEWRULE, NEWRULE,
-                NEWRULE, NEWCHAIN, NEWRULE, END
+                BEGIN, NEWTABLE, DELTABLE, NEWTABLE, NEWOBJ, NEWOBJ, NEWSET, NEWSET, NEWCHAIN,
+                NEWRULE, NEWRULE, NEWRULE, NEWCHAIN, NEWRULE, END
             ]
         );
         assert!(contains(&m[11].2, &DROP), "default deny");
