@@ -171,7 +171,7 @@ images: {sidecar: localhost/wg-sidecar:0.1.0}
 defaultGateway: corp
 gateways:
   corp: {routes: ["$routes"]}
-vault: {address: "http://127.0.0.1:8200"}
+vault: {address: "http://127.0.0.1:8200", allowPlaintext: true}   # a dev OpenBao on loopback
 YAML
 "$injector" inject -f "$work/pod.json" --config "$work/injector.yaml" > "$work/injected.json"
 info "injected containers:"

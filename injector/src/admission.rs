@@ -4,6 +4,13 @@
 //! This module owns the order of the checks (screen annotations → opt-in → hostNetwork →
 //! parse → identity → inject → diff). It is pure: no IO, no clock, no environment. The
 //! namespace label is not checked here: the webhook's `namespaceSelector` does that.
+//!
+//! A Pod that is left untouched (any [`SkipReason`]) but carries the `wg-injector.io/tunnel`
+//! label is denied unless it is already the injector's output ([`tunnel_label::check_create`]):
+//! nothing injects it now, so its author set the label, and the gateway and NetworkPolicies
+//! would take it for tunnelled. A Pod that is injected gets the label from the injection (one
+//! that set it itself is denied by the conflict check, `reserved_label`; a re-invoked injected
+//! Pod whose label a later webhook changed gets the injector's value back).
 
 use std::sync::Arc;
 
@@ -17,6 +24,7 @@ use crate::inject::Injection;
 use crate::inject::{self, Outcome};
 use crate::memo::{FreshPatch, Key, Lookup, PatchMemo, Shape};
 use crate::patch::{self, Parts};
+use crate::tunnel_label;
 
 /// What the injector decided for one Pod.
 #[derive(Debug, Clone)]
@@ -64,7 +72,8 @@ impl SkipReason {
 pub struct Denial {
     /// Short, stable label for metrics: `bad_annotation`, `unknown_annotation`,
     /// `key_material`, `unknown_gateway`, `no_routes`, `name_conflict`, `port_conflict`,
-    /// `reserved_label`, `host_network`, `no_spec`, `shared_key`, `pod_name_unknown`.
+    /// `reserved_label`, `host_network`, `no_spec`, `shared_key`, `pod_name_unknown`, and from
+    /// [`tunnel_label`]: `tunnel_label_mismatch`, `tunnel_label_changed`.
     pub reason: &'static str,
     /// The message returned to the user.
     pub message: String,
@@ -91,7 +100,7 @@ fn gate(pod: &Pod, owner: Option<&Owner>, config: &Config) -> Result<InjectionSp
     annotations::screen(annotations).map_err(Stop::Deny)?;
     let explicit = annotations::inject_requested(annotations).map_err(Stop::Deny)?;
     if !explicit.unwrap_or(config.inject_by_default) {
-        return Err(Stop::Skip(SkipReason::NotRequested));
+        return Err(skip(pod, SkipReason::NotRequested));
     }
     let Some(spec) = pod.spec.as_ref() else {
         return Err(Stop::Deny(Denial {
@@ -109,7 +118,7 @@ fn gate(pod: &Pod, owner: Option<&Owner>, config: &Config) -> Result<InjectionSp
                 ),
             }));
         }
-        return Err(Stop::Skip(SkipReason::HostNetwork));
+        return Err(skip(pod, SkipReason::HostNetwork));
     }
     let parsed = annotations::parse(annotations).map_err(Stop::Deny)?;
     identity::resolve(pod, owner, parsed, config).map_err(Stop::Deny)
@@ -119,6 +128,15 @@ fn gate(pod: &Pod, owner: Option<&Owner>, config: &Config) -> Result<InjectionSp
 enum Stop {
     Skip(SkipReason),
     Deny(Denial),
+}
+
+/// Leave `pod` untouched for `reason`, unless it carries the tunnel label without being the
+/// injector's output: then nothing here set the label, and it is refused.
+fn skip(pod: &Pod, reason: SkipReason) -> Stop {
+    match tunnel_label::check_create(pod) {
+        Ok(()) => Stop::Skip(reason),
+        Err(denial) => Stop::Deny(denial),
+    }
 }
 
 /// Run every check and the injection on `pod`, owned by its controller ownerReference
@@ -224,10 +242,15 @@ pub fn decide_with(pod: &Pod, namespace: &str, config: &Arc<Config>, memo: &Patc
 /// The checks up to the parsed annotations and the identity: `Err` holds the decision for a Pod
 /// that stops here. The owner is the Pod's controller ownerReference.
 fn screen(pod: &Pod, namespace: &str, config: &Config) -> Result<InjectionSpec, Decision> {
-    if config.excluded_namespaces.iter().any(|n| n == namespace) {
-        return Err(Decision::Skip(SkipReason::ExcludedNamespace));
-    }
-    gate(pod, Owner::controller_of(pod).as_ref(), config).map_err(|stop| match stop {
+    let stop = if config.excluded_namespaces.iter().any(|n| n == namespace) {
+        skip(pod, SkipReason::ExcludedNamespace)
+    } else {
+        match gate(pod, Owner::controller_of(pod).as_ref(), config) {
+            Ok(spec) => return Ok(spec),
+            Err(stop) => stop,
+        }
+    };
+    Err(match stop {
         Stop::Skip(reason) => Decision::Skip(reason),
         Stop::Deny(denial) => Decision::Deny(denial),
     })
@@ -378,6 +401,116 @@ mod tests {
             panic!()
         };
         assert_eq!(d.reason, "unknown_annotation");
+    }
+
+    #[test]
+    fn a_pod_left_untouched_that_carries_the_tunnel_label_itself_is_denied() {
+        let config = Arc::new(Config::default());
+        let memo = PatchMemo::new(4);
+        for (yaml, namespace) in [
+            ("metadata: {name: web, labels: {wg-injector.io/tunnel: default}}
+spec:
+  containers: [{name: app}]
+", "shop"),
+            ("metadata: {name: web, labels: {wg-injector.io/tunnel: default}, annotations: {wg-injector.io/inject: 'false'}}
+spec:
+  containers: [{name: app}]
+", "shop"),
+            ("metadata: {name: web, labels: {wg-injector.io/tunnel: corp}}
+spec:
+  hostNetwork: true
+  containers: [{name: app}]
+", "shop"),
+            ("metadata: {name: web, labels: {wg-injector.io/tunnel: default}, annotations: {wg-injector.io/inject: 'true'}}
+spec:
+  containers: [{name: app}]
+", "kube-system"),
+        ] {
+            let p = pod(yaml);
+            for decision in [
+                decide(&p, namespace, &config),
+                match decide_with(&p, namespace, &config, &memo) {
+                    Answered::Decided(d) => d,
+                    Answered::Fresh(..) => panic!("{yaml}"),
+                },
+            ] {
+                let Decision::Deny(d) = decision else {
+                    panic!("{yaml}: {decision:?}")
+                };
+                assert_eq!(d.reason, "reserved_label", "{yaml}");
+                assert!(d.message.contains("set only by wg-injector"), "{}", d.message);
+            }
+        }
+        let Verdict::Deny(d) = evaluate(
+            &pod(
+                "metadata: {name: web, labels: {wg-injector.io/tunnel: default}}
+spec:
+  containers: [{name: app}]
+",
+            ),
+            &config,
+        ) else {
+            panic!("the offline CLI refuses it too")
+        };
+        assert_eq!(d.reason, "reserved_label");
+    }
+
+    #[test]
+    fn a_pod_that_asks_for_injection_and_sets_the_tunnel_label_itself_is_denied() {
+        for value in ["default", "elsewhere"] {
+            let p = pod(&format!("metadata: {{name: web, labels: {{wg-injector.io/tunnel: {value}}}, annotations: {{wg-injector.io/inject: 'true'}}}}
+spec:
+  containers: [{{name: app}}]
+"));
+            let Decision::Deny(d) = decide(&p, "shop", &Config::default()) else {
+                panic!("{value}")
+            };
+            assert_eq!(d.reason, "reserved_label");
+            assert!(d.message.contains("wg-injector.io/tunnel"), "{}", d.message);
+        }
+    }
+
+    #[test]
+    fn an_injected_pod_left_untouched_keeps_its_label_and_a_changed_one_is_put_back() {
+        let Verdict::Inject(outcome) = evaluate(
+            &pod(
+                "metadata: {name: web, annotations: {wg-injector.io/inject: 'true'}}
+spec:
+  containers: [{name: app}]
+",
+            ),
+            &Config::default(),
+        ) else {
+            panic!()
+        };
+        // The offline CLI's output, applied with inject "false": left alone, label and all.
+        let mut opted_out = outcome.pod.clone();
+        opted_out
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(annotations::INJECT.to_owned(), "false".to_owned());
+        assert!(matches!(
+            decide(&opted_out, "shop", &Config::default()),
+            Decision::Skip(SkipReason::NotRequested)
+        ));
+        // Re-invoked after a later webhook changed the label: the patch puts the injector's back.
+        let mut relabelled = outcome.pod.clone();
+        relabelled.metadata.labels.as_mut().unwrap().insert(
+            crate::annotations::TUNNEL_LABEL.to_owned(),
+            "corp".to_owned(),
+        );
+        let Decision::Patch { patch, .. } = decide(&relabelled, "shop", &Config::default()) else {
+            panic!()
+        };
+        let mut patched = serde_json::to_value(&relabelled).unwrap();
+        json_patch::patch(&mut patched, &patch.to_json_patch().unwrap()).unwrap();
+        assert_eq!(
+            patched["metadata"]["labels"]["wg-injector.io/tunnel"],
+            "default"
+        );
+        assert_eq!(patched, serde_json::to_value(&outcome.pod).unwrap());
     }
 
     fn fresh_patch(p: &Pod, config: &Arc<Config>, memo: &PatchMemo) -> String {

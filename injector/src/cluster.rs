@@ -1,6 +1,9 @@
 //! What the webhook learns from and keeps in the cluster: self-managed TLS material (a CA and a
 //! serving certificate kept in a Secret, the webhook's `caBundle` kept in step, renewal at two
-//! thirds of the lifetime) and the apiserver's version (native sidecars from 1.29).
+//! thirds of the lifetime) and the apiserver's version (native sidecars from 1.29). The
+//! `caBundle` is kept in the `MutatingWebhookConfiguration` and, when one is named
+//! (`--validating-webhook-config`, the tunnel-label check on clusters without
+//! ValidatingAdmissionPolicy), the `ValidatingWebhookConfiguration` alike.
 //!
 //! This module owns the renewal *plan* ([`plan`], pure: stored material + clock in, new material
 //! out) and the thin Kubernetes edge around it ([`SelfManaged`], [`discover_native_sidecars`]).
@@ -20,7 +23,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -66,6 +71,10 @@ pub struct ClusterArgs {
     /// self-managed: the `MutatingWebhookConfiguration` whose `caBundle` the injector keeps.
     #[arg(long, env = "WG_INJECTOR_WEBHOOK_CONFIG")]
     pub webhook_config: Option<String>,
+    /// self-managed: a `ValidatingWebhookConfiguration` (the chart's tunnel-label check) whose
+    /// `caBundle` the injector keeps too; omitted: none.
+    #[arg(long, env = "WG_INJECTOR_VALIDATING_WEBHOOK_CONFIG")]
+    pub validating_webhook_config: Option<String>,
     /// self-managed: the Service name; the certificate names `NAME`, `NAME.NS`, `NAME.NS.svc`
     /// and `NAME.NS.svc.cluster.local`.
     #[arg(long, env = "WG_INJECTOR_SERVICE")]
@@ -164,6 +173,10 @@ impl ClusterArgs {
             namespace,
             secret,
             webhook_config,
+            validating_webhook_config: self
+                .validating_webhook_config
+                .clone()
+                .filter(|v| !v.is_empty()),
             names,
             lifetimes,
             check_interval: Duration::from_secs(check.max(1)),
@@ -180,6 +193,8 @@ pub struct Settings {
     pub secret: String,
     /// `MutatingWebhookConfiguration` name.
     pub webhook_config: String,
+    /// `ValidatingWebhookConfiguration` name, when there is one to keep.
+    pub validating_webhook_config: Option<String>,
     /// Subject alternative names of the serving certificate.
     pub names: Vec<String>,
     /// Lifetimes of CA and serving certificate.
@@ -467,29 +482,57 @@ impl SelfManaged {
 
     async fn patch_ca_bundle(&self, bundle: &str) -> Result<(), Error> {
         let s = &self.settings;
-        let configs: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
-        let config = configs
-            .get(&s.webhook_config)
-            .await
-            .map_err(kube_error(format!(
-                "get MutatingWebhookConfiguration {}",
-                s.webhook_config
-            )))?;
-        let stale: Vec<serde_json::Value> = config
-            .webhooks
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|hook| {
-                hook.client_config
-                    .ca_bundle
-                    .as_ref()
-                    .map(|b| b.0.as_slice())
-                    != Some(bundle.as_bytes())
+        self.patch_ca_bundle_of::<MutatingWebhookConfiguration>(&s.webhook_config, bundle, |c| {
+            c.webhooks
+                .unwrap_or_default()
+                .into_iter()
+                .map(|hook| (hook.name, hook.client_config))
+                .collect()
+        })
+        .await?;
+        if let Some(name) = &s.validating_webhook_config {
+            self.patch_ca_bundle_of::<ValidatingWebhookConfiguration>(name, bundle, |c| {
+                c.webhooks
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|hook| (hook.name, hook.client_config))
+                    .collect()
             })
-            .map(|hook| {
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Set `caBundle` to `bundle` on every webhook of the configuration `name` (of kind `K`,
+    /// whose webhooks `hooks` lists by name) that does not carry it yet: one strategic merge
+    /// patch keyed by webhook name, none when all are current.
+    async fn patch_ca_bundle_of<K>(
+        &self,
+        name: &str,
+        bundle: &str,
+        hooks: impl FnOnce(K) -> Vec<(String, WebhookClientConfig)>,
+    ) -> Result<(), Error>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::ClusterResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned,
+    {
+        let kind = K::kind(&());
+        let configs: Api<K> = Api::all(self.client.clone());
+        let config = configs
+            .get(name)
+            .await
+            .map_err(kube_error(format!("get {kind} {name}")))?;
+        let stale: Vec<serde_json::Value> = hooks(config)
+            .into_iter()
+            .filter(|(_, client)| {
+                client.ca_bundle.as_ref().map(|b| b.0.as_slice()) != Some(bundle.as_bytes())
+            })
+            .map(|(hook, _)| {
                 use base64::Engine as _;
                 serde_json::json!({
-                    "name": hook.name,
+                    "name": hook,
                     "clientConfig": {
                         "caBundle": base64::engine::general_purpose::STANDARD.encode(bundle),
                     },
@@ -501,17 +544,10 @@ impl SelfManaged {
         }
         let patch = serde_json::json!({ "webhooks": stale });
         configs
-            .patch(
-                &s.webhook_config,
-                &PatchParams::default(),
-                &Patch::Strategic(&patch),
-            )
+            .patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
             .await
-            .map_err(kube_error(format!(
-                "patch caBundle of MutatingWebhookConfiguration {}",
-                s.webhook_config
-            )))?;
-        tracing::info!(webhook_config = %s.webhook_config, "patched webhook caBundle");
+            .map_err(kube_error(format!("patch caBundle of {kind} {name}")))?;
+        tracing::info!(webhook_config = %name, kind = %kind, "patched webhook caBundle");
         Ok(())
     }
 
@@ -795,5 +831,41 @@ mod tests {
         .unwrap();
         let err = t.a.self_managed_settings("wg").unwrap_err().to_string();
         assert!(err.contains("--ca-lifetime-seconds"), "{err}");
+    }
+
+    #[test]
+    fn the_validating_webhook_configuration_is_kept_only_when_named() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            a: ClusterArgs,
+        }
+        let base = [
+            "t",
+            "--cert-mode=self-managed",
+            "--cert-secret=s",
+            "--webhook-config=w",
+            "--service=wg-injector",
+        ];
+        let settings = T::try_parse_from(base)
+            .unwrap()
+            .a
+            .self_managed_settings("wg")
+            .unwrap();
+        assert_eq!(settings.validating_webhook_config, None);
+        let named = base
+            .iter()
+            .copied()
+            .chain(["--validating-webhook-config=wg-injector-tunnel-label"]);
+        let settings = T::try_parse_from(named)
+            .unwrap()
+            .a
+            .self_managed_settings("wg")
+            .unwrap();
+        assert_eq!(
+            settings.validating_webhook_config.as_deref(),
+            Some("wg-injector-tunnel-label")
+        );
     }
 }

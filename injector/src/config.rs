@@ -74,8 +74,12 @@ pub struct GatewayProfile {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct VaultSettings {
-    /// Vault / OpenBao address (`https://vault.vault.svc:8200`).
+    /// Vault / OpenBao address (`https://vault.vault.svc:8200`); `http://` only with
+    /// `allow_plaintext`.
     pub address: String,
+    /// Accept an `http://` address: every sidecar's Vault token and keys then cross the network
+    /// in the clear (refused at validation without it; the injector warns at start with it).
+    pub allow_plaintext: bool,
     /// Kubernetes auth mount.
     pub auth_mount: String,
     /// CA bundle path inside the sidecar image (mutually exclusive with `caConfigMap`).
@@ -185,6 +189,7 @@ impl Default for VaultSettings {
     fn default() -> Self {
         Self {
             address: "https://vault.vault.svc:8200".to_owned(),
+            allow_plaintext: false,
             auth_mount: "kubernetes".to_owned(),
             ca_file: None,
             ca_config_map: None,
@@ -221,6 +226,12 @@ impl Default for Resources {
 }
 
 impl VaultSettings {
+    /// Whether the sidecars talk to Vault over plaintext `http://` (the scheme in any case).
+    #[must_use]
+    pub fn is_plaintext(&self) -> bool {
+        has_scheme(&self.address, "http://")
+    }
+
     /// The configured static key path template; `None` when `keyPathTemplate` is empty (each
     /// Pod's key is born in the Pod).
     #[must_use]
@@ -301,6 +312,20 @@ impl Config {
                 }
             }
         }
+        let address = &self.vault.address;
+        if !has_scheme(address, "https://") && !self.vault.is_plaintext() {
+            return Err(format!(
+                "vault.address is {address:?}: expected an https:// URL, e.g. https://vault.vault.svc:8200"
+            ));
+        }
+        if self.vault.is_plaintext() && !self.vault.allow_plaintext {
+            return Err(format!(
+                "vault.address is {address:?}: plaintext, so every sidecar's Vault token and keys \
+                 would cross the network in the clear; use an https:// address (Vault's CA in \
+                 vault.caConfigMap or vault.caFile), or accept plaintext explicitly with \
+                 vault.allowPlaintext: true"
+            ));
+        }
         if self.vault.ca_file.is_some() && self.vault.ca_config_map.is_some() {
             return Err("vault.caFile and vault.caConfigMap are mutually exclusive".to_owned());
         }
@@ -352,6 +377,12 @@ impl Config {
     pub fn gateway(&self, name: &str) -> Option<&GatewayProfile> {
         self.gateways.get(name)
     }
+}
+
+/// Whether `url` starts with `scheme` (`"https://"`), ignoring the scheme's case.
+fn has_scheme(url: &str, scheme: &str) -> bool {
+    url.get(..scheme.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(scheme))
 }
 
 #[cfg(test)]
@@ -416,6 +447,47 @@ mod tests {
         );
         let err = Config::from_yaml_str("vault:\n  keyPathTemplate: wg/../keys\n").unwrap_err();
         assert!(err.to_string().contains("vault.keyPathTemplate"), "{err}");
+    }
+
+    #[test]
+    fn a_plaintext_vault_address_is_refused_with_the_value_and_both_fixes() {
+        let err = Config::from_yaml_str("vault:\n  address: http://vault.vault.svc:8200\n")
+            .unwrap_err()
+            .to_string();
+        for wanted in [
+            "vault.address is \"http://vault.vault.svc:8200\"",
+            "https://",
+            "vault.caConfigMap",
+            "vault.allowPlaintext: true",
+        ] {
+            assert!(err.contains(wanted), "{wanted:?} missing from: {err}");
+        }
+        // The scheme's case does not hide it.
+        let upper = Config::from_yaml_str("vault:\n  address: HTTP://10.0.0.1:8200\n");
+        assert!(upper
+            .unwrap_err()
+            .to_string()
+            .contains("vault.allowPlaintext"));
+    }
+
+    #[test]
+    fn a_plaintext_vault_address_is_accepted_with_allow_plaintext() {
+        let config = Config::from_yaml_str(
+            "vault:\n  address: http://127.0.0.1:8200\n  allowPlaintext: true\n",
+        )
+        .unwrap();
+        assert!(config.vault.allow_plaintext && config.vault.is_plaintext());
+        assert!(!Config::default().vault.is_plaintext());
+        assert!(!Config::default().vault.allow_plaintext);
+    }
+
+    #[test]
+    fn a_vault_address_without_a_scheme_is_refused() {
+        let err = Config::from_yaml_str("vault:\n  address: vault.vault.svc:8200\n").unwrap_err();
+        assert!(
+            err.to_string().contains("expected an https:// URL"),
+            "{err}"
+        );
     }
 
     #[test]

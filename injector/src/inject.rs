@@ -516,6 +516,24 @@ pub fn is_injected_pod(pod: &Pod) -> bool {
     })
 }
 
+/// The gateway profile the injected `wg-sidecar` container of `pod` tunnels to: the
+/// `--gateway=` argument [`plan`] renders. `None` when the Pod has no such container (one named
+/// `wg-sidecar` that runs `wg-sidecar run --gateway=…`, as [`is_injected_pod`] recognises it).
+#[must_use]
+pub fn sidecar_gateway(pod: &Pod) -> Option<&str> {
+    let spec = pod.spec.as_ref()?;
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .filter(|c| c.name == SIDECAR_CONTAINER && is_injected(c))
+        .find_map(|c| {
+            c.args
+                .iter()
+                .flatten()
+                .find_map(|a| a.strip_prefix("--gateway="))
+        })
+}
+
 /// A container is ours when it has our name and runs the matching `wg-sidecar` subcommand.
 fn is_injected(c: &Container) -> bool {
     let first = c.args.as_ref().and_then(|a| a.first()).map(String::as_str);

@@ -1,7 +1,7 @@
 //! `wg-injector`: decides whether and how a Pod gets the WireGuard sidecar.
 //!
 //! The crate is a pure injection core ([`annotations`], [`config`], [`identity`], [`inject`],
-//! [`admission`])
+//! [`admission`], [`tunnel_label`])
 //! with thin edges: the HTTPS admission webhook ([`webhook`], [`review`], [`memo`],
 //! [`metrics`]) and the offline CLI ([`offline`]). The core never does IO; the edges only
 //! decode, call it and encode.
@@ -20,6 +20,7 @@ pub mod offline;
 pub mod patch;
 pub mod review;
 pub mod server;
+pub mod tunnel_label;
 pub mod webhook;
 
 pub use error::Error;

@@ -36,7 +36,8 @@ pub struct Metrics {
     duration: Histogram,
     memo_lookups: Family<Label, Counter>,
     certificate_expiry: Gauge,
-    /// Bodies answered on `/mutate` (reviews and invalid bodies), for [`Metrics::answered`].
+    /// Bodies answered on `/mutate` and `/validate` (reviews and invalid bodies), for
+    /// [`Metrics::answered`].
     answered: AtomicU64,
 }
 
@@ -60,7 +61,7 @@ impl Metrics {
         let memo_lookups = Family::<Label, Counter>::default();
         registry.register(
             "admission_reviews",
-            "AdmissionReview requests answered, by outcome (injected, already_injected, skipped, denied, ignored, invalid)",
+            "AdmissionReview requests answered, by outcome (injected, already_injected, skipped, denied, ignored, invalid; allowed: passed /validate)",
             reviews.clone(),
         );
         registry.register(
@@ -98,8 +99,8 @@ impl Metrics {
         }
     }
 
-    /// Bodies answered on `/mutate` so far (every review and every invalid body): tells the
-    /// server when it has gone quiet.
+    /// Bodies answered on `/mutate` and `/validate` so far (every review and every invalid
+    /// body): tells the server when it has gone quiet.
     #[must_use]
     pub fn answered(&self) -> u64 {
         self.answered.load(Ordering::Relaxed)
@@ -126,7 +127,7 @@ impl Metrics {
             Outcome::Denied(reason) => {
                 self.denials.get_or_create(&[("reason", reason)]).inc();
             }
-            Outcome::Ignored => {}
+            Outcome::Ignored | Outcome::Allowed => {}
         }
         self.duration.observe(elapsed.as_secs_f64());
     }

@@ -3,6 +3,8 @@
 //! Owns the wire format of admission (any `admission.k8s.io` version is echoed back as sent),
 //! which requests are ours (Pods, CREATE, no subresource) and how a [`Decision`] becomes a
 //! response (base64 `JSONPatch`, warnings, `allowed: false` with a 403 status and the message).
+//! [`answer_validation`] (`POST /validate`) reads the same envelope and answers Pod CREATE and
+//! UPDATE with the [`crate::tunnel_label`] checks: allowed or denied, never a patch.
 //! Never does IO, never logs, never looks at HTTP: [`crate::webhook`] does that. The object is
 //! captured as raw JSON and parsed once, as a `Pod`, only when it is one. [`answer_with`] (the
 //! webhook's) takes fresh injections from a [`PatchMemo`] and sends a remembered patch without
@@ -19,6 +21,7 @@ use crate::admission::{decide, decide_with, Answered, Decision};
 use crate::config::Config;
 use crate::memo::{FreshPatch, Lookup, PatchMemo};
 use crate::patch::{Operation, Patch};
+use crate::tunnel_label;
 use crate::Error;
 
 /// What happened to one admission request (the `outcome` metrics label and its details).
@@ -34,6 +37,8 @@ pub enum Outcome {
     Denied(&'static str),
     /// Not ours (not a Pod, not CREATE, or a subresource): allowed with no patch.
     Ignored,
+    /// `/validate`: a Pod CREATE or UPDATE that passed the tunnel-label checks.
+    Allowed,
 }
 
 impl Outcome {
@@ -46,6 +51,7 @@ impl Outcome {
             Outcome::Skipped(_) => "skipped",
             Outcome::Denied(_) => "denied",
             Outcome::Ignored => "ignored",
+            Outcome::Allowed => "allowed",
         }
     }
 }
@@ -89,6 +95,8 @@ struct RequestIn<'a> {
     namespace: Option<String>,
     #[serde(borrow, default)]
     object: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    old_object: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize, Default)]
@@ -199,12 +207,24 @@ fn answer_inner(
     config: &Config,
     memo: Option<(&Arc<Config>, &PatchMemo)>,
 ) -> Result<Answer, Error> {
+    respond(body, |request| judge(request, config, memo))
+}
+
+/// Answer one `AdmissionReview` for `POST /validate`: Pod CREATE is checked with
+/// [`tunnel_label::check_create`], Pod UPDATE with [`tunnel_label::check_update`] (old object
+/// against new); anything else is [`Outcome::Ignored`]. Errors as for [`answer`].
+pub fn answer_validation(body: &[u8]) -> Result<Answer, Error> {
+    respond(body, validate)
+}
+
+/// Decode the envelope, let `judge` decide, encode the response.
+fn respond(body: &[u8], judge: impl FnOnce(&RequestIn<'_>) -> Verdict) -> Result<Answer, Error> {
     let review: ReviewIn<'_> =
         serde_json::from_slice(body).map_err(|e| Error::DecodeReview(e.to_string()))?;
     let request = review
         .request
         .ok_or_else(|| Error::DecodeReview("the AdmissionReview has no request".to_owned()))?;
-    let verdict = judge(&request, config, memo);
+    let verdict = judge(&request);
     let (patch, warnings): (Option<&RawValue>, &[String]) = match &verdict.patch {
         Some(PatchOut::Encoded(patch)) => (Some(patch), &verdict.warnings),
         Some(PatchOut::Remembered(fresh)) => (Some(&fresh.encoded), &fresh.warnings),
@@ -232,17 +252,65 @@ fn answer_inner(
     })
 }
 
-fn judge(
-    request: &RequestIn<'_>,
-    config: &Config,
-    memo: Option<(&Arc<Config>, &PatchMemo)>,
-) -> Verdict {
+/// Whether `request` is about a Pod itself (not a subresource) and its operation is one of
+/// `operations`.
+fn is_pod_request(request: &RequestIn<'_>, operations: &[&str]) -> bool {
     let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
     let is_subresource = request
         .sub_resource
         .as_deref()
         .is_some_and(|s| !s.is_empty());
-    if !is_pod || is_subresource || request.operation != "CREATE" {
+    is_pod && !is_subresource && operations.contains(&request.operation.as_str())
+}
+
+/// Parse `object` (the request's `what`: `object` or `oldObject`) as a `T`; `Err` is the
+/// message of the 400 denial for a missing or undecodable one.
+fn decode<T: serde::de::DeserializeOwned>(
+    object: Option<&RawValue>,
+    operation: &str,
+    what: &str,
+) -> Result<T, String> {
+    let object = object
+        .ok_or_else(|| format!("the admission request for a Pod {operation} carries no {what}"))?;
+    serde_json::from_str(object.get())
+        .map_err(|e| format!("wg-injector could not decode the Pod ({what}): {e}"))
+}
+
+/// `/validate`: the tunnel-label checks, on the objects as the apiserver is about to store them
+/// (validating webhooks run after every mutation).
+fn validate(request: &RequestIn<'_>) -> Verdict {
+    if !is_pod_request(request, &["CREATE", "UPDATE"]) {
+        return Verdict::allow(Outcome::Ignored);
+    }
+    let operation = request.operation.as_str();
+    let checked = if operation == "CREATE" {
+        decode::<Pod>(request.object, operation, "object")
+            .map(|pod| tunnel_label::check_create(&pod))
+    } else {
+        // Only the labels matter on UPDATE: read the metadata, not the whole Pods.
+        #[derive(Deserialize)]
+        struct Head {
+            #[serde(default)]
+            metadata: ObjectMeta,
+        }
+        decode::<Head>(request.old_object, operation, "oldObject").and_then(|old| {
+            decode::<Head>(request.object, operation, "object")
+                .map(|new| tunnel_label::check_update(&old.metadata, &new.metadata))
+        })
+    };
+    match checked {
+        Ok(Ok(())) => Verdict::allow(Outcome::Allowed),
+        Ok(Err(denial)) => Verdict::deny(denial.reason, 403, denial.message),
+        Err(message) => Verdict::deny("undecodable_pod", 400, message),
+    }
+}
+
+fn judge(
+    request: &RequestIn<'_>,
+    config: &Config,
+    memo: Option<(&Arc<Config>, &PatchMemo)>,
+) -> Verdict {
+    if !is_pod_request(request, &["CREATE"]) {
         return Verdict::allow(Outcome::Ignored);
     }
     let Some(object) = request.object else {

@@ -246,6 +246,18 @@ async fn cluster_client(
     }
 }
 
+/// The start-up warning of a plaintext `vault.address`, which [`crate::config::Config::validate`]
+/// accepts only with `vault.allowPlaintext`.
+fn warn_if_vault_is_plaintext(vault: &crate::config::VaultSettings) {
+    if vault.is_plaintext() {
+        tracing::warn!(
+            vault_address = %vault.address,
+            "vault.address is plaintext http:// (vault.allowPlaintext): every injected sidecar's \
+             Vault token and keys cross the network in the clear"
+        );
+    }
+}
+
 /// Run `wg-injector serve`: load the config and the certificate, print the caBundle when
 /// self-signed, serve until SIGTERM.
 pub async fn run(settings: crate::cli::ServeSettings) -> Result<(), Error> {
@@ -254,6 +266,7 @@ pub async fn run(settings: crate::cli::ServeSettings) -> Result<(), Error> {
         Some(path) => crate::config::Config::from_yaml_file(path)?,
         None => crate::config::Config::default(),
     };
+    warn_if_vault_is_plaintext(&config.vault);
     let self_managed = settings.certificate == crate::cli::CertificateSource::SelfManaged;
     let client = cluster_client(settings.cluster.discover_version, self_managed).await?;
     if let (true, Some(client)) = (settings.cluster.discover_version, &client) {

@@ -1,9 +1,12 @@
-//! The webhook's HTTP surface: `POST /mutate`, `GET /healthz`, `GET /readyz`, `GET /metrics`.
+//! The webhook's HTTP surface: `POST /mutate`, `POST /validate`, `GET /healthz`, `GET /readyz`,
+//! `GET /metrics`.
 //!
 //! Owns HTTP concerns only: content type (415), body size (413, refused from Content-Length
 //! before reading and enforced while reading), undecodable reviews (400), status codes and
-//! metrics recording. The admission wire format lives in [`crate::review`], the decision in
-//! [`crate::admission`], sockets and TLS in [`crate::server`]. Never logs per request at info.
+//! metrics recording, the same for both admission paths. The admission wire format lives in
+//! [`crate::review`], the decisions in [`crate::admission`] (`/mutate`) and
+//! [`crate::tunnel_label`] (`/validate`), sockets and TLS in [`crate::server`]. Never logs per
+//! request at info.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -83,10 +86,12 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
+        .route("/validate", post(validate))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        // `mutate` enforces MAX_BODY_BYTES itself so it can check Content-Type first.
+        // `mutate` and `validate` enforce MAX_BODY_BYTES themselves so they can check
+        // Content-Type first.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
@@ -130,6 +135,23 @@ fn is_length_limit(error: axum::Error) -> bool {
 }
 
 async fn mutate(State(state): State<AppState>, request: Request) -> Response {
+    review(&state, request, |body| {
+        crate::review::answer_with(body, &state.config(), &state.memo)
+    })
+    .await
+}
+
+async fn validate(State(state): State<AppState>, request: Request) -> Response {
+    review(&state, request, crate::review::answer_validation).await
+}
+
+/// One admission path: check the request, read the body within [`MAX_BODY_BYTES`], let
+/// `answer` decide, record the metrics.
+async fn review(
+    state: &AppState,
+    request: Request,
+    answer: impl FnOnce(&[u8]) -> Result<crate::review::Answer, crate::Error>,
+) -> Response {
     let started = Instant::now();
     let headers = request.headers();
     if !is_json(headers) {
@@ -159,7 +181,7 @@ async fn mutate(State(state): State<AppState>, request: Request) -> Response {
             return plain(StatusCode::BAD_REQUEST, "failed to read the request body");
         }
     };
-    match crate::review::answer_with(&body, &state.config(), &state.memo) {
+    match answer(&body) {
         Ok(answer) => {
             state.metrics.record(&answer.outcome, started.elapsed());
             if let Some(lookup) = answer.memo {

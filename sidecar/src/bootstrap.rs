@@ -4,9 +4,9 @@
 //! Owns: the pure [`plan`] (policy texts and role specs, golden-tested) and writing it with an
 //! admin token. Pods log in to ONE role (`wg-pod` by default) bound to every service account of
 //! every namespace; its policy is *templated* on the caller's Kubernetes-auth alias metadata, so a
-//! Pod can read only `wg/keys/<its namespace>/<its service account>` and the gateway's public
-//! record. The gateway and the rotation job get their own roles, bound to the chart's service
-//! accounts.
+//! Pod can read only `wg/keys/<its namespace>/<its service account>`, the gateways' verdicts on
+//! its own namespace and service account, and the gateways' public records. The gateway and the
+//! rotation job get their own roles, bound to the chart's service accounts.
 //! Must never: read or write key material, or weaken a policy it finds (it overwrites its own
 //! policies and roles with exactly the plan; nothing else is touched).
 
@@ -128,13 +128,16 @@ pub fn plan(args: &BootstrapArgs, accessor: &str) -> Plan {
     let sa = meta("service_account_name");
     let peers = args.layout.peers_prefix.trim_end_matches('/');
     let addresses = args.layout.addresses_prefix.trim_end_matches('/');
+    let verdicts = args.layout.verdicts_prefix.trim_end_matches('/');
     let pod_policy = format!(
         "# Written by `wg-sidecar vault bootstrap`: every injected Pod, scoped to its own\n\
          # namespace and service account by the Kubernetes-auth alias metadata. A Pod publishes\n\
          # its public record below its own namespace and service account (any gateway), claims a\n\
          # free tunnel address (create only: a claim is never overwritten or deleted by a Pod),\n\
-         # reads a static identity's per-Pod key, and reads the gateways' public records.\n\
+         # reads a static identity's per-Pod key, reads what any gateway says about refusing its\n\
+         # own namespace and service account, and reads the gateways' public records.\n\
          path \"{kv}/data/{peers}/+/{ns}/{sa}/*\" {{ capabilities = [\"create\", \"update\", \"read\"] }}\n\
+         path \"{kv}/data/{verdicts}/+/{ns}/{sa}/*\" {{ capabilities = [\"read\"] }}\n\
          path \"{kv}/data/{addresses}/+/*\" {{ capabilities = [\"create\"] }}\n\
          path \"{kv}/metadata/{addresses}/*\" {{ capabilities = [\"list\"] }}\n\
          path \"{kv}/data/{keys}/{ns}/{sa}/*\" {{ capabilities = [\"read\"] }}\n\
@@ -144,13 +147,17 @@ pub fn plan(args: &BootstrapArgs, accessor: &str) -> Plan {
     );
     let gateway_policy = format!(
         "# Written by `wg-sidecar vault bootstrap`: the gateway {gw} reads its Pods' records and\n\
-         # claims, releases them when a Pod is gone, and reads its keys.\n\
+         # claims, releases them when a Pod is gone, writes its verdicts on refused Pods (and\n\
+         # deletes them), and reads its keys.\n\
          path \"{kv}/data/{peers}/{gw}/*\" {{ capabilities = [\"read\"] }}\n\
          path \"{kv}/metadata/{peers}/{gw}/*\" {{ capabilities = [\"list\", \"read\", \"delete\"] }}\n\
          path \"{kv}/metadata/{peers}/{gw}\" {{ capabilities = [\"list\"] }}\n\
          path \"{kv}/data/{addresses}/{gw}/*\" {{ capabilities = [\"read\"] }}\n\
          path \"{kv}/metadata/{addresses}/{gw}/*\" {{ capabilities = [\"list\", \"read\", \"delete\"] }}\n\
          path \"{kv}/metadata/{addresses}/{gw}\" {{ capabilities = [\"list\"] }}\n\
+         path \"{kv}/data/{verdicts}/{gw}/*\" {{ capabilities = [\"create\", \"update\", \"read\"] }}\n\
+         path \"{kv}/metadata/{verdicts}/{gw}/*\" {{ capabilities = [\"list\", \"read\", \"delete\"] }}\n\
+         path \"{kv}/metadata/{verdicts}/{gw}\" {{ capabilities = [\"list\"] }}\n\
          path \"{gateway_record}\" {{ capabilities = [\"read\"] }}\n\
          path \"{kv}/data/{gateway_keys}/{gw}\" {{ capabilities = [\"read\"] }}\n",
         gateway_keys = args.gateway_layout.gateway_keys_prefix,
@@ -282,6 +289,7 @@ mod tests {
         let id = "{{identity.entity.aliases.auth_kubernetes_1a2b.metadata.service_account_namespace}}/{{identity.entity.aliases.auth_kubernetes_1a2b.metadata.service_account_name}}";
         let expected = [
             format!("path \"secret/data/wg/peers/+/{id}/*\" {{ capabilities = [\"create\", \"update\", \"read\"] }}"),
+            format!("path \"secret/data/wg/verdicts/+/{id}/*\" {{ capabilities = [\"read\"] }}"),
             "path \"secret/data/wg/addresses/+/*\" { capabilities = [\"create\"] }".to_owned(),
             "path \"secret/metadata/wg/addresses/*\" { capabilities = [\"list\"] }".to_owned(),
             format!("path \"secret/data/wg/keys/{id}/*\" {{ capabilities = [\"read\"] }}"),
@@ -318,6 +326,19 @@ mod tests {
         assert!(
             gw.contains("path \"secret/metadata/wg/peers/vpn-gateway/*\" { capabilities = [\"list\", \"read\", \"delete\"] }"),
             "{gw}"
+        );
+        // Its own verdicts only: written and deleted below <verdicts>/<gateway>.
+        for line in [
+            "path \"secret/data/wg/verdicts/vpn-gateway/*\" { capabilities = [\"create\", \"update\", \"read\"] }",
+            "path \"secret/metadata/wg/verdicts/vpn-gateway/*\" { capabilities = [\"list\", \"read\", \"delete\"] }",
+            "path \"secret/metadata/wg/verdicts/vpn-gateway\" { capabilities = [\"list\"] }",
+        ] {
+            assert!(gw.contains(line), "missing {line}\n{gw}");
+        }
+        assert_eq!(
+            gw.matches("wg/verdicts").count(),
+            3,
+            "no other verdicts path: {gw}"
         );
         // A release named like the chart keeps its name; explicit accounts win.
         assert_eq!(chart_service_account("corp-wg-gateway"), "corp-wg-gateway");

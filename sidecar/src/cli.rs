@@ -182,6 +182,14 @@ pub struct RunArgs {
         default_value = "wg/addresses"
     )]
     pub vault_addresses_path: String,
+    /// Folder of the gateways' verdicts (`<path>/<gateway>/<ns>/<sa>/<pod-uid>`): while the
+    /// sidecar has no handshake it reads its own, and `/ready` says why the gateway refuses it.
+    #[arg(
+        long,
+        env = "WG_SIDECAR_VAULT_VERDICTS_PATH",
+        default_value = "wg/verdicts"
+    )]
+    pub vault_verdicts_path: String,
     /// The Pod's namespace (downward API).
     #[arg(long, env = "WG_POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
@@ -287,6 +295,7 @@ impl RunArgs {
                         .vault_addresses_path
                         .trim_end_matches('/')
                         .to_owned(),
+                    verdicts_prefix: self.vault_verdicts_path.trim_end_matches('/').to_owned(),
                 },
             )),
             _ => {

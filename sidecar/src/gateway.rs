@@ -14,6 +14,17 @@
 //!
 //! Both check the gateway key every `--poll-interval` and tick statistics every second.
 //!
+//! Who may use the gateway at all is decided in kubernetes mode, before any read of a Pod's
+//! record: a Pod must carry the injector's status annotation, and, with
+//! `--allow-namespace-selector` / `--allow-service-accounts` ([`crate::access`]), be in a
+//! selected namespace (the Namespaces are then watched too, metadata only) and run as a listed
+//! service account. A refused Pod is logged (`peer refused`), counted
+//! (`wg_gateway_peers_refused_total{reason}`) and, when it has a sidecar, told: the gateway
+//! writes a verdict to `<--vault-verdicts-path>/<gateway>/<ns>/<sa>/<uid>` (create-only first,
+//! so of all replicas one write lands; the others read it and write only when it says something
+//! else), which the Pod's sidecar shows on `/ready`; it is deleted when the Pod is admitted or
+//! goes, and the orphan sweep collects the rest.
+//!
 //! Who may go where is one nftables table ([`crate::nat`]), always installed: tunnel traffic is
 //! forwarded only to the advertised networks ([`advertised`]: `--private-networks`, else the
 //! public record's `allowed_ips`, re-read with the key check; none: nothing is forwarded), and in
@@ -22,8 +33,8 @@
 //! WireGuard peer is added, and nothing is applied before the policies are listed.
 //! Must never: touch a peer whose desired state did not change (its session must live on), log
 //! key material (preshared keys included), remove an admitted peer because a Vault read failed,
-//! let a peer run without its policy, or write to Vault other than deleting what a gone Pod
-//! left behind.
+//! let a peer run without its policy, or write to Vault other than verdicts on refused Pods and
+//! deleting what a gone Pod left behind.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -48,6 +59,7 @@ use prometheus_client::{
 use tokio::task::JoinSet;
 
 use crate::{
+    access::Access,
     error::{Result, SidecarError},
     forwarding::{self, Ipv4Forwarding},
     health::HANDSHAKE_FRESH,
@@ -55,12 +67,13 @@ use crate::{
     keysource::{GatewayRecord, PrivateRecord},
     nat::{self, Nat},
     pod_index::{
-        old_enough, ClaimRead, PeerChange, PodIndex, ReadRequest, RecordRead, RecordRef, Release,
+        old_enough, ClaimRead, PeerChange, PodIndex, ReadRequest, RecordRead, RecordRef, Refusal,
+        Release, VerdictChange,
     },
-    pod_watch::{self, WatchUpdate},
+    pod_watch::{self, NamespaceWatchUpdate, WatchUpdate},
     policy::Egress,
     policy_watch::{self, PolicyStore, PolicyWatchUpdate},
-    registration::{gateway_name, Claim, Layout, PodIdentity},
+    registration::{gateway_name, Claim, Layout, PodIdentity, Verdict},
     tunnel::{PeerSpec, PeerStats, Tunnel, WgTunnel},
     vault::Vault,
 };
@@ -110,6 +123,25 @@ pub struct GatewayArgs {
         default_value = "wg/addresses"
     )]
     pub vault_addresses_path: String,
+    /// Folder of the verdicts on refused Pods (`<path>/<gateway>/<ns>/<sa>/<pod-uid>`, read by
+    /// the Pod's sidecar for its `/ready`; kubernetes mode).
+    #[arg(
+        long,
+        env = "WG_SIDECAR_VAULT_VERDICTS_PATH",
+        default_value = "wg/verdicts"
+    )]
+    pub vault_verdicts_path: String,
+    /// Only Pods of namespaces whose labels match this selector may use the gateway (kubectl
+    /// syntax: `team=payments,env in (prod,staging)`, also `!=`, `notin`, `key`, `!key`; chart
+    /// `access.namespaceSelector`). Empty: every namespace. Kubernetes mode; the gateway then
+    /// watches Namespaces (RBAC: namespaces get, list, watch).
+    #[arg(long, env = "WG_SIDECAR_ALLOW_NAMESPACE_SELECTOR", default_value = "")]
+    pub allow_namespace_selector: String,
+    /// Only Pods running as one of these service accounts may use the gateway, comma-separated
+    /// `namespace/name` (chart `access.serviceAccounts`); with a selector too, both must hold.
+    /// Empty: every service account. Kubernetes mode.
+    #[arg(long, env = "WG_SIDECAR_ALLOW_SERVICE_ACCOUNTS", value_delimiter = ',')]
+    pub allow_service_accounts: Vec<String>,
     /// Where the peers come from: `kubernetes` (watch the profile's Pods, read each new Pod's
     /// record once, remove a Pod's peer when it goes) or `vault` (read every record below
     /// `--vault-peers-path` every `--poll-interval`, for a gateway that cannot see the cluster;
@@ -222,6 +254,8 @@ pub struct GatewayConfig {
     pub private_networks: Vec<IpNet>,
     /// Peers no egress policy selects get nothing.
     pub default_deny: bool,
+    /// Who may use the gateway (kubernetes mode).
+    pub access: Access,
 }
 
 impl GatewayArgs {
@@ -287,6 +321,8 @@ impl GatewayArgs {
         };
         let peers_path = folder("--vault-peers-path", &self.vault_peers_path)?;
         let addresses_path = folder("--vault-addresses-path", &self.vault_addresses_path)?;
+        let verdicts_path = folder("--vault-verdicts-path", &self.vault_verdicts_path)?;
+        let access = self.access(pod_source)?;
         if self.orphan_sweep_interval == 0 {
             return Err(bad(
                 "--orphan-sweep-interval must be at least 1 second".to_owned()
@@ -304,6 +340,7 @@ impl GatewayArgs {
                 kv_mount: self.vault.vault_kv_mount.clone(),
                 peers_prefix: peers_path.clone(),
                 addresses_prefix: addresses_path,
+                verdicts_prefix: verdicts_path,
             },
             peers_path,
             pod_source,
@@ -317,7 +354,24 @@ impl GatewayArgs {
             masquerade: self.masquerade,
             private_networks,
             default_deny: self.default_deny,
+            access,
         })
+    }
+}
+
+impl GatewayArgs {
+    /// `--allow-namespace-selector` and `--allow-service-accounts`, which only kubernetes mode
+    /// can apply.
+    fn access(&self, pod_source: PodSource) -> Result<Access> {
+        let access = Access::parse(&self.allow_namespace_selector, &self.allow_service_accounts)?;
+        if pod_source == PodSource::Vault && !access.allows_all() {
+            return Err(SidecarError::InvalidConfig(
+                "--allow-namespace-selector and --allow-service-accounts need --pod-source \
+                 kubernetes (the vault pod source cannot see namespaces or Pods)"
+                    .to_owned(),
+            ));
+        }
+        Ok(access)
     }
 }
 
@@ -586,6 +640,14 @@ pub struct GatewayMetrics {
     pub policies_watched: Gauge,
     /// Errors of the NetworkPolicy watch (each retried with backoff).
     pub policy_watch_errors: Counter,
+    /// Errors of the Namespace watch (each retried with backoff).
+    pub namespace_watch_errors: Counter,
+    /// Verdicts written to Vault (a write that changed what the Pod reads).
+    pub verdicts_written: Counter,
+    /// Tunnel packets the forward filter dropped, by reason.
+    dropped: Family<Vec<(String, String)>, Counter>,
+    /// The table's counters at the last read (a re-install starts them from zero).
+    last_dropped: Arc<Mutex<nat::DropCounters>>,
 }
 
 impl std::fmt::Debug for GatewayMetrics {
@@ -633,6 +695,10 @@ impl GatewayMetrics {
             ]),
             policies_watched: Gauge::default(),
             policy_watch_errors: Counter::default(),
+            namespace_watch_errors: Counter::default(),
+            verdicts_written: Counter::default(),
+            dropped: Family::default(),
+            last_dropped: Arc::default(),
         };
         r.register(
             "wg_gateway_peers",
@@ -702,14 +768,26 @@ impl GatewayMetrics {
         );
         r.register(
             "wg_gateway_peers_refused",
-            "Peer records refused (label reason: identity_mismatch, no_pod_identity, \
-             outside_pool, address_conflict, duplicate_key, invalid_record)",
+            "Pods and peer records refused (label reason: not_injected, namespace_not_selected, \
+             service_account_not_allowed, identity_mismatch, no_pod_identity, outside_pool, \
+             address_conflict, duplicate_key, invalid_record)",
             m.peers_refused.clone(),
         );
         r.register(
+            "wg_gateway_verdicts_written",
+            "Verdicts on refused Pods written to Vault for their sidecars (one per refusal over \
+             all replicas)",
+            m.verdicts_written.clone(),
+        );
+        r.register(
+            "wg_gateway_namespace_watch_errors",
+            "Errors of the Namespace watch (with access.namespaceSelector; retried with backoff)",
+            m.namespace_watch_errors.clone(),
+        );
+        r.register(
             "wg_gateway_records_released",
-            "Records and claims deleted from Vault for Pods that are gone (label kind: record, \
-             claim; origin: released, swept)",
+            "Records, claims and verdicts deleted from Vault for Pods that are gone or admitted \
+             (label kind: record, claim, verdict; origin: released, swept)",
             m.records_released.clone(),
         );
         r.register(
@@ -758,6 +836,13 @@ impl GatewayMetrics {
             "Errors of the NetworkPolicy watch (retried with backoff)",
             m.policy_watch_errors.clone(),
         );
+        r.register(
+            "wg_gateway_dropped_packets",
+            "Tunnel packets dropped by the gateway's forward filter (label reason: \
+             outside_networks, a destination the gateway does not advertise; policy, refused by \
+             the peer's egress NetworkPolicy or by defaultDeny)",
+            m.dropped.clone(),
+        );
     }
 
     /// Records statistics: peer counts, active peers and per-peer byte counters.
@@ -794,6 +879,29 @@ impl GatewayMetrics {
             self.peer_tx.remove(&labels);
         }
         *last = seen;
+    }
+
+    /// Records the table's drop counters (read every statistics tick).
+    pub fn record_drops(&self, now: nat::DropCounters) {
+        let mut last = self
+            .last_dropped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (reason, new, old) in [
+            (
+                "outside_networks",
+                now.outside_networks,
+                last.outside_networks,
+            ),
+            ("policy", now.policy, last.policy),
+        ] {
+            let labels = vec![("reason".to_owned(), reason.to_owned())];
+            // Below the last read: the table was installed again and counts from zero.
+            self.dropped
+                .get_or_create(&labels)
+                .inc_by(new.checked_sub(old).unwrap_or(new));
+        }
+        *last = now;
     }
 
     fn count_changes(&self, d: &PeerDiff) {
@@ -1374,6 +1482,10 @@ impl Gateway {
         {
             Ok(s) => {
                 self.health.metrics.record(&s, SystemTime::now());
+                match self.nat.drop_counters() {
+                    Ok(d) => self.health.metrics.record_drops(d),
+                    Err(e) => tracing::debug!(error = %e, "reading the drop counters failed"),
+                }
                 true
             }
             Err(e) if self.tunnel.mode() == crate::tunnel::Mode::Userspace => {
@@ -1636,7 +1748,7 @@ enum Done {
     Record(Box<(ReadRequest, RecordRead)>),
     Claim(IpAddr, ClaimRead),
     Released,
-    Listed(Result<(Vec<RecordRef>, Vec<IpAddr>)>),
+    Listed(Result<Listing>),
     Swept,
     /// The private record, and the public one when it is the source of the networks.
     Key(
@@ -1645,6 +1757,13 @@ enum Done {
             Option<Result<GatewayRecord>>,
         )>,
     ),
+}
+
+/// What the sweep lists: records, claims and verdicts of the gateway.
+struct Listing {
+    records: Vec<RecordRef>,
+    claims: Vec<IpAddr>,
+    verdicts: Vec<RecordRef>,
 }
 
 /// What the Vault tasks of kubernetes mode share.
@@ -1728,11 +1847,79 @@ impl VaultWork {
         }
     }
 
+    /// Tells a refused Pod why: writes its verdict create-only (`cas=0`), so of all replicas
+    /// one write lands; when one is there already it is read, and written again (check-and-set
+    /// on the version read) only when it says something else.
+    async fn write_verdict(&self, pod: PodIdentity, refusal: Refusal) {
+        let mount = self.mount();
+        let path = self.layout.verdict_path(&self.gateway, &pod);
+        let verdict = Verdict {
+            reason: refusal.reason().to_owned(),
+            message: refusal.to_string(),
+            gateway: self.gateway.clone(),
+            time: Timestamp::now(),
+            pod,
+        };
+        let fields = verdict.to_fields();
+        let cas = match self.vault.write(mount, &path, &fields, Some(0)).await {
+            Ok(_) => None,
+            Err(e) if status_of(&e) == Some(400) => {
+                self.metrics.count_reads("verdict", 1);
+                match self.vault.read(mount, &path).await {
+                    Ok(rec) => {
+                        let same = Verdict::from_fields(&path, &rec.data)
+                            .is_ok_and(|old| old.same_as(&verdict));
+                        if same {
+                            return;
+                        }
+                        u32::try_from(rec.version).ok()
+                    }
+                    Err(e) => {
+                        tracing::warn!(%path, error = %e, "verdict not read; the Pod's /ready may not say why it is refused");
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%path, error = %e, "verdict not written; the Pod's /ready will not say why it is refused (the gateway needs create and update on its verdicts path)");
+                return;
+            }
+        };
+        if let Some(version) = cas {
+            match self.vault.write(mount, &path, &fields, Some(version)).await {
+                Ok(_) => {}
+                // Another replica wrote meanwhile: it decided the same.
+                Err(e) if status_of(&e) == Some(400) => return,
+                Err(e) => {
+                    tracing::warn!(%path, error = %e, "verdict not updated");
+                    return;
+                }
+            }
+        }
+        self.metrics.verdicts_written.inc();
+        tracing::info!(%path, reason = %verdict.reason, "verdict written for the refused Pod's sidecar");
+    }
+
+    async fn verdict(&self, change: VerdictChange) -> Done {
+        match change {
+            VerdictChange::Write { pod, refusal } => self.write_verdict(pod, refusal).await,
+            VerdictChange::Delete(pod) => {
+                let path = self.layout.verdict_path(&self.gateway, &pod);
+                self.delete(&path, "verdict", "released").await;
+            }
+        }
+        Done::Released
+    }
+
     async fn release(&self, r: Release) -> Done {
         match r {
             Release::Record(pod) => {
                 let path = self.layout.record_path(&self.gateway, &pod);
                 self.delete(&path, "record", "released").await;
+            }
+            Release::Verdict(pod) => {
+                let path = self.layout.verdict_path(&self.gateway, &pod);
+                self.delete(&path, "verdict", "released").await;
             }
             Release::Claim { address, holder } => {
                 // Only a claim that still names the gone Pod: its record may have named an
@@ -1752,12 +1939,36 @@ impl VaultWork {
         Done::Released
     }
 
-    /// Lists `<peers>/<gateway>/<ns>/<sa>/<uid>` and `<addresses>/<gateway>/<addr>`.
-    async fn list(&self) -> Result<(Vec<RecordRef>, Vec<IpAddr>)> {
+    /// Lists `<peers>/<gateway>/<ns>/<sa>/<uid>`, `<addresses>/<gateway>/<addr>` and
+    /// `<verdicts>/<gateway>/<ns>/<sa>/<uid>`.
+    async fn list(&self) -> Result<Listing> {
+        let records = self
+            .list_pod_folder(&self.layout.peers_folder(&self.gateway))
+            .await?;
+        let verdicts = self
+            .list_pod_folder(&self.layout.verdicts_folder(&self.gateway))
+            .await?;
+        let claims = list_opt(
+            &self.vault,
+            self.mount(),
+            &self.layout.claims_folder(&self.gateway),
+        )
+        .await?
+        .iter()
+        .filter_map(|n| crate::pool::parse_record_name(n))
+        .collect();
+        Ok(Listing {
+            records,
+            claims,
+            verdicts,
+        })
+    }
+
+    /// The `<ns>/<sa>/<uid>` entries below `folder`.
+    async fn list_pod_folder(&self, folder: &str) -> Result<Vec<RecordRef>> {
         let mount = self.mount();
-        let folder = self.layout.peers_folder(&self.gateway);
         let mut records = Vec::new();
-        for ns in list_opt(&self.vault, mount, &folder).await? {
+        for ns in list_opt(&self.vault, mount, folder).await? {
             let Some(ns) = ns.strip_suffix('/') else {
                 continue;
             };
@@ -1776,16 +1987,7 @@ impl VaultWork {
                 }
             }
         }
-        let claims = list_opt(
-            &self.vault,
-            mount,
-            &self.layout.claims_folder(&self.gateway),
-        )
-        .await?
-        .iter()
-        .filter_map(|n| crate::pool::parse_record_name(n))
-        .collect();
-        Ok((records, claims))
+        Ok(records)
     }
 
     /// True when the Kubernetes API shows `pod` (same UID) alive: the last check before the
@@ -1801,41 +2003,42 @@ impl VaultWork {
     }
 
     /// Deletes the candidates that are older than the grace period and whose Pod is gone.
-    async fn sweep(
-        &self,
-        records: Vec<RecordRef>,
-        claims: Vec<IpAddr>,
-        live: HashSet<String>,
-    ) -> Done {
+    async fn sweep(&self, listing: Listing, live: HashSet<String>) -> Done {
         let now = Timestamp::now();
-        for r in records {
-            let path = format!(
-                "{}/{}/{}/{}",
-                self.layout.peers_folder(&self.gateway),
-                r.namespace,
-                r.service_account,
-                r.uid
-            );
-            self.metrics.count_reads("sweep", 1);
-            let rec = match self.vault.read(self.mount(), &path).await {
-                Ok(rec) => rec,
-                Err(e) if status_of(&e) == Some(404) => continue,
-                Err(e) => {
-                    tracing::warn!(%path, error = %e, "sweep cannot read the record");
+        let Listing {
+            records,
+            claims,
+            verdicts,
+        } = listing;
+        let records_folder = self.layout.peers_folder(&self.gateway);
+        let verdicts_folder = self.layout.verdicts_folder(&self.gateway);
+        for (folder, refs, kind) in [
+            (&records_folder, records, "record"),
+            (&verdicts_folder, verdicts, "verdict"),
+        ] {
+            for r in refs {
+                let path = format!("{folder}/{}/{}/{}", r.namespace, r.service_account, r.uid);
+                self.metrics.count_reads("sweep", 1);
+                let rec = match self.vault.read(self.mount(), &path).await {
+                    Ok(rec) => rec,
+                    Err(e) if status_of(&e) == Some(404) => continue,
+                    Err(e) => {
+                        tracing::warn!(%path, error = %e, kind, "sweep cannot read it");
+                        continue;
+                    }
+                };
+                if !old_enough(rec.created_time, now, self.grace) {
                     continue;
                 }
-            };
-            if !old_enough(rec.created_time, now, self.grace) {
-                continue;
-            }
-            // A record naming the Pod of its own path: make sure that Pod is gone.
-            if let Ok(Some(pod)) = PodIdentity::from_fields(&path, &rec.data) {
-                if pod.uid == r.uid && self.alive(&pod).await != Some(false) {
-                    continue;
+                // One naming the Pod of its own path: make sure that Pod is gone.
+                if let Ok(Some(pod)) = PodIdentity::from_fields(&path, &rec.data) {
+                    if pod.uid == r.uid && self.alive(&pod).await != Some(false) {
+                        continue;
+                    }
                 }
+                tracing::info!(%path, kind, "orphaned {kind}: no live Pod has its UID");
+                self.delete(&path, kind, "swept").await;
             }
-            tracing::info!(%path, "orphaned record: no live Pod has its UID");
-            self.delete(&path, "record", "swept").await;
         }
         for address in claims {
             let (claim, created) = match self.claim(address, "sweep").await {
@@ -1863,12 +2066,35 @@ impl VaultWork {
     }
 }
 
+/// Logs the access rules, and watches the Namespaces when the selector needs their labels (else
+/// a stream that never yields).
+fn namespace_watch(
+    access: &Access,
+    client: &kube::Client,
+) -> std::pin::Pin<Box<dyn futures_util::Stream<Item = NamespaceWatchUpdate> + Send>> {
+    if access.allows_all() {
+        tracing::info!("access: every injected Pod of the profile may use the gateway");
+    } else {
+        tracing::info!(
+            namespace_selector = %access.selector_text(),
+            service_accounts = %access.service_accounts_text(),
+            "access: only Pods of selected namespaces and listed service accounts (empty: any) may use the gateway"
+        );
+    }
+    if !access.needs_namespaces() {
+        return Box::pin(stream::pending());
+    }
+    tracing::info!("watching Namespaces (metadata) for access.namespaceSelector (no peer is admitted before they are listed)");
+    Box::pin(pod_watch::watch_namespaces(client.clone()))
+}
+
 /// Loop state of kubernetes mode beyond the index.
 struct KubeLoop {
     index: PodIndex,
     policies: PolicyStore,
     tasks: JoinSet<Done>,
     releases: std::collections::VecDeque<Release>,
+    verdicts: std::collections::VecDeque<VerdictChange>,
     started: Instant,
     dirty_at: Option<Instant>,
     first_list_at: Option<Instant>,
@@ -1946,11 +2172,13 @@ impl Gateway {
             pool = %pool_list.join(","),
             "watching the profile's Pods in every namespace"
         );
+        let access = self.cfg.access.clone();
         let mut st = KubeLoop {
-            index: PodIndex::new(pools),
+            index: PodIndex::new(pools).with_access(access.clone()),
             policies: PolicyStore::new(),
             tasks: JoinSet::new(),
             releases: std::collections::VecDeque::new(),
+            verdicts: std::collections::VecDeque::new(),
             started: Instant::now(),
             dirty_at: None,
             first_list_at: None,
@@ -1969,6 +2197,8 @@ impl Gateway {
         tracing::info!("watching the NetworkPolicies of every namespace (peers are admitted once they are listed)");
         let policy_events = policy_watch::watch(client.clone());
         tokio::pin!(policy_events);
+        let namespace_events = namespace_watch(&access, &client);
+        tokio::pin!(namespace_events);
         let events = pod_watch::watch(client, &self.cfg.profile);
         tokio::pin!(events);
         let mut next_tick = Instant::now();
@@ -2010,6 +2240,9 @@ impl Gateway {
                     }
                 },
                 u = policy_events.next() => if !self.on_policy_update(&mut st, u) {
+                    break;
+                },
+                u = namespace_events.next() => if !self.on_namespace_update(&mut st, u) {
                     break;
                 },
                 Some(done) = st.tasks.join_next(), if !st.tasks.is_empty() => match done {
@@ -2077,6 +2310,17 @@ impl Gateway {
             let w = work.clone();
             st.tasks.spawn(async move { w.release(r).await });
         }
+        while room(st) > 0 {
+            let Some(v) = st.verdicts.pop_front() else {
+                break;
+            };
+            // A Pod gone meanwhile was released (its verdict with it): nothing to tell.
+            if matches!(&v, VerdictChange::Write { pod, .. } if !st.index.is_live(&pod.uid)) {
+                continue;
+            }
+            let w = work.clone();
+            st.tasks.spawn(async move { w.verdict(v).await });
+        }
         for req in st.index.due_reads(now, room(st)) {
             let w = work.clone();
             st.tasks.spawn(async move { w.read_record(req).await });
@@ -2119,6 +2363,7 @@ impl Gateway {
         for c in &out.changes {
             log_change(c, &self.health.metrics);
         }
+        st.verdicts.extend(out.verdicts);
         self.health
             .metrics
             .conflicts
@@ -2167,6 +2412,26 @@ impl Gateway {
         true
     }
 
+    /// Takes a Namespace watch update; false when the watch ended.
+    fn on_namespace_update(&self, st: &mut KubeLoop, u: Option<NamespaceWatchUpdate>) -> bool {
+        match u {
+            Some(NamespaceWatchUpdate::Event(e)) => st.index.apply_namespace(e),
+            Some(NamespaceWatchUpdate::Error(e)) => {
+                self.health.metrics.namespace_watch_errors.inc();
+                tracing::warn!(error = %e, "Namespace watch failed; retrying with backoff (access decisions stay; none is made before the first list: the gateway needs namespaces get, list, watch)");
+                if !st.index.namespaces_synced() {
+                    self.health
+                        .set(true, Some(Err(format!("the Namespace watch failed: {e}"))));
+                }
+            }
+            None => {
+                tracing::error!("the Namespace watch ended; shutting down");
+                return false;
+            }
+        }
+        true
+    }
+
     /// Takes a finished task's result.
     fn finish(&mut self, st: &mut KubeLoop, work: &Arc<VaultWork>, done: Done) {
         let now = Instant::now();
@@ -2177,21 +2442,28 @@ impl Gateway {
             }
             Done::Claim(a, r) => st.index.claim_read(a, r, now),
             Done::Released => {}
-            Done::Listed(Ok((records, claims))) => {
-                let records = st.index.orphan_records(&records);
-                let claims = st.index.orphan_claims(&claims);
-                if records.is_empty() && claims.is_empty() {
+            Done::Listed(Ok(listed)) => {
+                let candidates = Listing {
+                    records: st.index.orphan_records(&listed.records),
+                    claims: st.index.orphan_claims(&listed.claims),
+                    verdicts: st.index.orphan_records(&listed.verdicts),
+                };
+                if candidates.records.is_empty()
+                    && candidates.claims.is_empty()
+                    && candidates.verdicts.is_empty()
+                {
                     self.sweep_done(st, now);
                 } else {
                     tracing::debug!(
-                        records = records.len(),
-                        claims = claims.len(),
+                        records = candidates.records.len(),
+                        claims = candidates.claims.len(),
+                        verdicts = candidates.verdicts.len(),
                         "sweep candidates"
                     );
                     let live = st.index.live_uids();
                     let w = work.clone();
                     st.tasks
-                        .spawn(async move { w.sweep(records, claims, live).await });
+                        .spawn(async move { w.sweep(candidates, live).await });
                 }
             }
             Done::Listed(Err(e)) => {
@@ -2521,6 +2793,12 @@ mod tests {
             ("--vault-addresses-path=/", "--vault-addresses-path"),
             ("--vault-peers-path=wg//peers", "--vault-peers-path"),
             ("--orphan-sweep-interval=0", "--orphan-sweep-interval"),
+            ("--vault-verdicts-path=/", "--vault-verdicts-path"),
+            (
+                "--allow-namespace-selector=env in (prod",
+                "--allow-namespace-selector",
+            ),
+            ("--allow-service-accounts=shop", "--allow-service-accounts"),
         ] {
             let err = gateway_args(&[arg]).into_config().unwrap_err();
             assert!(
@@ -2528,6 +2806,33 @@ mod tests {
                 "{arg}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn the_access_flags_parse_as_the_chart_renders_them_and_need_the_kubernetes_pod_source() {
+        let cfg = gateway_args(&[
+            "--allow-namespace-selector=vpn=allowed,team in (payments,shop)",
+            "--allow-service-accounts=shop/web,bank/api",
+        ])
+        .into_config()
+        .unwrap();
+        assert!(cfg.access.needs_namespaces());
+        assert_eq!(
+            cfg.access.selector_text(),
+            "vpn=allowed,team in (payments,shop)"
+        );
+        assert_eq!(cfg.access.service_accounts_text(), "bank/api,shop/web");
+        assert_eq!(cfg.layout.verdicts_prefix, "wg/verdicts");
+        let open = gateway_args(&[]).into_config().unwrap();
+        assert!(open.access.allows_all(), "no flag: every Pod");
+        let err = gateway_args(&["--pod-source=vault", "--allow-service-accounts=shop/web"])
+            .into_config()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--allow-service-accounts") && err.contains("--pod-source kubernetes"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -2647,6 +2952,28 @@ mod tests {
         fn remove(&mut self) -> crate::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn drop_counters_are_exported_as_increments_and_a_reinstalled_table_counts_on() {
+        let m = super::GatewayMetrics::new();
+        let read = |outside, policy| crate::nat::DropCounters {
+            outside_networks: outside,
+            policy,
+        };
+        m.record_drops(read(5, 0));
+        m.record_drops(read(7, 2));
+        // The table was installed again: its counters restart from zero.
+        m.record_drops(read(1, 0));
+        let text = m.encode();
+        assert!(
+            text.contains("wg_gateway_dropped_packets_total{reason=\"outside_networks\"} 8"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wg_gateway_dropped_packets_total{reason=\"policy\"} 2"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `/healthz`, `/ready`, `/metrics` and `POST /quitquitquit` on one port, and the pure readiness
-//! rule.
+//! rule (with the gateway's verdict, when it refuses the Pod, as the reason).
 //!
 //! Owns: the HTTP router over a shared [`HealthState`], the rule "ready = interface up and a
 //! handshake with the gateway younger than 180 s", and the [`ShutdownRequest`] that
@@ -61,6 +61,31 @@ pub fn readiness(
             )),
             _ => Readiness::Ready,
         },
+    }
+}
+
+/// The first check for the gateway's verdict comes this long after the tunnel is up (or the
+/// handshake is lost); the delay doubles up to [`VERDICT_CHECK_MAX`].
+pub const VERDICT_CHECK_FIRST: Duration = Duration::from_secs(2);
+/// The longest delay between two checks for the gateway's verdict.
+pub const VERDICT_CHECK_MAX: Duration = Duration::from_secs(10);
+
+/// The delay before check number `checks` (0: the first) for the gateway's verdict while there
+/// is no handshake: 2, 4, 8, then every 10 s.
+#[must_use]
+pub fn verdict_check_delay(checks: u32) -> Duration {
+    VERDICT_CHECK_FIRST
+        .saturating_mul(1u32.checked_shl(checks.min(8)).unwrap_or(u32::MAX))
+        .min(VERDICT_CHECK_MAX)
+}
+
+/// Readiness `r` with the gateway's refusal as the reason while the Pod is not ready: the
+/// handshake is missing *because* the gateway refuses the Pod, and that is what to act on.
+#[must_use]
+pub fn with_verdict(r: Readiness, verdict: Option<&crate::registration::Verdict>) -> Readiness {
+    match (r, verdict) {
+        (Readiness::NotReady(_), Some(v)) => Readiness::NotReady(v.ready_reason()),
+        (r, _) => r,
     }
 }
 
@@ -270,7 +295,10 @@ mod tests {
     };
     use tower::ServiceExt;
 
-    use super::{readiness, router, HealthState, Readiness, ShutdownRequest};
+    use super::{
+        readiness, router, verdict_check_delay, with_verdict, HealthState, Readiness,
+        ShutdownRequest,
+    };
     use crate::metrics::Metrics;
 
     fn state() -> std::sync::Arc<HealthState> {
@@ -303,6 +331,38 @@ mod tests {
             readiness(true, Some(now - Duration::from_secs(180)), now),
             Readiness::NotReady(_)
         ));
+    }
+
+    #[test]
+    fn a_refused_pod_is_not_ready_with_the_gateways_reason_and_checks_back_off_to_ten_seconds() {
+        let v = crate::registration::Verdict {
+            reason: "namespace_not_selected".into(),
+            message:
+                "namespace shop does not match the gateway's access.namespaceSelector vpn=allowed"
+                    .into(),
+            gateway: "corp".into(),
+            time: "2030-01-01T00:00:00Z".parse().unwrap(),
+            pod: crate::registration::PodIdentity::new("shop", "web", "web-0", "0001").unwrap(),
+        };
+        let now = SystemTime::now();
+        assert_eq!(
+            with_verdict(readiness(true, None, now), Some(&v)),
+            Readiness::NotReady(
+                "refused by gateway corp: namespace shop does not match the gateway's access.namespaceSelector vpn=allowed".into()
+            )
+        );
+        // A handshake wins over a stale verdict; no verdict keeps the plain reason.
+        assert_eq!(
+            with_verdict(readiness(true, Some(now), now), Some(&v)),
+            Readiness::Ready
+        );
+        assert_eq!(
+            with_verdict(readiness(true, None, now), None),
+            readiness(true, None, now)
+        );
+        let secs: Vec<u64> = (0..6).map(|n| verdict_check_delay(n).as_secs()).collect();
+        assert_eq!(secs, [2, 4, 8, 10, 10, 10]);
+        assert_eq!(verdict_check_delay(u32::MAX).as_secs(), 10);
     }
 
     #[tokio::test]

@@ -130,6 +130,13 @@ pub struct LayoutArgs {
         default_value = "wg/addresses"
     )]
     pub addresses_prefix: String,
+    /// Folder of the gateways' verdicts on refused Pods (`<prefix>/<gateway>/<ns>/<sa>/<uid>`).
+    #[arg(
+        long,
+        env = "WG_SIDECAR_VERDICTS_PREFIX",
+        default_value = "wg/verdicts"
+    )]
+    pub verdicts_prefix: String,
 }
 
 /// Where the gateways' records live (prefixes under the KV mount).

@@ -18,7 +18,7 @@ use ipnet::IpNet;
 
 use crate::{
     error::{Result, SidecarError},
-    registration::{Layout, PodIdentity, Registration},
+    registration::{Layout, PodIdentity, Registration, Verdict},
     secret::Secret,
     vault::Vault,
 };
@@ -230,6 +230,11 @@ pub trait KeySource: Send + Sync {
     fn registers(&self) -> bool {
         false
     }
+    /// The gateway's verdict on this Pod, when it refuses it (`None`: no verdict, or a source
+    /// that does not register with a gateway).
+    fn load_verdict(&self) -> impl std::future::Future<Output = Result<Option<Verdict>>> + Send {
+        std::future::ready(Ok(None))
+    }
 }
 
 /// Keys from Vault / OpenBao KV v2.
@@ -440,6 +445,20 @@ impl KeySource for RegisteredKeySource {
         let p = self.register().await?;
         *slot = Some(p.clone());
         Ok(p)
+    }
+
+    async fn load_verdict(&self) -> Result<Option<Verdict>> {
+        let gateway = crate::registration::gateway_name(&self.gateway_path);
+        let path = self.layout.verdict_path(gateway, &self.pod);
+        match self.vault.read(&self.layout.kv_mount, &path).await {
+            Ok(rec) => Verdict::from_fields(&format!("{}/{path}", self.layout.kv_mount), &rec.data)
+                // Only a verdict on this Pod counts (the path says so; the record must agree).
+                .map(|v| (v.pod == self.pod).then_some(v)),
+            Err(SidecarError::VaultKv {
+                status: Some(404), ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn load_gateway(&self) -> Result<GatewayRecord> {

@@ -7,6 +7,7 @@
 //! operations reuse these modules.
 //! Must never: put key material in argv, environment, logs, metrics or errors.
 
+pub mod access;
 pub mod backoff;
 pub mod bootstrap;
 pub mod cli;

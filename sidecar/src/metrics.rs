@@ -45,6 +45,7 @@ pub struct Metrics {
     pub ready: Gauge,
     mode: Family<Labels, Gauge>,
     registration_failures: Family<Labels, Counter>,
+    gateway_refused: Family<Labels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -87,7 +88,15 @@ impl Metrics {
             ready: Gauge::default(),
             mode: Family::default(),
             registration_failures: Family::default(),
+            gateway_refused: Family::default(),
         };
+        r.register(
+            "wg_sidecar_gateway_refused",
+            "1 while the gateway refuses this Pod, by the refusal's reason (its verdict in Vault, \
+             read while there is no handshake; e.g. namespace_not_selected, \
+             service_account_not_allowed)",
+            m.gateway_refused.clone(),
+        );
         r.register(
             "wg_sidecar_registration_failures",
             "Failed registrations with the gateway, by reason (pool_exhausted, vault_refused, write_failed, claim_conflict, invalid_record, vault_unavailable)",
@@ -156,6 +165,17 @@ impl Metrics {
         Self {
             registry: Arc::new(r),
             ..m
+        }
+    }
+
+    /// Records the gateway's refusal of this Pod: 1 for `reason` (`None`: not refused, the
+    /// series goes).
+    pub fn set_gateway_refused(&self, reason: Option<&str>) {
+        self.gateway_refused.clear();
+        if let Some(r) = reason {
+            self.gateway_refused
+                .get_or_create(&vec![("reason".to_owned(), r.to_owned())])
+                .set(1);
         }
     }
 
@@ -242,6 +262,16 @@ mod tests {
         m.record_peers(&[p(100, 50)], now);
         m.record_peers(&[p(150, 70)], now);
         m.vault_login_failures.inc();
+        m.set_gateway_refused(Some("service_account_not_allowed"));
+        m.set_gateway_refused(Some("namespace_not_selected"));
+        let text = m.encode();
+        assert!(
+            text.contains("wg_sidecar_gateway_refused{reason=\"namespace_not_selected\"} 1")
+                && !text.contains("service_account_not_allowed\"}"),
+            "{text}"
+        );
+        m.set_gateway_refused(None);
+        assert!(!m.encode().contains("wg_sidecar_gateway_refused{"));
         let text = m.encode();
         assert!(
             text.contains("wg_sidecar_peer_receive_bytes_total{public_key=\"PUB\"} 150"),

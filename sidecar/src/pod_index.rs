@@ -20,6 +20,18 @@
 //! - **what to release** ([`PodIndex::take_releases`]): a Pod deleted or finished (phase
 //!   `Succeeded`/`Failed`) leaves the table at once, and its record and the claims of its
 //!   addresses are queued for deletion (every replica may try; a 404 is fine);
+//! - **who may use the gateway at all** (the gate, before any Vault read): a Pod that carries
+//!   the tunnel label without the injector's `wg-injector.io/status` annotation is refused
+//!   `not_injected`; with access rules ([`crate::access`]) a Pod whose namespace's labels (fed
+//!   by [`NamespaceEvent`]s) do not match the selector, or whose service account is not listed,
+//!   is refused too. A refused Pod's record is never read (the refusal needs none); a namespace
+//!   relabel opens or closes the gate of its Pods at once (an admitted peer leaves the table, a
+//!   newly admitted Pod's record is read at once). Until the namespaces are listed, or while a
+//!   Pod's namespace is unknown, its gate waits: nothing is read or admitted for it (a peer
+//!   already admitted stays);
+//! - **the verdicts** ([`Outcome::verdicts`]): a refusal the Pod's owner can act on is to be
+//!   written where the Pod's sidecar reads it (every refusal but `not_injected`: such a Pod has
+//!   no sidecar), once per new refusal, and deleted when the Pod is admitted or released;
 //! - **the desired peer table** ([`PodIndex::peers`]): a record is admitted only if its Pod
 //!   identity equals a live, unfinished Pod's (namespace, service account, name, UID), every
 //!   address is a host address in the gateway's pool, and it conflicts with no other admitted
@@ -44,7 +56,13 @@ use std::{
 use ipnet::IpNet;
 use jiff::Timestamp;
 
-use crate::{keys::PeerRecord, pool, registration::PodIdentity, secret::Secret};
+use crate::{
+    access::{Access, Decision},
+    keys::PeerRecord,
+    pool,
+    registration::PodIdentity,
+    secret::Secret,
+};
 
 /// Delay between first seeing a running sidecar instance and reading its record.
 pub const FIRST_READ_DELAY: Duration = Duration::from_millis(250);
@@ -80,6 +98,33 @@ pub struct WatchedPod {
     pub finished: bool,
     /// The Pod's labels (what NetworkPolicy `podSelector`s match).
     pub labels: BTreeMap<String, String>,
+    /// The Pod carries the injector's `wg-injector.io/status` annotation (without it the
+    /// tunnel label was set by someone else: the Pod is refused `not_injected`).
+    pub injected: bool,
+}
+
+/// A namespace's labels, as the access rules need them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchedNamespace {
+    /// Its name.
+    pub name: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A Namespace event (the shape of `kube::runtime::watcher::Event`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamespaceEvent {
+    /// A namespace was added or changed.
+    Apply(WatchedNamespace),
+    /// A namespace was deleted.
+    Delete(WatchedNamespace),
+    /// A re-list starts.
+    Init,
+    /// A namespace of the re-list.
+    InitApply(WatchedNamespace),
+    /// The re-list is complete: namespaces not listed are gone.
+    InitDone,
 }
 
 /// An admitted peer's Pod as its egress policy needs it ([`PodIndex::admitted_pods`]).
@@ -154,6 +199,9 @@ pub enum Release {
         /// The Pod whose record held it.
         holder: PodIdentity,
     },
+    /// The gateway's verdict on the Pod (`<verdicts>/<gateway>/<ns>/<sa>/<uid>`), queued only
+    /// when this index asked for one to be written (the sweep collects the others).
+    Verdict(PodIdentity),
 }
 
 /// One peer of the table: what the interface gets for a public key.
@@ -185,6 +233,22 @@ pub enum Refusal {
     DuplicateKey,
     /// The record does not parse.
     InvalidRecord(String),
+    /// The Pod carries the tunnel label but not the injector's status annotation.
+    NotInjected,
+    /// The Pod's namespace does not match the gateway's namespace selector.
+    NamespaceNotSelected {
+        /// The namespace.
+        namespace: String,
+        /// The selector (kubectl syntax).
+        selector: String,
+    },
+    /// The Pod's service account is not in the gateway's list.
+    ServiceAccountNotAllowed {
+        /// The namespace.
+        namespace: String,
+        /// The service account.
+        service_account: String,
+    },
 }
 
 impl Refusal {
@@ -198,7 +262,17 @@ impl Refusal {
             Self::AddressConflict(_) => "address_conflict",
             Self::DuplicateKey => "duplicate_key",
             Self::InvalidRecord(_) => "invalid_record",
+            Self::NotInjected => "not_injected",
+            Self::NamespaceNotSelected { .. } => "namespace_not_selected",
+            Self::ServiceAccountNotAllowed { .. } => "service_account_not_allowed",
         }
+    }
+
+    /// True when the Pod's sidecar should be told (a verdict is written): every refusal but
+    /// `not_injected`, whose Pod has no sidecar of the injector's.
+    #[must_use]
+    pub fn tells_the_pod(&self) -> bool {
+        !matches!(self, Self::NotInjected)
     }
 }
 
@@ -211,6 +285,26 @@ impl std::fmt::Display for Refusal {
             Self::AddressConflict(a) => write!(f, "address {a} is held by another live Pod"),
             Self::DuplicateKey => f.write_str("public key already used by another live Pod"),
             Self::InvalidRecord(why) => write!(f, "invalid record: {why}"),
+            Self::NotInjected => f.write_str(
+                "the Pod carries the wg-injector.io/tunnel label but no wg-injector.io/status \
+                 annotation: wg-injector did not inject it",
+            ),
+            Self::NamespaceNotSelected {
+                namespace,
+                selector,
+            } => write!(
+                f,
+                "namespace {namespace} does not match the gateway's access.namespaceSelector \
+                 {selector}"
+            ),
+            Self::ServiceAccountNotAllowed {
+                namespace,
+                service_account,
+            } => write!(
+                f,
+                "service account {namespace}/{service_account} is not in the gateway's \
+                 access.serviceAccounts"
+            ),
         }
     }
 }
@@ -245,6 +339,20 @@ pub enum PeerChange {
     },
 }
 
+/// A verdict to write or delete where the Pod's sidecar reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerdictChange {
+    /// The Pod is refused (newly, or for a new reason): tell it why.
+    Write {
+        /// The Pod.
+        pod: PodIdentity,
+        /// Why.
+        refusal: Refusal,
+    },
+    /// The Pod, refused before, is admitted now.
+    Delete(PodIdentity),
+}
+
 /// The result of [`PodIndex::peers`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outcome {
@@ -252,8 +360,10 @@ pub struct Outcome {
     pub table: PeerTable,
     /// What changed since the previous call.
     pub changes: Vec<PeerChange>,
-    /// Live Pods whose record is refused now.
+    /// Live Pods refused now (their record, or the Pod itself).
     pub refused: usize,
+    /// Verdicts to write or delete.
+    pub verdicts: Vec<VerdictChange>,
 }
 
 /// A record found by the sweep's listing: `<peers>/<gateway>/<namespace>/<sa>/<uid>`.
@@ -319,6 +429,17 @@ struct ReadState {
     answered: bool,
 }
 
+/// Whether a Pod may use the gateway at all (decided before any read of its record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Gate {
+    /// It may: its record is read and checked.
+    Open,
+    /// Not known yet (the namespaces are not listed, or its namespace is unknown).
+    Waiting,
+    /// It may not.
+    Closed(Refusal),
+}
+
 #[derive(Debug, Clone)]
 struct PodState {
     pod: WatchedPod,
@@ -326,6 +447,33 @@ struct PodState {
     invalid: Option<String>,
     read: ReadState,
     released: bool,
+    gate: Gate,
+    /// A verdict was asked to be written for it (deleted on admission or release).
+    verdict: bool,
+}
+
+/// A Pod's gate under `access`, its namespace's labels known or not.
+fn gate_of(
+    access: &Access,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    pod: &WatchedPod,
+) -> Gate {
+    if !pod.injected {
+        return Gate::Closed(Refusal::NotInjected);
+    }
+    let id = &pod.identity;
+    match access.check(&id.namespace, &id.service_account, namespace_labels) {
+        Decision::Allowed => Gate::Open,
+        Decision::Unknown => Gate::Waiting,
+        Decision::NamespaceNotSelected(selector) => Gate::Closed(Refusal::NamespaceNotSelected {
+            namespace: id.namespace.clone(),
+            selector,
+        }),
+        Decision::ServiceAccountNotAllowed => Gate::Closed(Refusal::ServiceAccountNotAllowed {
+            namespace: id.namespace.clone(),
+            service_account: id.service_account.clone(),
+        }),
+    }
 }
 
 /// What the index knows of one contested address's claim.
@@ -379,6 +527,11 @@ pub struct PodIndex {
     admitted: BTreeMap<String, AdmittedPeer>,
     refused: Refusals,
     changed: bool,
+    access: Access,
+    /// Namespace → labels (kept only when the access rules need them).
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    namespace_listing: Option<BTreeMap<String, BTreeMap<String, String>>>,
+    namespaces_synced: bool,
 }
 
 impl PodIndex {
@@ -395,6 +548,89 @@ impl PodIndex {
             admitted: BTreeMap::new(),
             refused: BTreeMap::new(),
             changed: false,
+            access: Access::default(),
+            namespaces: BTreeMap::new(),
+            namespace_listing: None,
+            namespaces_synced: false,
+        }
+    }
+
+    /// The same index with the gateway's access rules (default: every injected Pod may use it).
+    #[must_use]
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// The labels of `namespace` as the gate may use them: `None` while unknown.
+    fn labels_of<'a>(
+        access: &Access,
+        synced: bool,
+        namespaces: &'a BTreeMap<String, BTreeMap<String, String>>,
+        namespace: &str,
+    ) -> Option<&'a BTreeMap<String, String>> {
+        (access.needs_namespaces() && synced)
+            .then(|| namespaces.get(namespace))
+            .flatten()
+    }
+
+    /// Feeds one Namespace event (only the access rules' selector reads them).
+    pub fn apply_namespace(&mut self, event: NamespaceEvent) {
+        match event {
+            NamespaceEvent::Apply(ns) => {
+                if self.namespaces.get(&ns.name) != Some(&ns.labels) {
+                    self.namespaces.insert(ns.name.clone(), ns.labels);
+                    self.regate(Some(&ns.name));
+                }
+            }
+            NamespaceEvent::Delete(ns) => {
+                if self.namespaces.remove(&ns.name).is_some() {
+                    self.regate(Some(&ns.name));
+                }
+            }
+            NamespaceEvent::Init => self.namespace_listing = Some(BTreeMap::new()),
+            NamespaceEvent::InitApply(ns) => match &mut self.namespace_listing {
+                Some(l) => {
+                    l.insert(ns.name, ns.labels);
+                }
+                None => self.apply_namespace(NamespaceEvent::Apply(ns)),
+            },
+            NamespaceEvent::InitDone => {
+                self.namespaces = self.namespace_listing.take().unwrap_or_default();
+                self.namespaces_synced = true;
+                self.regate(None);
+                self.changed = true;
+            }
+        }
+    }
+
+    /// True once the namespaces are listed, or when the access rules need none.
+    #[must_use]
+    pub fn namespaces_synced(&self) -> bool {
+        !self.access.needs_namespaces() || self.namespaces_synced
+    }
+
+    /// Decides the gate again for the Pods of `namespace` (`None`: every Pod).
+    fn regate(&mut self, namespace: Option<&str>) {
+        let Self {
+            pods,
+            access,
+            namespaces,
+            namespaces_synced,
+            changed,
+            ..
+        } = self;
+        for st in pods.values_mut() {
+            let id = &st.pod.identity;
+            if st.pod.finished || namespace.is_some_and(|n| n != id.namespace) {
+                continue;
+            }
+            let labels = Self::labels_of(access, *namespaces_synced, namespaces, &id.namespace);
+            let gate = gate_of(access, labels, &st.pod);
+            if gate != st.gate {
+                st.gate = gate;
+                *changed = true;
+            }
         }
     }
 
@@ -438,13 +674,26 @@ impl PodIndex {
 
     fn upsert(&mut self, pod: WatchedPod, now: Instant, delay: Duration) {
         let uid = pod.identity.uid.clone();
+        let labels = Self::labels_of(
+            &self.access,
+            self.namespaces_synced,
+            &self.namespaces,
+            &pod.identity.namespace,
+        );
+        let gate = gate_of(&self.access, labels, &pod);
         let st = self.pods.entry(uid).or_insert_with(|| PodState {
             pod: pod.clone(),
             record: None,
             invalid: None,
             read: ReadState::default(),
             released: false,
+            gate: Gate::Open,
+            verdict: false,
         });
+        if st.gate != gate {
+            st.gate = gate;
+            self.changed = true; // admitted or refused before any read
+        }
         let was_finished = st.released;
         if st.pod.labels != pod.labels && self.admitted.contains_key(&st.pod.identity.uid) {
             self.changed = true; // its egress policy may differ now
@@ -473,6 +722,9 @@ impl PodIndex {
         st.released = true;
         st.read.due = None;
         releases.push(Release::Record(st.pod.identity.clone()));
+        if std::mem::take(&mut st.verdict) {
+            releases.push(Release::Verdict(st.pod.identity.clone()));
+        }
         if let Some(rec) = st.record.take() {
             for a in &rec.addresses {
                 releases.push(Release::Claim {
@@ -503,10 +755,11 @@ impl PodIndex {
     #[must_use]
     pub fn initial_reads_done(&self) -> bool {
         self.synced
+            && self.namespaces_synced()
             && self
                 .pods
                 .values()
-                .filter(|s| !s.pod.finished && s.read.instance.is_some())
+                .filter(|s| !s.pod.finished && s.read.instance.is_some() && s.gate == Gate::Open)
                 .all(|s| s.read.answered || s.record.is_some())
     }
 
@@ -530,8 +783,12 @@ impl PodIndex {
                 break;
             }
             let r = &mut st.read;
-            if st.pod.finished || r.in_flight || r.due.is_none_or(|d| d > now) {
-                continue;
+            if st.pod.finished
+                || st.gate != Gate::Open
+                || r.in_flight
+                || r.due.is_none_or(|d| d > now)
+            {
+                continue; // a gate not open keeps the read due for when it opens
             }
             let Some(instance) = r.instance.clone() else {
                 continue;
@@ -569,7 +826,7 @@ impl PodIndex {
         let reads = self
             .pods
             .values()
-            .filter(|s| !s.pod.finished && !s.read.in_flight)
+            .filter(|s| !s.pod.finished && !s.read.in_flight && s.gate == Gate::Open)
             .filter_map(|s| s.read.due);
         let claims = self
             .claims
@@ -652,6 +909,17 @@ impl PodIndex {
         let mut candidates = Vec::new();
         for (uid, st) in self.pods.iter().filter(|(_, s)| !s.pod.finished) {
             let id = &st.pod.identity;
+            match &st.gate {
+                Gate::Open => {}
+                // Undecided: a peer already admitted stays, nobody new is admitted.
+                Gate::Waiting if self.admitted.contains_key(uid) => {}
+                Gate::Waiting => continue,
+                Gate::Closed(r) => {
+                    let key = st.record.as_ref().map(|rec| rec.public_key.clone());
+                    refusals.insert(uid.clone(), (id.clone(), key, r.clone()));
+                    continue;
+                }
+            }
             let Some(rec) = &st.record else {
                 if let Some(why) = &st.invalid {
                     refusals.insert(
@@ -765,11 +1033,41 @@ impl PodIndex {
         let changes = self.changes(&admitted, &refusals);
         self.admitted = admitted;
         self.refused = refusals;
+        let verdicts = self.verdicts(&changes);
         Outcome {
             table,
             changes,
             refused: self.refused.len(),
+            verdicts,
         }
+    }
+
+    /// The verdicts `changes` call for: one per new refusal the Pod should hear of, a delete
+    /// when a Pod told before is admitted.
+    fn verdicts(&mut self, changes: &[PeerChange]) -> Vec<VerdictChange> {
+        let mut out = Vec::new();
+        for c in changes {
+            match c {
+                PeerChange::Refused { pod, refusal, .. } if refusal.tells_the_pod() => {
+                    if let Some(st) = self.pods.get_mut(&pod.uid) {
+                        st.verdict = true;
+                        out.push(VerdictChange::Write {
+                            pod: pod.clone(),
+                            refusal: refusal.clone(),
+                        });
+                    }
+                }
+                PeerChange::Admitted { pod, .. } => {
+                    if let Some(st) = self.pods.get_mut(&pod.uid) {
+                        if std::mem::take(&mut st.verdict) {
+                            out.push(VerdictChange::Delete(pod.clone()));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
     }
 
     /// What differs between the last outcome and this one.
@@ -890,6 +1188,7 @@ mod tests {
             sidecar: Some(instance.into()),
             finished: false,
             labels: BTreeMap::new(),
+            injected: true,
         }
     }
 
@@ -1436,6 +1735,224 @@ mod tests {
         let reads = ix.due_reads(t1 + FIRST_READ_DELAY, 64);
         assert_eq!(reads.len(), 1);
         assert_eq!(reads[0].pod.uid, "0003");
+    }
+
+    /// A synced index with `access`, whose namespaces are listed with `namespaces`.
+    fn gated(t0: Instant, access: Access, namespaces: &[(&str, &[(&str, &str)])]) -> PodIndex {
+        let mut ix = synced(t0).with_access(access);
+        ix.apply_namespace(NamespaceEvent::Init);
+        for (name, labels) in namespaces {
+            ix.apply_namespace(NamespaceEvent::InitApply(namespace(name, labels)));
+        }
+        ix.apply_namespace(NamespaceEvent::InitDone);
+        ix
+    }
+
+    fn namespace(name: &str, labels: &[(&str, &str)]) -> WatchedNamespace {
+        WatchedNamespace {
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    fn refusals(out: &Outcome) -> Vec<(String, &'static str)> {
+        out.changes
+            .iter()
+            .filter_map(|c| match c {
+                PeerChange::Refused { pod, refusal, .. } => {
+                    Some((pod.name.clone(), refusal.reason()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_pod_of_a_namespace_the_selector_does_not_match_is_refused_unread_and_admitted_at_once_when_relabelled(
+    ) {
+        let t0 = Instant::now();
+        let access = Access::parse("vpn=allowed", &[]).unwrap();
+        let mut ix = gated(t0, access, &[("shop", &[])]);
+        let web = running("web-1", "0001", "a");
+        ix.apply(PodEvent::Apply(web.clone()), t0);
+        assert!(ix.take_changed(), "refused before any read");
+        let out = ix.peers(t0);
+        assert!(out.table.is_empty());
+        assert_eq!(refusals(&out), [("web-1".into(), "namespace_not_selected")]);
+        let refusal = Refusal::NamespaceNotSelected {
+            namespace: "shop".into(),
+            selector: "vpn=allowed".into(),
+        };
+        assert_eq!(
+            refusal.to_string(),
+            "namespace shop does not match the gateway's access.namespaceSelector vpn=allowed"
+        );
+        assert_eq!(
+            out.verdicts,
+            vec![VerdictChange::Write {
+                pod: web.identity.clone(),
+                refusal: refusal.clone()
+            }]
+        );
+        assert_eq!(out.refused, 1);
+        // Its record is never read while refused, and nothing wakes the loop for it.
+        assert!(ix.due_reads(t0 + Duration::from_secs(60), 64).is_empty());
+        assert_eq!(ix.next_due(), None);
+        let again = ix.peers(t0 + ms(10));
+        assert!(
+            again.changes.is_empty() && again.verdicts.is_empty(),
+            "once"
+        );
+
+        // The namespace is relabelled: the read is due at once, the peer admitted, the verdict
+        // deleted.
+        let t1 = t0 + Duration::from_secs(5);
+        ix.apply_namespace(NamespaceEvent::Apply(namespace(
+            "shop",
+            &[("vpn", "allowed")],
+        )));
+        assert!(ix.take_changed());
+        assert_eq!(
+            serve(&mut ix, t1, |r| RecordRead::Found(record(
+                &r.pod,
+                1,
+                "10.99.0.2/32",
+                1
+            ))),
+            1,
+            "read at once"
+        );
+        let out = ix.peers(t1);
+        assert_eq!(show(&out.table), ["k1 10.99.0.2/32 psk"]);
+        assert_eq!(
+            out.verdicts,
+            vec![VerdictChange::Delete(web.identity.clone())]
+        );
+
+        // A relabel that stops matching takes the admitted peer out at once; its record stays
+        // in Vault (the Pod lives).
+        ix.apply_namespace(NamespaceEvent::Apply(namespace("shop", &[("vpn", "no")])));
+        assert!(ix.take_changed());
+        let out = ix.peers(t1 + ms(10));
+        assert!(out.table.is_empty());
+        assert_eq!(refusals(&out), [("web-1".into(), "namespace_not_selected")]);
+        assert_eq!(out.verdicts.len(), 1);
+        assert!(ix.take_releases().is_empty());
+        // A status update of the namespace (same labels) is no change.
+        ix.apply_namespace(NamespaceEvent::Apply(namespace("shop", &[("vpn", "no")])));
+        assert!(!ix.take_changed());
+        // Relabelled back: admitted again from the record it holds, with no read.
+        ix.apply_namespace(NamespaceEvent::Apply(namespace(
+            "shop",
+            &[("vpn", "allowed")],
+        )));
+        assert!(ix.due_reads(t1 + ms(20), 64).is_empty());
+        assert_eq!(ix.peers(t1 + ms(20)).table.len(), 1);
+        // Refused and deleted: the verdict goes with the record and the claim.
+        ix.apply_namespace(NamespaceEvent::Apply(namespace("shop", &[])));
+        ix.peers(t1 + ms(30));
+        ix.apply(PodEvent::Delete(web.clone()), t1 + ms(40));
+        let released = ix.take_releases();
+        assert!(
+            released.contains(&Release::Verdict(web.identity.clone())),
+            "{released:?}"
+        );
+        assert_eq!(released.len(), 3, "record, verdict, claim: {released:?}");
+    }
+
+    #[test]
+    fn until_the_namespaces_are_listed_nothing_is_read_or_refused_and_the_sync_waits() {
+        let t0 = Instant::now();
+        let access = Access::parse("team in (payments)", &[]).unwrap();
+        let mut ix = index().with_access(access);
+        ix.apply(PodEvent::Init, t0);
+        ix.apply(PodEvent::InitApply(running("web-1", "0001", "a")), t0);
+        ix.apply(PodEvent::InitDone, t0);
+        assert!(!ix.namespaces_synced());
+        assert!(ix.due_reads(t0, 64).is_empty());
+        assert!(!ix.initial_reads_done(), "not ready before the namespaces");
+        let out = ix.peers(t0);
+        assert!(out.changes.is_empty(), "{:?}", out.changes);
+        ix.apply_namespace(NamespaceEvent::Init);
+        ix.apply_namespace(NamespaceEvent::InitApply(namespace(
+            "shop",
+            &[("team", "payments")],
+        )));
+        ix.apply_namespace(NamespaceEvent::InitDone);
+        assert!(ix.namespaces_synced() && !ix.initial_reads_done());
+        serve(&mut ix, t0, |r| {
+            RecordRead::Found(record(&r.pod, 1, "10.99.0.2/32", 1))
+        });
+        assert!(ix.initial_reads_done());
+        assert_eq!(ix.peers(t0).table.len(), 1);
+        // A Pod of a namespace the index does not know waits (neither read nor refused).
+        let mut other = running("api-1", "0002", "b");
+        other.identity = PodIdentity::new("bank", "api", "api-1", "0002").unwrap();
+        ix.apply(PodEvent::Apply(other), t0);
+        assert!(ix.due_reads(t0 + Duration::from_secs(1), 64).is_empty());
+        assert!(ix.peers(t0).changes.is_empty());
+        // The namespace is deleted: its admitted peer stays until its Pods go.
+        ix.apply_namespace(NamespaceEvent::Delete(namespace("shop", &[])));
+        assert_eq!(ix.peers(t0 + ms(10)).table.len(), 1);
+    }
+
+    #[test]
+    fn a_pod_without_the_injectors_status_is_refused_not_injected_never_read_and_told_nothing() {
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        let mut fake = running("fake-1", "0001", "a");
+        fake.injected = false;
+        ix.apply(PodEvent::Apply(fake.clone()), t0);
+        assert!(ix.due_reads(t0 + Duration::from_secs(60), 64).is_empty());
+        assert!(ix.initial_reads_done(), "it is not waited for");
+        let out = ix.peers(t0);
+        assert!(out.table.is_empty());
+        assert_eq!(refusals(&out), [("fake-1".into(), "not_injected")]);
+        assert!(out.verdicts.is_empty(), "no sidecar to tell");
+        ix.apply(PodEvent::Delete(fake), t0 + ms(10));
+        assert!(
+            !ix.take_releases()
+                .iter()
+                .any(|r| matches!(r, Release::Verdict(_))),
+            "no verdict to delete"
+        );
+    }
+
+    #[test]
+    fn only_listed_service_accounts_are_admitted_and_the_refusal_names_the_account() {
+        let t0 = Instant::now();
+        let access = Access::parse("", &["shop/api".into()]).unwrap();
+        let mut ix = synced(t0).with_access(access);
+        assert!(ix.namespaces_synced(), "a list needs no namespaces");
+        ix.apply(PodEvent::Apply(running("web-1", "0001", "a")), t0);
+        let mut api = running("api-1", "0002", "b");
+        api.identity = PodIdentity::new("shop", "api", "api-1", "0002").unwrap();
+        ix.apply(PodEvent::Apply(api), t0);
+        let n = serve(&mut ix, t0 + FIRST_READ_DELAY, |r| {
+            RecordRead::Found(record(&r.pod, 2, "10.99.0.3/32", 1))
+        });
+        assert_eq!(n, 1, "only api-1's record is read");
+        let out = ix.peers(t0 + FIRST_READ_DELAY);
+        assert_eq!(show(&out.table), ["k2 10.99.0.3/32 psk"]);
+        assert_eq!(
+            refusals(&out),
+            [("web-1".into(), "service_account_not_allowed")]
+        );
+        let PeerChange::Refused { refusal, .. } = out
+            .changes
+            .iter()
+            .find(|c| matches!(c, PeerChange::Refused { .. }))
+            .unwrap()
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            refusal.to_string(),
+            "service account shop/web is not in the gateway's access.serviceAccounts"
+        );
     }
 
     #[test]

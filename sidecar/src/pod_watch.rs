@@ -8,27 +8,35 @@
 //! when it must, which the index sees as `Init` … `InitDone`), and the mapping of a Pod object to
 //! a [`WatchedPod`]: identity (namespace, `spec.serviceAccountName`, name, UID), the running
 //! `wg-sidecar` container's ID (`status.initContainerStatuses` for a native sidecar, else
-//! `status.containerStatuses`), whether the Pod is finished (`status.phase`) and its labels
-//! (what the NetworkPolicies of [`crate::policy_watch`] select on).
+//! `status.containerStatuses`), whether the Pod is finished (`status.phase`), its labels
+//! (what the NetworkPolicies of [`crate::policy_watch`] select on) and whether it carries the
+//! injector's [`STATUS_ANNOTATION`].
 //! The watch asks for full objects, not metadata only: the service account (`spec`) and the
 //! phase and container statuses (`status`) are not in a Pod's metadata.
+//! With a namespace selector in the access rules ([`crate::access`]) it also watches the
+//! Namespaces, metadata only (`metadata_watcher`: their labels are all the index needs).
 //! Must never: write to the Kubernetes API, or decide anything (the index does).
 
 use futures_util::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{ContainerStatus, Namespace, Pod};
 use kube::{
+    core::PartialObjectMeta,
     runtime::{watcher, WatchStreamExt},
     Api, Client,
 };
 
 use crate::{
     error::{Result, SidecarError},
-    pod_index::{PodEvent, WatchedPod},
+    pod_index::{NamespaceEvent, PodEvent, WatchedNamespace, WatchedPod},
     registration::PodIdentity,
 };
 
 /// The label the injector puts on every injected Pod: `wg-injector.io/tunnel=<profile>`.
 pub const TUNNEL_LABEL: &str = "wg-injector.io/tunnel";
+
+/// The annotation the injector writes on every Pod it injects (what and which version). A Pod
+/// with the tunnel label and without it was not injected: the gateway refuses it.
+pub const STATUS_ANNOTATION: &str = "wg-injector.io/status";
 
 /// The name of the injected sidecar container.
 pub const SIDECAR_CONTAINER: &str = "wg-sidecar";
@@ -95,11 +103,17 @@ pub fn watched_pod(pod: &Pod) -> Option<WatchedPod> {
         running_sidecar(s.init_container_statuses.as_ref())
             .or_else(|| running_sidecar(s.container_statuses.as_ref()))
     });
+    let injected = m
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(STATUS_ANNOTATION))
+        .is_some_and(|v| !v.is_empty());
     Some(WatchedPod {
         identity,
         sidecar,
         finished,
         labels: m.labels.clone().unwrap_or_default(),
+        injected,
     })
 }
 
@@ -152,6 +166,45 @@ pub fn watch(client: Client, profile: &str) -> impl Stream<Item = WatchUpdate> +
         })
 }
 
+/// What the Namespace watch yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamespaceWatchUpdate {
+    /// An event for the index.
+    Event(NamespaceEvent),
+    /// A watch error (the watcher retries with backoff).
+    Error(String),
+}
+
+fn namespace_of(n: &PartialObjectMeta<Namespace>) -> Option<WatchedNamespace> {
+    Some(WatchedNamespace {
+        name: n.metadata.name.clone()?,
+        labels: n.metadata.labels.clone().unwrap_or_default(),
+    })
+}
+
+/// Watches every Namespace's metadata (its labels), forever (errors are yielded and retried).
+pub fn watch_namespaces(
+    client: Client,
+) -> impl Stream<Item = NamespaceWatchUpdate> + Send + 'static {
+    // `Api<PartialObjectMeta<_>>` asks for metadata only.
+    let api: Api<PartialObjectMeta<Namespace>> = Api::all(client);
+    watcher(api, watcher::Config::default())
+        .default_backoff()
+        .filter_map(|r| async move {
+            let ev = match r {
+                Ok(ev) => ev,
+                Err(e) => return Some(NamespaceWatchUpdate::Error(chain(&e))),
+            };
+            Some(NamespaceWatchUpdate::Event(match ev {
+                watcher::Event::Apply(n) => NamespaceEvent::Apply(namespace_of(&n)?),
+                watcher::Event::Delete(n) => NamespaceEvent::Delete(namespace_of(&n)?),
+                watcher::Event::Init => NamespaceEvent::Init,
+                watcher::Event::InitApply(n) => NamespaceEvent::InitApply(namespace_of(&n)?),
+                watcher::Event::InitDone => NamespaceEvent::InitDone,
+            }))
+        })
+}
+
 /// The UID of the Pod `namespace/name` now, `None` when there is none: the sweep's last check
 /// that a record's or claim's Pod is really gone before it deletes.
 pub async fn pod_uid(
@@ -171,7 +224,8 @@ mod tests {
     fn pod(status: &serde_json::Value) -> Pod {
         serde_json::from_value(serde_json::json!({
             "metadata": {"namespace": "shop", "name": "web-1", "uid": "0b5c7f3e-1111",
-                         "labels": {TUNNEL_LABEL: "corp"}},
+                         "labels": {TUNNEL_LABEL: "corp"},
+                         "annotations": {STATUS_ANNOTATION: "{\"version\":\"0.1.0\"}"}},
             "spec": {"serviceAccountName": "web", "containers": [{"name": "app"}]},
             "status": status,
         }))
@@ -194,6 +248,7 @@ mod tests {
         assert_eq!(native.identity.uid, "0b5c7f3e-1111");
         assert_eq!(native.labels[TUNNEL_LABEL], "corp");
         assert!(!native.finished);
+        assert!(native.injected, "the injector's status annotation");
         let classic = watched_pod(&pod(&serde_json::json!({
             "phase": "Running", "containerStatuses": sidecar("running")})))
         .unwrap();
@@ -213,6 +268,9 @@ mod tests {
         let mut p = pod(&serde_json::json!({}));
         p.spec.as_mut().unwrap().service_account_name = None;
         assert_eq!(watched_pod(&p).unwrap().identity.service_account, "default");
+        // A hand-set tunnel label without the injector's status: not injected.
+        p.metadata.annotations = None;
+        assert!(!watched_pod(&p).unwrap().injected);
         p.metadata.uid = None;
         assert!(watched_pod(&p).is_none());
         assert_eq!(selector("corp"), "wg-injector.io/tunnel=corp");

@@ -9,11 +9,13 @@
 //! ```text
 //! <peers>/<gateway>/<namespace>/<serviceAccount>/<pod-uid>   the Pod's public record
 //! <addresses>/<gateway>/<address>                            the claim naming the Pod
+//! <verdicts>/<gateway>/<namespace>/<serviceAccount>/<pod-uid> the gateway's refusal, if any
 //! ```
 //!
 //! Vault's templated policy (`wg-sidecar vault bootstrap`) lets a Pod write only below its own
 //! namespace and service account, and create (never update or delete) claims; the gateway reads
-//! both and releases them when the Pod is gone.
+//! both and releases them when the Pod is gone. When the gateway refuses a live Pod it writes a
+//! [`Verdict`] the Pod may read (and nothing else of it), so the sidecar's `/ready` can say why.
 //! Must never: put the private key into Vault (only the public key and the preshared key go), or
 //! overwrite another Pod's claim.
 
@@ -142,6 +144,8 @@ pub struct Layout {
     pub peers_prefix: String,
     /// Folder of the address claims (`wg/addresses`).
     pub addresses_prefix: String,
+    /// Folder of the gateways' verdicts on refused Pods (`wg/verdicts`).
+    pub verdicts_prefix: String,
 }
 
 impl Layout {
@@ -157,6 +161,24 @@ impl Layout {
         format!(
             "{}/{}/{}/{}",
             self.peers_folder(gateway),
+            pod.namespace,
+            pod.service_account,
+            pod.uid
+        )
+    }
+
+    /// `<verdicts>/<gateway>`: every verdict of one gateway, three folders deep.
+    #[must_use]
+    pub fn verdicts_folder(&self, gateway: &str) -> String {
+        format!("{}/{gateway}", self.verdicts_prefix.trim_end_matches('/'))
+    }
+
+    /// `<verdicts>/<gateway>/<ns>/<sa>/<uid>`.
+    #[must_use]
+    pub fn verdict_path(&self, gateway: &str, pod: &PodIdentity) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.verdicts_folder(gateway),
             pod.namespace,
             pod.service_account,
             pod.uid
@@ -223,6 +245,77 @@ impl Claim {
         let pod = PodIdentity::from_fields(source_name, fields)?
             .ok_or_else(|| bad("a claim must name its Pod"))?;
         Ok(Self { address, pod })
+    }
+}
+
+/// A gateway's refusal of a live Pod, written by the gateway below the Pod's own namespace,
+/// service account and UID (`<verdicts>/<gateway>/<ns>/<sa>/<uid>`) and read by its sidecar while
+/// it has no handshake: what `/ready` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The refusal's stable label (`reason` of `wg_gateway_peers_refused_total`).
+    pub reason: String,
+    /// What the Pod's owner can act on.
+    pub message: String,
+    /// The gateway that refused.
+    pub gateway: String,
+    /// When the gateway decided (RFC 3339).
+    pub time: jiff::Timestamp,
+    /// The Pod refused.
+    pub pod: PodIdentity,
+}
+
+impl Verdict {
+    /// The verdict's KV fields.
+    #[must_use]
+    pub fn to_fields(&self) -> BTreeMap<String, Secret> {
+        let mut m = BTreeMap::new();
+        m.insert("reason".into(), Secret::new(self.reason.clone()));
+        m.insert("message".into(), Secret::new(self.message.clone()));
+        m.insert("gateway".into(), Secret::new(self.gateway.clone()));
+        m.insert("time".into(), Secret::new(self.time.to_string()));
+        self.pod.write_fields(&mut m);
+        m
+    }
+
+    /// Parses a verdict record.
+    pub fn from_fields(source_name: &str, fields: &BTreeMap<String, Secret>) -> Result<Self> {
+        let bad = |reason: String| SidecarError::InvalidRecord {
+            source_name: source_name.to_owned(),
+            reason,
+        };
+        let get = |k: &str| {
+            fields
+                .get(k)
+                .map(|v| v.expose().to_owned())
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| bad(format!("missing field {k}")))
+        };
+        let time = get("time")?
+            .parse::<jiff::Timestamp>()
+            .map_err(|e| bad(format!("field time is not RFC 3339: {e}")))?;
+        let pod = PodIdentity::from_fields(source_name, fields)?
+            .ok_or_else(|| bad("a verdict must name its Pod".into()))?;
+        Ok(Self {
+            reason: get("reason")?,
+            message: get("message")?,
+            gateway: get("gateway")?,
+            time,
+            pod,
+        })
+    }
+
+    /// True when `other` says the same (the time aside): no need to write it again.
+    #[must_use]
+    pub fn same_as(&self, other: &Self) -> bool {
+        (&self.reason, &self.message, &self.gateway, &self.pod)
+            == (&other.reason, &other.message, &other.gateway, &other.pod)
+    }
+
+    /// What the sidecar's `/ready` says while the verdict stands.
+    #[must_use]
+    pub fn ready_reason(&self) -> String {
+        format!("refused by gateway {}: {}", self.gateway, self.message)
     }
 }
 
@@ -423,16 +516,51 @@ mod tests {
             kv_mount: "secret".into(),
             peers_prefix: "wg/peers/".into(),
             addresses_prefix: "wg/addresses".into(),
+            verdicts_prefix: "wg/verdicts/".into(),
         };
         assert_eq!(
             l.record_path("corp", &pod()),
             "wg/peers/corp/shop/web/0b5c7f3e-1111-4a2b-9c3d-2e4f5a6b7c8d"
         );
         assert_eq!(
+            l.verdict_path("corp", &pod()),
+            "wg/verdicts/corp/shop/web/0b5c7f3e-1111-4a2b-9c3d-2e4f5a6b7c8d"
+        );
+        assert_eq!(
             l.claim_path("corp", "fd00::2".parse().unwrap()),
             "wg/addresses/corp/fd00--2"
         );
         assert_eq!(gateway_name("wg/gateways/corp"), "corp");
+    }
+
+    #[test]
+    fn a_verdict_round_trips_and_reads_as_the_reason_on_ready() {
+        let v = Verdict {
+            reason: "namespace_not_selected".into(),
+            message:
+                "namespace shop does not match the gateway's access.namespaceSelector team=payments"
+                    .into(),
+            gateway: "corp".into(),
+            time: "2030-01-01T00:00:00Z".parse().unwrap(),
+            pod: pod(),
+        };
+        let back = Verdict::from_fields("v", &v.to_fields()).unwrap();
+        assert_eq!(back, v);
+        let mut later = v.clone();
+        later.time = "2030-01-02T00:00:00Z".parse().unwrap();
+        assert!(later.same_as(&v), "the time alone is no news");
+        later.reason = "service_account_not_allowed".into();
+        assert!(!later.same_as(&v));
+        assert_eq!(
+            v.ready_reason(),
+            "refused by gateway corp: namespace shop does not match the gateway's access.namespaceSelector team=payments"
+        );
+        let mut f = v.to_fields();
+        f.remove("message");
+        assert!(Verdict::from_fields("v", &f)
+            .unwrap_err()
+            .to_string()
+            .contains("message"));
     }
 
     #[test]

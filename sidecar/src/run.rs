@@ -2,8 +2,10 @@
 //!
 //! Owns: the order of startup (health port → kill switch → keys with retry → interface → peer →
 //! routes), the 1 s tick (statistics, readiness, failover), the jittered KV poll (rotation in
-//! place) and shutdown (remove the interface, keep the kill switch) on SIGTERM or on
-//! `POST /quitquitquit` alike.
+//! place), the check for the gateway's verdict while there is no handshake (2 s, doubling to
+//! 10 s; a refusal becomes `/ready`'s reason, `wg_sidecar_gateway_refused` and one log line;
+//! no check once handshaken) and shutdown (remove the interface, keep the kill switch) on
+//! SIGTERM or on `POST /quitquitquit` alike.
 //! Must never: log key material, recreate the interface to apply a change, or exit non-zero on a
 //! clean shutdown.
 
@@ -20,11 +22,14 @@ use crate::{
     backoff::{jittered, Backoff},
     cli::{KeySourceConfig, RunConfig},
     error::{Result, SidecarError},
-    health::{self, readiness, HealthState, Readiness, ShutdownRequest},
+    health::{
+        self, readiness, verdict_check_delay, with_verdict, HealthState, Readiness, ShutdownRequest,
+    },
     keysource::{
         FileKeySource, GatewayRecord, KeySource, PrivateRecord, RegisteredKeySource, VaultKeySource,
     },
     metrics::{set_version, Metrics},
+    registration::Verdict,
     rotation::{plan, session_silent, should_fail_over, Applied},
     routes::Routes,
     tunnel::{replace_peers, PeerSpec, Tunnel, WgTunnel},
@@ -187,6 +192,13 @@ struct Controller<S> {
     /// `not_before` of a held-back key: poll again then, so the switch lands within a tick of
     /// the gateway's (which switches exactly at that instant).
     key_due: Option<SystemTime>,
+    /// The gateway's verdict while it refuses the Pod.
+    verdict: Option<Verdict>,
+    /// Verdict checks since the last handshake, and when the next is due (`None`: handshaken).
+    verdict_checks: u32,
+    next_verdict: Option<Instant>,
+    /// A failed verdict read was logged (once until one succeeds).
+    verdict_error_logged: bool,
 }
 
 impl<S: KeySource> Controller<S> {
@@ -289,8 +301,18 @@ impl<S: KeySource> Controller<S> {
             }
             sent_since_rx = p.tx_bytes > self.rx_seen.1;
         }
-        let r = readiness(true, last_hs, now);
+        let r = with_verdict(readiness(true, last_hs, now), self.verdict.as_ref());
         let ready = r == Readiness::Ready;
+        if ready {
+            // Handshaken: the gateway admits the Pod, whatever an old verdict says.
+            if self.verdict.take().is_some() {
+                self.health.metrics.set_gateway_refused(None);
+            }
+            self.next_verdict = None;
+            self.verdict_checks = 0;
+        } else if self.next_verdict.is_none() {
+            self.next_verdict = Some(Instant::now() + jittered(verdict_check_delay(0), unit()));
+        }
         if self.health.set_readiness(r.clone()) {
             match &r {
                 Readiness::Ready => tracing::info!("ready: handshake with the gateway"),
@@ -322,6 +344,38 @@ impl<S: KeySource> Controller<S> {
             }
         }
         Some(ready)
+    }
+
+    /// Takes a check for the gateway's verdict and schedules the next.
+    fn take_verdict(&mut self, read: Result<Option<Verdict>>) {
+        match read {
+            Ok(Some(v)) => {
+                self.verdict_error_logged = false;
+                if !self.verdict.as_ref().is_some_and(|old| old.same_as(&v)) {
+                    tracing::warn!(
+                        gateway = %v.gateway, reason = %v.reason, detail = %v.message,
+                        "refused by the gateway: no peer for this Pod until that changes"
+                    );
+                    self.health.metrics.set_gateway_refused(Some(&v.reason));
+                    self.verdict = Some(v);
+                }
+            }
+            Ok(None) => {
+                self.verdict_error_logged = false;
+                if self.verdict.take().is_some() {
+                    tracing::info!("the gateway's verdict is gone: waiting for the handshake");
+                    self.health.metrics.set_gateway_refused(None);
+                }
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.verdict_error_logged, true) {
+                    tracing::warn!(error = %e, "cannot read the gateway's verdict on this Pod; /ready cannot say whether the gateway refuses it (the wg-pod policy needs read on its verdicts path: re-run `wg-sidecar vault bootstrap`)");
+                }
+            }
+        }
+        self.verdict_checks = self.verdict_checks.saturating_add(1);
+        self.next_verdict =
+            Some(Instant::now() + jittered(verdict_check_delay(self.verdict_checks), unit()));
     }
 
     /// One KV poll: apply a new private key and/or peer set in place.
@@ -437,6 +491,10 @@ async fn run_with<S: KeySource>(
         rx_seen: (0, 0, Instant::now()),
         waiting_logged: 0,
         key_due: None,
+        verdict: None,
+        verdict_checks: 0,
+        next_verdict: None,
+        verdict_error_logged: false,
     };
     if ctl.endpoints().is_empty() {
         tracing::warn!(
@@ -459,6 +517,13 @@ async fn run_with<S: KeySource>(
                 match ctl.tick().await {
                     Some(r) => ready = r,
                     None => break,
+                }
+                if !ready && ctl.next_verdict.is_some_and(|t| Instant::now() >= t) {
+                    let read = tokio::select! {
+                        r = ctl.source.load_verdict() => r,
+                        () = &mut shutdown => break,
+                    };
+                    ctl.take_verdict(read);
                 }
                 if Instant::now() >= next_poll {
                     let polled = tokio::select! {

@@ -139,9 +139,24 @@ fn client_error_reason(e: &ClientError) -> (String, Option<u16>) {
     }
 }
 
+/// Whether `addr` is plaintext `http://` (the scheme in any case).
+fn is_plaintext(addr: &str) -> bool {
+    addr.get(.."http://".len())
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"))
+}
+
 impl Vault {
-    /// Builds the client (reads the CA file now; does not contact Vault).
+    /// Builds the client (reads the CA file now; does not contact Vault). Every command that
+    /// talks to Vault (`run`, `gateway`, `keys`, `vault bootstrap`) builds its one client here,
+    /// so this is where a plaintext address is warned about, once per process.
     pub fn new(settings: VaultSettings) -> Result<Self> {
+        if is_plaintext(&settings.addr) {
+            tracing::warn!(
+                vault_addr = %settings.addr,
+                "--vault-addr is plaintext http://: Vault traffic (tokens, private and preshared \
+                 keys) crosses the network in the clear; use https:// with --vault-ca-file"
+            );
+        }
         let client_err = |reason: String| SidecarError::VaultClient {
             addr: settings.addr.clone(),
             reason,
@@ -470,5 +485,61 @@ impl Vault {
                 status,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// The log lines `Vault::new` writes for `addr`, captured from a local subscriber.
+    fn log_of_building_a_client_for(addr: &str) -> String {
+        let lines = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = Arc::clone(&lines);
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || CaptureWriter(Arc::clone(&sink)))
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            Vault::new(VaultSettings {
+                addr: addr.to_owned(),
+                ca_file: None,
+                auth: VaultAuth::Token {
+                    file: PathBuf::from("/nonexistent/token"),
+                },
+            })
+            .unwrap();
+        });
+        let captured = lines.lock().unwrap().clone();
+        String::from_utf8(captured).unwrap()
+    }
+
+    struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for CaptureWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_plaintext_vault_address_is_warned_about_once_when_the_client_is_built() {
+        let log = log_of_building_a_client_for("http://127.0.0.1:8200");
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(log.contains("WARN") && log.contains("plaintext"), "{log}");
+        assert!(log.contains("http://127.0.0.1:8200"), "{log}");
+        assert!(is_plaintext("HTTP://vault:8200"));
+    }
+
+    #[test]
+    fn an_https_vault_address_builds_a_client_without_a_warning() {
+        let log = log_of_building_a_client_for("https://vault.vault.svc:8200");
+        assert_eq!(log, "");
     }
 }

@@ -213,6 +213,8 @@ impl Cluster {
             "metadata": {
                 "name": name,
                 "labels": {"wg-injector.io/tunnel": GATEWAY, "app": "bench"},
+                // What the injector writes: without it the gateway refuses the Pod (not_injected).
+                "annotations": {"wg-injector.io/status": "{\"version\":\"bench\"}"},
             },
             "spec": {
                 "nodeName": "bench-node",

@@ -189,19 +189,12 @@ pub fn helm4_render(
     release: &str,
     namespace: &str,
 ) -> anyhow::Result<Helm4Render> {
-    let stdout = run_ok(
-        Command::new(lab_python()?)
-            .args(["-c", HELM4_RENDER])
-            .arg(chart_dir(chart))
-            .arg(values.to_string())
-            .args([release, namespace]),
-    )?;
-    let answer: Value = serde_json::from_str(&stdout).context("helm4 render printed no JSON")?;
+    let answer = helm4_answer(chart, values, release, namespace)?;
     if let Some(message) = answer["refused"].as_str() {
         return Ok(Helm4Render::Refused(message.to_owned()));
     }
     let Some(rendered) = answer["rendered"].as_object() else {
-        bail!("helm4 render answered neither rendered nor refused: {stdout}");
+        bail!("helm4 render answered neither rendered nor refused: {answer}");
     };
     let mut manifests: Vec<(String, String)> = rendered
         .iter()
@@ -210,6 +203,45 @@ pub fn helm4_render(
         .collect();
     manifests.sort();
     Ok(Helm4Render::Rendered(manifests))
+}
+
+/// The `NOTES.txt` the Helm 4 engine renders for an install (what `helm install` prints; the
+/// Helm 3 CLI's `helm template` never renders it). An error when the engine refuses the values.
+pub fn helm4_notes(
+    chart: &str,
+    values: &Value,
+    release: &str,
+    namespace: &str,
+) -> anyhow::Result<String> {
+    let answer = helm4_answer(chart, values, release, namespace)?;
+    if let Some(message) = answer["refused"].as_str() {
+        bail!("the Helm 4 engine refused {chart} with {values}: {message}");
+    }
+    answer["rendered"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .find(|(path, _)| path.ends_with("/NOTES.txt"))
+        .and_then(|(_, text)| text.as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("the Helm 4 engine rendered no NOTES.txt for {chart}"))
+}
+
+/// The Helm 4 engine's JSON answer for one install render: `rendered` or `refused`.
+fn helm4_answer(
+    chart: &str,
+    values: &Value,
+    release: &str,
+    namespace: &str,
+) -> anyhow::Result<Value> {
+    let stdout = run_ok(
+        Command::new(lab_python()?)
+            .args(["-c", HELM4_RENDER])
+            .arg(chart_dir(chart))
+            .arg(values.to_string())
+            .args([release, namespace]),
+    )?;
+    serde_json::from_str(&stdout).context("helm4 render printed no JSON")
 }
 
 const HELM4_KUBE_VERSION: &str = r#"

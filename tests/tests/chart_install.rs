@@ -16,9 +16,10 @@
 //!   certificate names; the binary's env twin of `--cert-extra-names`), so the self-managed
 //!   certificate also covers the loopback address;
 //! - patches ONLY `clientConfig` of the applied `MutatingWebhookConfiguration` from the
-//!   chart's `service` to `url: https://127.0.0.1:PORT/mutate`; selectors, failurePolicy,
-//!   reinvocationPolicy, sideEffects and timeout stay the chart's (asserted), and the
-//!   `caBundle` is written by the injector itself (chart default `certificates.mode:
+//!   chart's `service` to `url: https://127.0.0.1:PORT/mutate` (and of the tunnel-label
+//!   `ValidatingWebhookConfiguration` to `…/validate`); selectors, failurePolicy,
+//!   reinvocationPolicy, sideEffects and timeout stay the chart's (asserted), and both
+//!   `caBundle`s are written by the injector itself (chart default `certificates.mode:
 //!   selfManaged`).
 //!
 //! Run: `cargo build -p wg-injector && cargo test -p wg-e2e --test chart_install`.
@@ -27,7 +28,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 use anyhow::{bail, Context as _};
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
@@ -304,6 +307,22 @@ async fn the_rendered_chart_applies_to_kubernetes_1_20_and_the_injector_run_with
             assert_eq!(&stored_webhook[key], value, "webhook field {key} changed");
         }
     }
+    // The same for the tunnel-label check (labelled Pods only; the injected ones are).
+    let rendered_validating = only(&objects, "ValidatingWebhookConfiguration");
+    let validating_name = name(rendered_validating);
+    let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    validating
+        .patch(
+            validating_name,
+            &PatchParams::default(),
+            &Patch::Strategic(json!({ "webhooks": [{
+                "name": rendered_validating["webhooks"][0]["name"],
+                "clientConfig": { "service": null,
+                                  "url": format!("https://127.0.0.1:{port}/validate") },
+            }]})),
+        )
+        .await
+        .unwrap();
 
     // The injector as the chart runs it, with a token of the chart's ServiceAccount.
     let deployment = only(&objects, "Deployment");
@@ -338,6 +357,17 @@ async fn the_rendered_chart_applies_to_kubernetes_1_20_and_the_injector_run_with
         .clone()
         .expect("the injector never patched caBundle");
     assert_eq!(ca_bundle.0, data["ca.crt"].0);
+    let validating_ca_bundle = validating
+        .get(validating_name)
+        .await
+        .unwrap()
+        .webhooks
+        .unwrap()[0]
+        .client_config
+        .ca_bundle
+        .clone()
+        .expect("the injector never patched the validating webhook's caBundle");
+    assert_eq!(validating_ca_bundle.0, data["ca.crt"].0);
 
     plane.create_namespace("shop", &[LABEL]).await.unwrap();
     plane.create_namespace("plain", &[]).await.unwrap();

@@ -1,8 +1,9 @@
 //! The Helm charts (`charts/wg-injector`, `charts/wg-gateway`) checked with the real tools:
 //! `helm lint --strict` (Helm 3 CLI and Helm 4 engine), Helm 3 and Helm 4 rendering the same
 //! objects, every object validated with `kubernetes-validate --strict` for Kubernetes 1.25,
-//! 1.29 and 1.33 in every scenario, the version gates for 1.20, and the negative cases (missing
-//! `server.publicEndpoint`, values of the wrong type).
+//! 1.29 and 1.33 in every scenario, the version gates for 1.20, the negative cases (missing
+//! `server.publicEndpoint`, values of the wrong type, a plaintext Vault address without
+//! `allowPlaintext`), and Vault over TLS: https by default, the CA ConfigMap mounted and passed.
 //!
 //! Run: `cargo test -p wg-e2e --test charts`. Needs the lab tools (`bash scripts/lab-install.sh`);
 //! a missing tool fails the tests.
@@ -496,6 +497,7 @@ fn self_managed_mode_rbac_is_scoped_by_resource_names_and_other_modes_get_none()
     let webhook = of_kind(&objects, "MutatingWebhookConfiguration")[0];
     let role = of_kind(&objects, "Role")[0];
     let cluster_role = of_kind(&objects, "ClusterRole")[0];
+    let validating = of_kind(&objects, "ValidatingWebhookConfiguration")[0];
     let rules = role["rules"].as_array().unwrap();
     assert_eq!(rules[0]["resources"], json!(["secrets"]));
     assert_eq!(rules[0]["resourceNames"], json!([name(secret)]));
@@ -505,7 +507,10 @@ fn self_managed_mode_rbac_is_scoped_by_resource_names_and_other_modes_get_none()
         cluster_role["rules"],
         json!([{"apiGroups": ["admissionregistration.k8s.io"],
                 "resources": ["mutatingwebhookconfigurations"],
-                "resourceNames": [name(webhook)], "verbs": ["get", "patch"]}])
+                "resourceNames": [name(webhook)], "verbs": ["get", "patch"]},
+               {"apiGroups": ["admissionregistration.k8s.io"],
+                "resources": ["validatingwebhookconfigurations"],
+                "resourceNames": [name(validating)], "verbs": ["get", "patch"]}])
     );
     // The serve arguments name exactly these objects.
     let args =
@@ -805,4 +810,214 @@ fn the_injector_binary_parses_the_serve_args_of_the_file_certificate_modes() {
 #[test]
 fn the_injector_binary_parses_the_serve_args_of_the_self_managed_mode() {
     assert_serve_args_parse(&[]);
+}
+
+const PLAINTEXT_VAULT: &str = "http://vault.vault.svc:8200";
+
+/// The `args` of the first container of a Pod spec, as strings.
+fn container_args(pod_spec: &Value) -> Vec<String> {
+    pod_spec["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The Pod specs of the gateway Deployment and of its rotation CronJob.
+fn gateway_pod_specs(objects: &[Value]) -> [(&'static str, &Value); 2] {
+    let deployment = &of_kind(objects, "Deployment")[0]["spec"]["template"]["spec"];
+    let cronjob =
+        &of_kind(objects, "CronJob")[0]["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+    [("Deployment", deployment), ("CronJob", cronjob)]
+}
+
+#[test]
+fn both_charts_talk_to_vault_over_https_by_default() {
+    let objects = render_defaults(
+        "wg-gateway",
+        "1.33.0",
+        &["server.publicEndpoint=203.0.113.1:51820"],
+    );
+    for (kind, pod) in gateway_pod_specs(&objects) {
+        let args = container_args(pod);
+        assert!(
+            args.contains(&"--vault-addr=https://vault.vault.svc:8200".to_owned()),
+            "{kind}: {args:?}"
+        );
+    }
+    let (_, config) = injector_args_and_config(&render_defaults("wg-injector", "1.33.0", &[]));
+    let parsed = wg_injector::config::Config::from_yaml_str(&config).unwrap();
+    assert_eq!(parsed.vault.address, "https://vault.vault.svc:8200");
+    assert!(!parsed.vault.allow_plaintext && !parsed.vault.is_plaintext());
+}
+
+#[test]
+fn a_plaintext_vault_address_without_allow_plaintext_fails_rendering_naming_the_value_and_both_fixes(
+) {
+    let gateway_address = format!("vault.address={PLAINTEXT_VAULT}");
+    let injector_address = format!("config.vault.address={PLAINTEXT_VAULT}");
+    let cases: [(&str, Vec<&str>, Value, &str); 2] = [
+        (
+            "wg-gateway",
+            vec!["server.publicEndpoint=203.0.113.1:51820", &gateway_address],
+            json!({"server": {"publicEndpoint": "203.0.113.1:51820"},
+                   "vault": {"address": PLAINTEXT_VAULT}}),
+            "vault.",
+        ),
+        (
+            "wg-injector",
+            vec![&injector_address],
+            json!({"config": {"vault": {"address": PLAINTEXT_VAULT}}}),
+            "config.vault.",
+        ),
+    ];
+    for (chart, sets, values, prefix) in cases {
+        let wanted = [
+            format!("{prefix}address is {PLAINTEXT_VAULT}"),
+            "https://".to_owned(),
+            format!("--set {prefix}caConfigMap="),
+            format!("--set {prefix}allowPlaintext=true"),
+        ];
+        let stderr = stderr_of(
+            &mut Template {
+                chart,
+                release: "t",
+                namespace: NAMESPACE,
+                kube_version: "1.33.0",
+                values_file: None,
+                sets: &sets,
+            }
+            .command()
+            .unwrap(),
+        );
+        let Helm4Render::Refused(message) = helm4_render(chart, &values, "t", NAMESPACE).unwrap()
+        else {
+            panic!("Helm 4 rendered {chart} with a plaintext Vault address");
+        };
+        for text in [&stderr, &message] {
+            for w in &wanted {
+                assert!(
+                    text.contains(w.as_str()),
+                    "{chart}: {w:?} missing from: {text}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_plaintext_vault_address_with_allow_plaintext_renders_and_the_notes_warn() {
+    let gateway = json!({"server": {"publicEndpoint": "203.0.113.1:51820"},
+                         "vault": {"address": PLAINTEXT_VAULT, "allowPlaintext": true}});
+    let objects = render_defaults(
+        "wg-gateway",
+        "1.33.0",
+        &[
+            "server.publicEndpoint=203.0.113.1:51820",
+            &format!("vault.address={PLAINTEXT_VAULT}"),
+            "vault.allowPlaintext=true",
+        ],
+    );
+    for (kind, pod) in gateway_pod_specs(&objects) {
+        let args = container_args(pod);
+        assert!(
+            args.contains(&format!("--vault-addr={PLAINTEXT_VAULT}")),
+            "{kind}: {args:?}"
+        );
+    }
+    let injector =
+        json!({"config": {"vault": {"address": PLAINTEXT_VAULT, "allowPlaintext": true}}});
+    let (_, config) = injector_args_and_config(&render_defaults(
+        "wg-injector",
+        "1.33.0",
+        &[
+            &format!("config.vault.address={PLAINTEXT_VAULT}"),
+            "config.vault.allowPlaintext=true",
+        ],
+    ));
+    // The injector's own validation accepts what the chart rendered (and warns at start).
+    let parsed = wg_injector::config::Config::from_yaml_str(&config).unwrap();
+    assert!(parsed.vault.allow_plaintext && parsed.vault.is_plaintext());
+
+    for (chart, values, key) in [
+        ("wg-gateway", &gateway, "vault.address"),
+        ("wg-injector", &injector, "config.vault.address"),
+    ] {
+        let notes = charts::helm4_notes(chart, values, "t", NAMESPACE).unwrap();
+        let warning = format!("WARNING: {key} is {PLAINTEXT_VAULT}, plaintext");
+        assert!(
+            notes.contains(&warning) && notes.contains("in the clear"),
+            "{chart}:\n{notes}"
+        );
+    }
+    // Over https there is nothing to warn about.
+    let https_gateway = json!({"server": {"publicEndpoint": "203.0.113.1:51820"}});
+    for (chart, values) in [("wg-gateway", &https_gateway), ("wg-injector", &json!({}))] {
+        let notes = charts::helm4_notes(chart, values, "t", NAMESPACE).unwrap();
+        assert!(!notes.contains("WARNING"), "{chart}:\n{notes}");
+    }
+}
+
+#[test]
+fn vault_ca_config_map_is_mounted_into_the_gateway_and_the_rotation_job_as_vault_ca_file() {
+    use clap::Parser as _;
+    let objects = render_defaults(
+        "wg-gateway",
+        "1.33.0",
+        &[
+            "server.publicEndpoint=203.0.113.1:51820",
+            "vault.caConfigMap=vault-ca",
+        ],
+    );
+    for (kind, pod) in gateway_pod_specs(&objects) {
+        let args = container_args(pod);
+        let ca_file = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--vault-ca-file="))
+            .unwrap_or_else(|| panic!("{kind}: no --vault-ca-file in {args:?}"));
+        let (dir, file) = ca_file.rsplit_once('/').unwrap();
+        assert_eq!(file, "ca.crt", "{kind}");
+        let container = &pod["containers"][0];
+        let mount = container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"] == dir)
+            .unwrap_or_else(|| panic!("{kind}: nothing mounted at {dir}"));
+        assert_eq!(mount["readOnly"], true, "{kind}");
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap();
+        assert_eq!(
+            volume["configMap"],
+            json!({"name": "vault-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}),
+            "{kind}"
+        );
+        // The CA reaches the binary as a flag its command line accepts, not as env as well.
+        let env = container["env"].to_string();
+        assert!(!env.contains("VAULT_CA_FILE"), "{kind}: {env}");
+        let command_line = std::iter::once("wg-sidecar".to_owned()).chain(args.iter().cloned());
+        if let Err(e) = wg_sidecar::cli::Cli::try_parse_from(command_line) {
+            panic!("{kind}: wg-sidecar rejects {args:?}:\n{e}");
+        }
+    }
+    // Without it: no CA volume and no flag (system roots).
+    let objects = render_defaults(
+        "wg-gateway",
+        "1.33.0",
+        &["server.publicEndpoint=203.0.113.1:51820"],
+    );
+    for (kind, pod) in gateway_pod_specs(&objects) {
+        assert!(
+            !container_args(pod)
+                .iter()
+                .any(|a| a.starts_with("--vault-ca-file")),
+            "{kind}"
+        );
+        assert!(!pod["volumes"].to_string().contains("vault-ca"), "{kind}");
+    }
 }

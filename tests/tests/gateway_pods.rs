@@ -11,6 +11,11 @@
 //! account bound by the `ClusterRole` the chart renders, and its Vault token carries exactly the
 //! policy `docs/gateway.md` documents.
 //!
+//! Who may use the gateway (`access.namespaceSelector`, `access.serviceAccounts`, the injector's
+//! status annotation) is checked with the flags the chart renders for those values, a real
+//! Namespace relabel, and one real `wg-sidecar run` (in the same namespace, token auth) whose
+//! `/ready` must show the gateway's verdict.
+//!
 //! Must be run as root. Prerequisites: `bash scripts/lab-install.sh`, `cargo build -p wg-sidecar`.
 #![allow(
     clippy::unwrap_used,
@@ -31,7 +36,7 @@ use std::{
 
 use base64::Engine as _;
 use k8s_openapi::api::{
-    core::v1::Pod,
+    core::v1::{Namespace, Pod},
     networking::v1::NetworkPolicy,
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
@@ -46,7 +51,7 @@ use wg_e2e::{
 use wg_sidecar::{
     keys::generate_keypair,
     keysource::GatewayRecord,
-    registration::{self, Layout, PodIdentity, Registration},
+    registration::{self, Layout, PodIdentity, Registration, Verdict},
     vault::{Vault, VaultAuth, VaultSettings},
 };
 
@@ -64,6 +69,9 @@ path "secret/metadata/wg/peers/corp/*" { capabilities = ["list", "delete"] }
 path "secret/data/wg/addresses/corp/*" { capabilities = ["read"] }
 path "secret/metadata/wg/addresses/corp" { capabilities = ["list"] }
 path "secret/metadata/wg/addresses/corp/*" { capabilities = ["list", "delete"] }
+path "secret/data/wg/verdicts/corp/*" { capabilities = ["create", "update", "read"] }
+path "secret/metadata/wg/verdicts/corp" { capabilities = ["list"] }
+path "secret/metadata/wg/verdicts/corp/*" { capabilities = ["list", "delete"] }
 "#;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -204,7 +212,29 @@ struct Lab {
     layout: Layout,
     kubeconfig: PathBuf,
     gateway_token: PathBuf,
+    /// The `--allow-*` arguments the chart rendered for the lab's `chart_sets`.
+    chart_access_args: Vec<String>,
     dir: tempfile::TempDir,
+}
+
+/// A Pod to create: namespace `shop` unless said otherwise.
+struct PodSpec<'a> {
+    name: &'a str,
+    service_account: &'a str,
+    app: &'a str,
+    /// With the injector's `wg-injector.io/status` annotation.
+    injected: bool,
+}
+
+impl<'a> PodSpec<'a> {
+    fn web(name: &'a str) -> Self {
+        Self {
+            name,
+            service_account: "web",
+            app: "",
+            injected: true,
+        }
+    }
 }
 
 fn wg_sidecar(bao: &OpenBao, args: &[&str]) -> String {
@@ -219,6 +249,11 @@ fn wg_sidecar(bao: &OpenBao, args: &[&str]) -> String {
 
 impl Lab {
     async fn start(persistent_vault: bool) -> Self {
+        Self::start_with(persistent_vault, &[]).await
+    }
+
+    /// [`Lab::start`] with more chart values (`--set`) for the gateway's RBAC and access flags.
+    async fn start_with(persistent_vault: bool, chart_sets: &[&str]) -> Self {
         require_root();
         let plane = ControlPlane::start().await.unwrap();
         let bao = tokio::task::spawn_blocking(move || {
@@ -244,12 +279,24 @@ impl Lab {
             kube_version: "1.33.0",
             values_file: None,
             sets: &[
-                "server.publicEndpoint=203.0.113.1:51820",
-                "server.name=corp",
-            ],
+                &[
+                    "server.publicEndpoint=203.0.113.1:51820",
+                    "server.name=corp",
+                ],
+                chart_sets,
+            ]
+            .concat(),
         }
         .render()
         .unwrap();
+        let chart_access_args: Vec<String> = charts::of_kind(&objects, "Deployment")[0]["spec"]
+            ["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .filter(|a| a.starts_with("--allow-"))
+            .collect();
         let role: ClusterRole =
             serde_json::from_value(charts::of_kind(&objects, "ClusterRole")[0].clone()).unwrap();
         let binding: ClusterRoleBinding =
@@ -348,6 +395,7 @@ impl Lab {
             kv_mount: "secret".into(),
             peers_prefix: "wg/peers".into(),
             addresses_prefix: "wg/addresses".into(),
+            verdicts_prefix: "wg/verdicts".into(),
         };
         Self {
             gateway: None,
@@ -362,6 +410,7 @@ impl Lab {
             layout,
             kubeconfig,
             gateway_token,
+            chart_access_args,
             dir,
         }
     }
@@ -441,9 +490,14 @@ impl Lab {
     }
 
     async fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        self.http_get_port(HEALTH_PORT, path).await
+    }
+
+    /// `GET path` on `port` of the namespace (the gateway's health port, or a sidecar's).
+    async fn http_get_port(&self, port: u16, path: &str) -> Option<(u16, String)> {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let fut = async {
-            let mut s = tokio::net::TcpStream::connect((self.ns.ns_ip, HEALTH_PORT))
+            let mut s = tokio::net::TcpStream::connect((self.ns.ns_ip, port))
                 .await
                 .ok()?;
             s.write_all(
@@ -466,7 +520,12 @@ impl Lab {
 
     /// The sum of the series of `name` whose labels contain `labels` (e.g. `kind="record"`).
     async fn metric(&self, name: &str, labels: &str) -> f64 {
-        let (_, text) = self.http_get("/metrics").await.unwrap();
+        self.metric_on(HEALTH_PORT, name, labels).await
+    }
+
+    /// [`Lab::metric`] of the process serving `/metrics` on `port`.
+    async fn metric_on(&self, port: u16, name: &str, labels: &str) -> f64 {
+        let (_, text) = self.http_get_port(port, "/metrics").await.unwrap();
         text.lines()
             .filter(|l| l.split([' ', '{']).next() == Some(name) && l.contains(labels))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -527,14 +586,30 @@ impl Lab {
 
     /// [`Lab::running_pod`] with the label `app=<app>` too (none when empty).
     async fn running_pod_labelled(&self, name: &str, app: &str) -> PodIdentity {
+        self.running_pod_as(&PodSpec {
+            app,
+            ..PodSpec::web(name)
+        })
+        .await
+    }
+
+    /// A running Pod of the profile in `shop` as `spec` says; an injected one carries the
+    /// injector's status annotation, as every Pod the webhook patched does.
+    async fn running_pod_as(&self, spec: &PodSpec<'_>) -> PodIdentity {
+        let (name, app) = (spec.name, spec.app);
         let api = self.pods().await;
         let mut labels = serde_json::json!({"wg-injector.io/tunnel": GATEWAY});
         if !app.is_empty() {
             labels["app"] = app.into();
         }
+        let mut metadata = serde_json::json!({"name": name, "labels": labels});
+        if spec.injected {
+            metadata["annotations"] =
+                serde_json::json!({"wg-injector.io/status": "{\"version\":\"e2e\"}"});
+        }
         let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "labels": labels},
-            "spec": {"serviceAccountName": "web", "containers": [
+            "metadata": metadata,
+            "spec": {"serviceAccountName": spec.service_account, "containers": [
                 {"name": "app", "image": "app:1"},
                 {"name": "wg-sidecar", "image": "localhost/wg-sidecar:e2e"}]},
         }))
@@ -553,7 +628,51 @@ impl Lab {
         api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
             .await
             .unwrap();
-        PodIdentity::new("shop", "web", name, &uid).unwrap()
+        PodIdentity::new("shop", spec.service_account, name, &uid).unwrap()
+    }
+
+    /// Sets the labels of namespace `shop` to exactly `labels`.
+    async fn label_shop(&self, labels: serde_json::Value) {
+        let api: Api<Namespace> = Api::all(self.plane.admin_client().await.unwrap());
+        let mut ns = api.get("shop").await.unwrap();
+        ns.metadata.labels = Some(serde_json::from_value(labels).unwrap());
+        api.replace("shop", &PostParams::default(), &ns)
+            .await
+            .unwrap();
+    }
+
+    /// The gateway's verdict on `pod`, if any.
+    async fn verdict(&self, pod: &PodIdentity) -> Option<Verdict> {
+        let path = self.layout.verdict_path(GATEWAY, pod);
+        match self.vault.read("secret", &path).await {
+            Ok(rec) => Some(Verdict::from_fields(&path, &rec.data).unwrap()),
+            Err(wg_sidecar::SidecarError::VaultKv {
+                status: Some(404), ..
+            }) => None,
+            Err(e) => panic!("reading {path}: {e}"),
+        }
+    }
+
+    /// A real `wg-sidecar run` for `pod` in the namespace (token auth with the admin token:
+    /// a token cannot evaluate the wg-pod policy's identity templates), health on `port`.
+    fn start_sidecar(&self, pod: &PodIdentity, port: u16) -> ChildGuard {
+        let mut cmd = self.ns.command(&cargo_binary("wg-sidecar").unwrap());
+        let interface = self.ns.interface.replacen("wgt15g", "wgt15p", 1);
+        cmd.args(["--log-format", "text", "run", "--interface", &interface])
+            .args(["--gateway", GATEWAY, "--routes", "10.20.0.0/24"])
+            .args(["--health-addr", &format!("0.0.0.0:{port}")])
+            .args(["--keepalive", "1", "--poll-interval", "30"])
+            .args(["--vault-addr", &format!("http://{}", self.vault_relay)])
+            .args(["--vault-auth", "token", "--vault-token-file"])
+            .arg(self.bao.admin_token_file().unwrap())
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("WG_POD_NAMESPACE", &pod.namespace)
+            .env("WG_POD_SERVICE_ACCOUNT", &pod.service_account)
+            .env("WG_POD_NAME", &pod.name)
+            .env("WG_POD_UID", &pod.uid)
+            .env("WG_SIDECAR_LOG", "info,wg_sidecar=debug");
+        ChildGuard::spawn(&format!("sidecar-{}", pod.name), cmd, self.dir.path()).unwrap()
     }
 
     async fn delete_pod(&self, name: &str) {
@@ -704,11 +823,11 @@ fn web_egress(port: u16) -> NetworkPolicy {
 }
 
 /// The chain [`web_egress`] compiles to (`nft` shows `meta l4proto tcp th dport N` as
-/// `tcp dport N`).
+/// `tcp dport N`; the final drop is counted in the named counter `dropped_policy`).
 fn web_chain(port: u16) -> Vec<String> {
     vec![
         format!("ip daddr == 10.20.0.2; tcp dport == {port}; accept"),
-        "drop".to_owned(),
+        "counter; drop".to_owned(),
     ]
 }
 
@@ -1059,7 +1178,7 @@ async fn a_pods_egress_networkpolicy_becomes_its_peer_chain_within_two_seconds_a
     })
     .await;
     let json = lab.nft();
-    assert_eq!(tunnel_default(&json), "drop", "--default-deny");
+    assert_eq!(tunnel_default(&json), "counter; drop", "--default-deny");
     assert_eq!(
         chain_rules(&json, &other_chain_name),
         None,
@@ -1070,5 +1189,274 @@ async fn a_pods_egress_networkpolicy_becomes_its_peer_chain_within_two_seconds_a
         Some(web_chain(8080)),
         "web-1's chain is in force when the gateway is ready"
     );
+    lab.stop_gateway().await;
+}
+
+/// Polls `get` every 100 ms until `ok` holds of its answer, for at most `limit`; the time it
+/// took, or a panic showing the last answer and `logs`.
+async fn eventually<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
+    limit: Duration,
+    what: &str,
+    mut get: impl FnMut() -> F,
+    ok: impl Fn(&T) -> bool,
+    logs: impl Fn() -> String,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let v = get().await;
+        if ok(&v) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{what}: not within {limit:?}; last: {v:?}\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pods_outside_the_access_rules_get_no_peer_and_their_sidecar_says_why_and_a_namespace_relabel_admits_within_two_seconds(
+) {
+    const SIDECAR_PORT: u16 = 9902;
+    const APPLY: Duration = Duration::from_secs(2);
+    let mut lab = Lab::start_with(
+        false,
+        &[
+            "access.namespaceSelector.matchLabels.vpn=allowed",
+            "access.serviceAccounts={shop/web}",
+        ],
+    )
+    .await;
+    // The flags the chart renders for these values, passed to the real gateway as they are.
+    assert_eq!(
+        lab.chart_access_args,
+        [
+            "--allow-namespace-selector=vpn=allowed",
+            "--allow-service-accounts=shop/web"
+        ]
+    );
+    let args = lab.chart_access_args.clone();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    lab.start_gateway_with(&args).await;
+    let logs = |lab: &Lab, sidecar: &ChildGuard| {
+        format!(
+            "--- gateway\n{}\n--- sidecar\n{}",
+            lab.gateway_log(),
+            sidecar.log_tail(4000)
+        )
+    };
+
+    // web-1 (shop/web, the listed account) in shop, which lacks vpn=allowed: refused before any
+    // read, its real sidecar told why.
+    let web = lab.running_pod_as(&PodSpec::web("web-1")).await;
+    let mut sidecar = lab.start_sidecar(&web, SIDECAR_PORT);
+    let took = eventually(
+        Duration::from_secs(20),
+        "the sidecar's /ready names the gateway's refusal",
+        || lab.http_get_port(SIDECAR_PORT, "/ready"),
+        |r| {
+            r.as_ref().is_some_and(|(code, body)| {
+                *code == 503
+                    && body.trim()
+                        == "not ready: refused by gateway corp: namespace shop does not match \
+                            the gateway's access.namespaceSelector vpn=allowed"
+            })
+        },
+        || logs(&lab, &sidecar),
+    )
+    .await;
+    eprintln!("the sidecar's /ready named the refusal {took:?} after it started");
+    let (_, ready) = lab.http_get_port(SIDECAR_PORT, "/ready").await.unwrap();
+    eprintln!("refused sidecar GET /ready: 503 {}", ready.trim());
+    let v = lab.verdict(&web).await.expect("web-1's verdict");
+    assert_eq!(
+        (v.reason.as_str(), v.gateway.as_str(), &v.pod),
+        ("namespace_not_selected", GATEWAY, &web)
+    );
+    assert_eq!(
+        lab.metric_on(
+            SIDECAR_PORT,
+            "wg_sidecar_gateway_refused",
+            "reason=\"namespace_not_selected\""
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        lab.metric(
+            "wg_gateway_peers_refused_total",
+            "reason=\"namespace_not_selected\""
+        )
+        .await,
+        1.0
+    );
+    assert!(lab.peers().is_empty(), "no peer for a refused Pod");
+
+    // fake-1: the tunnel label without the injector's status annotation, and a record: refused
+    // not_injected, never admitted, no verdict (it has no sidecar of the injector's).
+    let fake = lab
+        .running_pod_as(&PodSpec {
+            injected: false,
+            ..PodSpec::web("fake-1")
+        })
+        .await;
+    let rf = lab.register(&fake).await;
+    eventually(
+        Duration::from_secs(5),
+        "fake-1 counted not_injected",
+        || lab.metric("wg_gateway_peers_refused_total", "reason=\"not_injected\""),
+        |n| *n == 1.0,
+        || lab.gateway_log(),
+    )
+    .await;
+
+    // shop is labelled vpn=allowed: web-1 is admitted within 2 s (its record read at once), its
+    // sidecar turns ready, its verdict is deleted.
+    let relabelled = Instant::now();
+    lab.label_shop(serde_json::json!({"vpn": "allowed"})).await;
+    let took = lab
+        .wait(APPLY, "web-1 admitted after the relabel", |l| {
+            l.peers().len() == 1
+        })
+        .await;
+    eprintln!("namespace relabelled vpn=allowed: web-1's peer in {took:?}");
+    let took = eventually(
+        Duration::from_secs(20),
+        "the sidecar ready after admission",
+        || lab.http_get_port(SIDECAR_PORT, "/ready"),
+        |r| matches!(r, Some((200, _))),
+        || logs(&lab, &sidecar),
+    )
+    .await;
+    eprintln!(
+        "sidecar ready {took:?} after its peer was admitted ({:?} after the relabel)",
+        relabelled.elapsed()
+    );
+    assert_eq!(
+        lab.metric_on(SIDECAR_PORT, "wg_sidecar_gateway_refused", "")
+            .await,
+        0.0,
+        "no refusal series once handshaken"
+    );
+    eventually(
+        Duration::from_secs(2),
+        "web-1's verdict deleted on admission",
+        || lab.verdict(&web),
+        Option::is_none,
+        || lab.gateway_log(),
+    )
+    .await;
+
+    // api-1 runs as shop/admin, not in access.serviceAccounts: refused, told why.
+    let api = lab
+        .running_pod_as(&PodSpec {
+            service_account: "admin",
+            ..PodSpec::web("api-1")
+        })
+        .await;
+    let ra = lab.register(&api).await;
+    eventually(
+        Duration::from_secs(5),
+        "api-1's verdict",
+        || lab.verdict(&api),
+        |v| {
+            v.as_ref()
+                .is_some_and(|v| v.reason == "service_account_not_allowed")
+        },
+        || lab.gateway_log(),
+    )
+    .await;
+    let v = lab.verdict(&api).await.unwrap();
+    assert_eq!(
+        v.message,
+        "service account shop/admin is not in the gateway's access.serviceAccounts"
+    );
+    // Over 3 s: neither fake-1 nor api-1 is ever admitted; fake-1 never gets a verdict.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(3) {
+        let peers = lab.peers();
+        assert!(!peers.contains_key(&rf.public_key), "fake-1 admitted");
+        assert!(!peers.contains_key(&ra.public_key), "api-1 admitted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(lab.verdict(&fake).await.is_none(), "fake-1 got a verdict");
+    for (reason, n) in [
+        ("not_injected", 1.0),
+        ("namespace_not_selected", 1.0),
+        ("service_account_not_allowed", 1.0),
+    ] {
+        assert_eq!(
+            lab.metric(
+                "wg_gateway_peers_refused_total",
+                &format!("reason=\"{reason}\"")
+            )
+            .await,
+            n,
+            "{reason}\n{}",
+            lab.gateway_log()
+        );
+    }
+    // Refused Pods' records are never read: web-1's, once, after the relabel, is the only one.
+    assert_eq!(
+        lab.metric("wg_gateway_vault_reads_total", "kind=\"record\"")
+            .await,
+        1.0,
+        "{}",
+        lab.gateway_log()
+    );
+
+    // shop stops matching: the admitted peer leaves within 2 s and the verdict is back.
+    lab.label_shop(serde_json::json!({"vpn": "no"})).await;
+    let took = lab
+        .wait(APPLY, "web-1's peer removed after the relabel", |l| {
+            l.peers().is_empty()
+        })
+        .await;
+    eprintln!("namespace relabelled vpn=no: web-1's peer gone in {took:?}");
+    eventually(
+        Duration::from_secs(2),
+        "web-1's verdict written again",
+        || lab.verdict(&web),
+        |v| {
+            v.as_ref()
+                .is_some_and(|v| v.reason == "namespace_not_selected")
+        },
+        || lab.gateway_log(),
+    )
+    .await;
+    // api-1, in shop too, is refused for its namespace now: its verdict is rewritten (checked
+    // and set on the version read), since it says something else.
+    eventually(
+        Duration::from_secs(2),
+        "api-1's verdict rewritten",
+        || lab.verdict(&api),
+        |v| {
+            v.as_ref()
+                .is_some_and(|v| v.reason == "namespace_not_selected")
+        },
+        || lab.gateway_log(),
+    )
+    .await;
+    let written = lab.metric("wg_gateway_verdicts_written_total", "").await;
+    assert_eq!(
+        written,
+        4.0,
+        "web-1 and api-1 twice each\n{}",
+        lab.gateway_log()
+    );
+
+    // Deleted: the verdict goes with the record and the claim.
+    sidecar.stop();
+    lab.delete_pod("web-1").await;
+    eventually(
+        Duration::from_secs(5),
+        "web-1's verdict released",
+        || lab.verdict(&web),
+        Option::is_none,
+        || lab.gateway_log(),
+    )
+    .await;
     lab.stop_gateway().await;
 }

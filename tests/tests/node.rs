@@ -358,6 +358,31 @@ fn the_users_path_on_a_real_node() {
         ChildGuard::spawn("private-service", cmd, &node.dir().join("logs")).unwrap()
     };
     let vault_token = random_token("root");
+    // OpenBao as docs/install.md expects it: over TLS at the node's address, with a certificate
+    // for that address from a CA the user hands to the charts (ConfigMap vault-ca). The test's
+    // own `bao` calls use the dev listener on the node's loopback.
+    let tls_dir = node.dir().join("vault-tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    let ca = wg_certs::generate_ca("wg-e2e Vault CA", Duration::from_secs(86_400)).unwrap();
+    let serving = wg_certs::issue_serving_cert(
+        &ca,
+        &[NODE_IP.to_string(), "127.0.0.1".to_owned()],
+        Duration::from_secs(86_400),
+    )
+    .unwrap();
+    let ca_file = tls_dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    std::fs::write(tls_dir.join("vault.crt"), &serving.cert_pem).unwrap();
+    std::fs::write(tls_dir.join("vault.key"), &serving.key_pem).unwrap();
+    std::fs::write(
+        tls_dir.join("listener.hcl"),
+        format!(
+            "listener \"tcp\" {{\n  address = \"{NODE_IP}:{VAULT_PORT}\"\n  tls_cert_file = \"{}\"\n  tls_key_file = \"{}\"\n}}\n",
+            tls_dir.join("vault.crt").display(),
+            tls_dir.join("vault.key").display()
+        ),
+    )
+    .unwrap();
     let vault = node
         .spawn(
             "openbao",
@@ -369,14 +394,22 @@ fn the_users_path_on_a_real_node() {
                 "server",
                 "-dev",
                 &format!("-dev-root-token-id={vault_token}"),
-                &format!("-dev-listen-address={NODE_IP}:{VAULT_PORT}"),
+                &format!("-dev-listen-address=127.0.0.1:{VAULT_PORT}"),
+                &format!("-config={}", tls_dir.join("listener.hcl").display()),
             ],
         )
         .unwrap();
-    let vault_addr = format!("http://{NODE_IP}:{VAULT_PORT}");
-    Node::wait_for("OpenBao", Duration::from_secs(30), || {
+    // What Pods and the docs' commands use.
+    let vault_url = format!("https://{NODE_IP}:{VAULT_PORT}");
+    let ca_path = ca_file.display().to_string();
+    // What the test's own checks use (the dev listener, inside the node only).
+    let vault_addr = format!("http://127.0.0.1:{VAULT_PORT}");
+    Node::wait_for("OpenBao over TLS", Duration::from_secs(30), || {
         Ok(node
-            .bash("bao status >/dev/null", &[("BAO_ADDR", &vault_addr)])?
+            .bash(
+                "bao status >/dev/null",
+                &[("BAO_ADDR", &vault_url), ("BAO_CACERT", &ca_path)],
+            )?
             .status
             .success()
             .then_some(()))
@@ -391,8 +424,9 @@ fn the_users_path_on_a_real_node() {
         format!("--set service.type=NodePort --set service.nodePort={GATEWAY_NODE_PORT}");
     let kube_host = format!("https://{NODE_IP}:{API_PORT}");
     let env: Vec<(&str, &str)> = vec![
-        ("VAULT_ADDR", &vault_addr),
-        ("BAO_ADDR", &vault_addr),
+        ("VAULT_ADDR", &vault_url),
+        ("BAO_ADDR", &vault_url),
+        ("VAULT_CACERT", &ca_path),
         ("VAULT_TOKEN", &vault_token),
         ("BAO_TOKEN", &vault_token),
         ("VAULT_KUBERNETES_HOST", &kube_host),
@@ -843,6 +877,21 @@ fn the_users_path_on_a_real_node() {
         "a NetworkPolicy of the Pods' own namespace decides what they reach through the tunnel",
     );
     network_policy_in_the_tunnel(&node);
+
+    step(
+        t0,
+        "closed by default: the cluster network, the node, 169.254.169.254 and other peers are dropped at the gateway",
+    );
+    closed_by_default(&node, app_image, (&vault_addr, &vault_token));
+
+    step(t0, "the tunnel label comes from the injector only");
+    tunnel_label_only_from_the_injector(&node, app_image);
+
+    step(
+        t0,
+        "two namespaces, one selected by the gateway's access.namespaceSelector",
+    );
+    access_by_namespace(&node, app_image, &ca_path);
 
     step(
         t0,
@@ -1314,4 +1363,347 @@ spec:
         back.is_ok(),
         "10.20.0.3 after the policy's removal: {back:?}"
     );
+}
+
+/// The sum over the Ready gateway Pods of `wg_gateway_dropped_packets_total{reason}`.
+fn gateway_drops(node: &Node, reason: &str) -> anyhow::Result<f64> {
+    Ok(gateway_metric(
+        node,
+        &format!("wg_gateway_dropped_packets_total{{reason=\"{reason}\"}}"),
+    )?
+    .iter()
+    .sum())
+}
+
+/// A node address the gateway Pods can route to (on the node's loopback), for the closed-gateway
+/// step: the node's own addresses on the Pod network are what kubelet probes come from, so a Pod
+/// cannot route them into the tunnel without losing its probes.
+const NODE_EXTRA_ADDRESS: &str = "10.99.99.1";
+
+/// An injected Pod whose routes send the cluster network, a node address, the metadata address
+/// and another peer's tunnel address into the tunnel, besides the private network.
+fn probe_pod(image: &str, routes: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: probe
+  namespace: shop
+  labels: {{app: probe}}
+  annotations: {{wg-injector.io/inject: "true", wg-injector.io/routes: "{routes}"}}
+spec:
+  serviceAccountName: web
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: {image}
+    imagePullPolicy: Never
+"#
+    )
+}
+
+/// Issue 16 on the real node: the gateway forwards only into the networks it advertises. A Pod
+/// that routes the cluster network, the node, 169.254.169.254 and another peer into the tunnel
+/// gets nothing there, and each refused request is counted by the gateway
+/// (`wg_gateway_dropped_packets_total{reason="outside_networks"}`).
+fn closed_by_default(node: &Node, image: &str, vault: (&str, &str)) {
+    let injector = pods(node, "wg-system", "app.kubernetes.io/name=wg-injector").unwrap();
+    let cluster_ip = pod_ip(&injector[0]);
+    node.run_ok(
+        "ip",
+        &[
+            "addr",
+            "add",
+            &format!("{NODE_EXTRA_ADDRESS}/32"),
+            "dev",
+            "lo",
+        ],
+    )
+    .unwrap();
+    // Another peer: a web Pod's tunnel address, from its record.
+    let web = pods(node, "shop", "app=web").unwrap();
+    let uid = web[0]["metadata"]["uid"].as_str().unwrap().to_owned();
+    let record: Value = serde_json::from_slice(
+        &node
+            .bash(
+                "bao kv get -format=json \"$P\"",
+                &[
+                    ("BAO_ADDR", vault.0),
+                    ("BAO_TOKEN", vault.1),
+                    ("P", &format!("secret/wg/peers/vpn-gateway/shop/web/{uid}")),
+                ],
+            )
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let peer = record["data"]["data"]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let targets = [
+        (
+            "the cluster network (the injector Pod)",
+            cluster_ip.clone(),
+            8443,
+        ),
+        ("the node", NODE_EXTRA_ADDRESS.to_owned(), 10250),
+        ("the metadata address", "169.254.169.254".to_owned(), 80),
+        (
+            "another peer (a web Pod's tunnel address)",
+            peer.clone(),
+            9901,
+        ),
+    ];
+    let routes = std::iter::once(PRIVATE_NETWORK.to_owned())
+        .chain(targets.iter().map(|t| format!("{}/32", t.1)))
+        .collect::<Vec<_>>()
+        .join(",");
+    node.apply(&probe_pod(image, &routes)).unwrap();
+    Node::wait_for("the probe Pod Ready", Duration::from_secs(90), || {
+        ready_pods(node, "shop", "app=probe", 1)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", describe(node, "shop")));
+    // The tunnel works for what the gateway advertises.
+    let body = Node::wait_for(
+        "the probe's request to the service",
+        Duration::from_secs(20),
+        || Ok(app_get(node, "probe", SERVICE_URL).ok()),
+    )
+    .unwrap();
+    assert!(body.starts_with("client="), "{body}");
+    for (what, ip, port) in &targets {
+        let before = gateway_drops(node, "outside_networks").unwrap();
+        let url = format!("http://{ip}:{port}/");
+        let refused = app_get(node, "probe", &url);
+        assert!(
+            refused.is_err(),
+            "{what} ({url}) answered through the tunnel: {refused:?}"
+        );
+        let counted = Node::wait_for(
+            "the gateway to count the dropped packets",
+            Duration::from_secs(5),
+            || {
+                let now = gateway_drops(node, "outside_networks")?;
+                Ok((now > before).then_some(now - before))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{what} ({url}): {e}"));
+        eprintln!(
+            "{what} ({url}): refused ({}), {counted} packets dropped at the gateway (outside_networks)",
+            refused.unwrap_err()
+        );
+    }
+    node.kubectl(&["-n", "shop", "delete", "pod", "probe", "--wait=false"])
+        .unwrap();
+}
+
+/// `kubectl ARGS` that must be refused: its error output.
+fn refused(node: &Node, args: &[&str]) -> String {
+    let out = node.run("kubectl", args).unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "kubectl {args:?} was not refused:\n{text}"
+    );
+    text
+}
+
+/// Issue 16 on the real node: only the injector sets `wg-injector.io/tunnel`. A Pod that sets it
+/// itself is refused at CREATE (in a labelled namespace by the mutating webhook, elsewhere by the
+/// validating webhook a 1.20 cluster gets instead of the ValidatingAdmissionPolicy), and the label
+/// cannot be added to, changed on or removed from a running Pod.
+fn tunnel_label_only_from_the_injector(node: &Node, image: &str) {
+    let forged = |ns: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: forger\n  namespace: {ns}\n  labels: {{wg-injector.io/tunnel: vpn-gateway}}\nspec:\n  containers:\n  - name: app\n    image: {image}\n    imagePullPolicy: Never\n"
+        )
+    };
+    for ns in ["shop", "default"] {
+        let text = format!(
+            "{:#}",
+            node.apply(&forged(ns))
+                .expect_err("a Pod setting the tunnel label was admitted")
+        );
+        assert!(text.contains("wg-injector.io/tunnel"), "{ns}: {text}");
+        eprintln!("a Pod in {ns} setting the tunnel label: {}", text.trim());
+    }
+    let web = pods(node, "shop", "app=web").unwrap();
+    let web = name(&web[0]);
+    for args in [
+        vec![
+            "-n",
+            "shop",
+            "label",
+            "pod",
+            "plain",
+            "wg-injector.io/tunnel=vpn-gateway",
+        ],
+        vec![
+            "-n",
+            "shop",
+            "label",
+            "--overwrite",
+            "pod",
+            &web,
+            "wg-injector.io/tunnel=other",
+        ],
+        vec!["-n", "shop", "label", "pod", &web, "wg-injector.io/tunnel-"],
+    ] {
+        let text = refused(node, &args);
+        assert!(text.contains("wg-injector.io/tunnel"), "{args:?}: {text}");
+        eprintln!("kubectl {}: {}", args.join(" "), text.trim());
+    }
+    // Other labels of an injected Pod stay the user's.
+    node.kubectl(&["-n", "shop", "label", "pod", &web, "team=checkout"])
+        .unwrap();
+}
+
+/// An injected Pod of namespace `ns` (service account `default`), with the namespace labelled
+/// for injection and holding the Vault CA ConfigMap, as docs/install.md step 5 does.
+fn namespace_with_a_pod(image: &str, ns: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: {ns}
+  labels: {{wg-injector.io/injection: enabled, pod-security.kubernetes.io/enforce: privileged}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: stranger
+  namespace: {ns}
+  labels: {{app: stranger}}
+  annotations: {{wg-injector.io/inject: "true"}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: {image}
+    imagePullPolicy: Never
+"#
+    )
+}
+
+/// `/http-get URL` in the app container of Pod `ns/pod`: stdout and stderr together.
+fn exec_get(node: &Node, ns: &str, pod: &str, url: &str) -> (bool, String) {
+    let out = node
+        .run(
+            "kubectl",
+            &["-n", ns, "exec", pod, "-c", "app", "--", "/http-get", url],
+        )
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Issue 16 on the real node: the gateway's `access.namespaceSelector` (docs/gateway.md, "Who
+/// may use the gateway"). Of two namespaces only the selected one's Pods get a peer; the other's
+/// Pod is not ready, says why on its sidecar's /ready, is counted at the gateway, and reaches
+/// nothing; labelling its namespace admits it.
+fn access_by_namespace(node: &Node, image: &str, ca_path: &str) {
+    node.kubectl(&["label", "namespace", "shop", "vpn=allowed", "--overwrite"])
+        .unwrap();
+    let t = Instant::now();
+    let out = node
+        .bash(
+            "helm upgrade vpn-gateway ./charts/wg-gateway -n vpn --reuse-values \
+             --set access.namespaceSelector.matchLabels.vpn=allowed --wait --timeout 3m",
+            &[("PATH", &node.path_env())],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm upgrade: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "gateway upgraded with access.namespaceSelector vpn=allowed in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    node.apply(&namespace_with_a_pod(image, "elsewhere"))
+        .unwrap();
+    node.bash(
+        "kubectl -n elsewhere create configmap vault-ca --from-file=ca.crt=\"$CA\" --dry-run=client -o yaml | kubectl apply -f -",
+        &[("CA", ca_path), ("PATH", &node.path_env())],
+    )
+    .unwrap();
+    // The selected namespace's Pods keep their tunnel.
+    let web = pods(node, "shop", "app=web").unwrap();
+    let body = Node::wait_for(
+        "web through the upgraded gateway",
+        Duration::from_secs(60),
+        || Ok(app_request(node, &name(&web[0])).ok()),
+    )
+    .unwrap();
+    assert!(body.starts_with("client="), "{body}");
+    // The other namespace's Pod: running, never ready, and its sidecar says why.
+    let why = Node::wait_for(
+        "the stranger's /ready to name the refusal",
+        Duration::from_secs(90),
+        || {
+            let (_, text) = exec_get(node, "elsewhere", "stranger", "http://127.0.0.1:9901/ready");
+            Ok(text.contains("refused by gateway").then_some(text))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", describe(node, "elsewhere")));
+    assert!(
+        why.contains("namespace elsewhere") && why.contains("vpn=allowed"),
+        "{why}"
+    );
+    eprintln!("elsewhere/stranger /ready: {}", why.trim());
+    let stranger = node
+        .kubectl_json(&["-n", "elsewhere", "get", "pod", "stranger"])
+        .unwrap();
+    assert!(!all_ready(&stranger), "the refused Pod is Ready");
+    let refused_at_gateway = gateway_metric(
+        node,
+        "wg_gateway_peers_refused_total{reason=\"namespace_not_selected\"}",
+    )
+    .unwrap();
+    assert!(
+        refused_at_gateway.iter().all(|n| *n >= 1.0),
+        "{refused_at_gateway:?}"
+    );
+    let (ok, text) = exec_get(node, "elsewhere", "stranger", SERVICE_URL);
+    assert!(!ok, "the refused Pod reached the service: {text}");
+    eprintln!(
+        "gateway replicas count the refusal {refused_at_gateway:?}; its request: {}",
+        text.trim()
+    );
+    // Labelling the namespace admits it.
+    let t = Instant::now();
+    node.kubectl(&["label", "namespace", "elsewhere", "vpn=allowed"])
+        .unwrap();
+    let body = Node::wait_for(
+        "the stranger admitted after the relabel",
+        Duration::from_secs(60),
+        || {
+            let (ok, text) = exec_get(node, "elsewhere", "stranger", SERVICE_URL);
+            Ok(ok.then_some(text))
+        },
+    )
+    .unwrap();
+    assert!(body.starts_with("client="), "{body}");
+    eprintln!(
+        "namespace relabelled -> the stranger reaches the service {:.2} s later",
+        t.elapsed().as_secs_f64()
+    );
+    node.kubectl(&["delete", "namespace", "elsewhere", "--wait=false"])
+        .unwrap();
 }

@@ -33,6 +33,7 @@ fn layout() -> Layout {
         kv_mount: "secret".into(),
         peers_prefix: "wg/peers".into(),
         addresses_prefix: "wg/addresses".into(),
+        verdicts_prefix: "wg/verdicts".into(),
     }
 }
 

@@ -562,7 +562,7 @@ fn injected_pod_runs_under_podman_with_only_its_declared_privileges_and_never_le
         format!(
             "images: {{sidecar: '{sidecar_image}', pullPolicy: Never}}\nnativeSidecars: true\n\
              defaultGateway: corp\ngateways:\n  corp: {{routes: ['{ROUTES}']}}\n\
-             vault: {{address: 'http://127.0.0.1:8200', roleTemplate: wg-pod}}\n"
+             vault: {{address: 'http://127.0.0.1:8200', allowPlaintext: true, roleTemplate: wg-pod}}\n"
         ),
     )
     .unwrap();

@@ -190,9 +190,10 @@ async fn an_injected_pod_logs_in_to_wg_pod_registers_its_own_key_and_no_other_se
     );
 
     // The injector points sidecars at this OpenBao and at the one role (the chart's
-    // `config.vault.roleTemplate: wg-pod`); a Pod of service account `web` in `shop`.
+    // `config.vault.roleTemplate: wg-pod`); a Pod of service account `web` in `shop`. The dev
+    // OpenBao answers plaintext on loopback, so the config says `allowPlaintext`.
     let config = format!(
-        "images:\n  sidecar: localhost/wg-sidecar:e2e\ndefaultGateway: default\ngateways:\n  default:\n    routes: [10.0.0.0/8]\nvault:\n  address: {}\n  tokenAudience: vault\n  roleTemplate: wg-pod\n",
+        "images:\n  sidecar: localhost/wg-sidecar:e2e\ndefaultGateway: default\ngateways:\n  default:\n    routes: [10.0.0.0/8]\nvault:\n  address: {}\n  allowPlaintext: true\n  tokenAudience: vault\n  roleTemplate: wg-pod\n",
         bao.addr
     );
     let injector = start_registered(&plane, &config).await.unwrap();

@@ -88,11 +88,70 @@ batch/v1beta1
 {{- end }}
 {{- end }}
 
+{{/*
+Vault's address, refused when it is plaintext and vault.allowPlaintext does not say so: over
+http:// the login token, the gateway's private key and the preshared keys cross the network
+in the clear. Every use of the address goes through here, so no object renders without it.
+*/}}
+{{- define "wg-gateway.vaultAddress" -}}
+{{- $address := .Values.vault.address }}
+{{- if and (hasPrefix "http://" (lower $address)) (not .Values.vault.allowPlaintext) }}
+{{- fail (printf "vault.address is %s: plaintext, so Vault's tokens and the gateway's keys would cross the network in the clear. Use an https:// address with Vault's CA in a ConfigMap (key ca.crt) given as --set vault.caConfigMap=vault-ca, or accept plaintext explicitly with --set vault.allowPlaintext=true" $address) }}
+{{- end }}
+{{- $address }}
+{{- end }}
+
+{{/* True when the gateway talks to Vault in plaintext (allowed by vault.allowPlaintext). */}}
+{{- define "wg-gateway.vaultPlaintext" -}}
+{{- if hasPrefix "http://" (lower .Values.vault.address) }}true{{ end }}
+{{- end }}
+
+{{/* Where the vault-ca volume puts vault.caConfigMap's ca.crt (wg-gateway.vaultMounts). */}}
+{{- define "wg-gateway.vaultCaDir" -}}
+/etc/wg-gateway/vault-ca
+{{- end }}
+
+{{/* `--vault-ca-file` when vault.caConfigMap is set (a leading newline, for the lists below). */}}
+{{- define "wg-gateway.vaultCaArg" -}}
+{{- if .Values.vault.caConfigMap }}
+- --vault-ca-file={{ include "wg-gateway.vaultCaDir" . }}/ca.crt
+{{- end }}
+{{- end }}
+
+{{/*
+access.namespaceSelector (a Kubernetes LabelSelector) in kubectl's syntax, what
+--allow-namespace-selector parses: matchLabels k: v → k=v; In → k in (a,b); NotIn → k notin (a,b);
+Exists → k; DoesNotExist → !k. Empty: every namespace.
+*/}}
+{{- define "wg-gateway.namespaceSelector" -}}
+{{- $sel := .Values.access.namespaceSelector | default dict }}
+{{- $parts := list }}
+{{- range $k, $v := ($sel.matchLabels | default dict) }}
+{{- $parts = append $parts (printf "%s=%s" $k (toString $v)) }}
+{{- end }}
+{{- range ($sel.matchExpressions | default list) }}
+{{- if and (has .operator (list "In" "NotIn")) (empty .values) }}
+{{- fail (printf "access.namespaceSelector.matchExpressions: key %s with operator %s needs values" .key .operator) }}
+{{- end }}
+{{- if eq .operator "In" }}
+{{- $parts = append $parts (printf "%s in (%s)" .key (join "," .values)) }}
+{{- else if eq .operator "NotIn" }}
+{{- $parts = append $parts (printf "%s notin (%s)" .key (join "," .values)) }}
+{{- else if eq .operator "Exists" }}
+{{- $parts = append $parts .key }}
+{{- else if eq .operator "DoesNotExist" }}
+{{- $parts = append $parts (printf "!%s" .key) }}
+{{- end }}
+{{- end }}
+{{- join "," $parts }}
+{{- end }}
+
 {{/* `wg-sidecar gateway` arguments. ONE place. */}}
 {{- define "wg-gateway.gatewayArgs" -}}
 - gateway
 - --listen-port={{ .Values.server.listenPort }}
-- --vault-addr={{ .Values.vault.address }}
+- --vault-addr={{ include "wg-gateway.vaultAddress" . }}
+{{- include "wg-gateway.vaultCaArg" . }}
 - --vault-role={{ .Values.vault.role }}
 - --vault-gateway-path={{ include "wg-gateway.vaultGatewayPath" . }}
 - --health-addr=0.0.0.0:{{ .Values.healthPort }}
@@ -103,6 +162,15 @@ batch/v1beta1
 - --profile={{ include "wg-gateway.profile" . }}
 - --vault-addresses-path={{ .Values.vault.addressesPath }}
 - --orphan-sweep-interval={{ .Values.orphanSweepIntervalSeconds }}
+- --vault-verdicts-path={{ .Values.vault.verdictsPath }}
+{{- with (include "wg-gateway.namespaceSelector" .) }}
+- {{ printf "--allow-namespace-selector=%s" . | quote }}
+{{- end }}
+{{- with .Values.access.serviceAccounts }}
+- {{ printf "--allow-service-accounts=%s" (join "," .) | quote }}
+{{- end }}
+{{- else if or (include "wg-gateway.namespaceSelector" .) .Values.access.serviceAccounts }}
+{{- fail "access.namespaceSelector and access.serviceAccounts need podSource kubernetes: the vault pod source cannot see namespaces or Pods" }}
 {{- end }}
 {{- with .Values.server.privateNetworks }}
 - {{ printf "--private-networks=%s" (join "," .) | quote }}
@@ -116,7 +184,8 @@ batch/v1beta1
 {{- define "wg-gateway.rotateArgs" -}}
 - keys
 - rotate
-- --vault-addr={{ .Values.vault.address }}
+- --vault-addr={{ include "wg-gateway.vaultAddress" . }}
+{{- include "wg-gateway.vaultCaArg" . }}
 - --vault-role={{ .Values.rotation.vaultRole }}
 - --vault-gateway-path={{ include "wg-gateway.vaultGatewayPath" . }}
 {{- end }}
@@ -129,17 +198,13 @@ batch/v1beta1
   value: {{ .Values.vault.kvMount | quote }}
 - name: WG_SIDECAR_VAULT_TOKEN_FILE
   value: /var/run/secrets/wg-injector/token
-{{- if .Values.vault.caConfigMap }}
-- name: WG_SIDECAR_VAULT_CA_FILE
-  value: /etc/wg-gateway/vault-ca/ca.crt
-{{- end }}
 - name: WG_SIDECAR_ENDPOINTS
   value: {{ include "wg-gateway.publicEndpoint" . | quote }}
 - name: WG_SIDECAR_LOG_FORMAT
   value: {{ .Values.logFormat | quote }}
 {{- end }}
 
-{{/* Projected service-account token (audience vault, short-lived) + optional Vault CA. */}}
+{{/* Projected service-account token (audience vault, short-lived) + Vault's CA (vault.caConfigMap). */}}
 {{- define "wg-gateway.vaultVolumes" -}}
 - name: vault-token
   projected:
@@ -152,6 +217,10 @@ batch/v1beta1
 - name: vault-ca
   configMap:
     name: {{ .Values.vault.caConfigMap }}
+    # ca.crt only: a ConfigMap without it holds the Pod back with an event naming the key.
+    items:
+      - key: ca.crt
+        path: ca.crt
 {{- end }}
 {{- end }}
 
@@ -161,7 +230,7 @@ batch/v1beta1
   readOnly: true
 {{- if .Values.vault.caConfigMap }}
 - name: vault-ca
-  mountPath: /etc/wg-gateway/vault-ca
+  mountPath: {{ include "wg-gateway.vaultCaDir" . }}
   readOnly: true
 {{- end }}
 {{- end }}

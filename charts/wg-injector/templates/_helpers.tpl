@@ -59,6 +59,37 @@ wg-injector.io/role: injector
 {{- include "wg-injector.fullname" . }}
 {{- end }}
 
+{{/* The ValidatingWebhookConfiguration of the tunnel-label check (clusters without the VAP). */}}
+{{- define "wg-injector.validatingWebhookConfigName" -}}
+{{- printf "%s-tunnel-label" (include "wg-injector.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Where the tunnel-label check runs (ValidatingWebhookConfiguration or ValidatingAdmissionPolicy):
+every namespace but kube-system and the release namespace, so neither the control plane nor the
+injector's own Pods ever wait on it. Deliberately NOT webhook.excludeNamespaces or the
+injection label: the label must be refused wherever a Pod could set it.
+*/}}
+{{- define "wg-injector.tunnelLabelNamespaceSelector" -}}
+matchExpressions:
+  - key: kubernetes.io/metadata.name
+    operator: NotIn
+    values:
+      {{- list "kube-system" .Release.Namespace | uniq | toYaml | nindent 6 }}
+{{- end }}
+
+{{/*
+Only Pods that carry the tunnel label (on UPDATE the apiserver matches the old or the new
+object, so adding and removing it are both seen). Deliberately without the injector's
+wg-injector.io/role exclusion or webhook.extraObjectSelectorExpressions: a Pod could set those
+labels itself to slip past the check.
+*/}}
+{{- define "wg-injector.tunnelLabelObjectSelector" -}}
+matchExpressions:
+  - key: wg-injector.io/tunnel
+    operator: Exists
+{{- end }}
+
 {{- define "wg-injector.serviceName" -}}
 {{- include "wg-injector.fullname" . }}
 {{- end }}
@@ -149,6 +180,9 @@ passes flags so `kubectl describe pod` shows the whole configuration.
 - --cert-mode=self-managed
 - --cert-secret={{ include "wg-injector.tlsSecretName" . }}
 - --webhook-config={{ include "wg-injector.webhookConfigName" . }}
+{{- if not (include "wg-injector.vapEnabled" .) }}
+- --validating-webhook-config={{ include "wg-injector.validatingWebhookConfigName" . }}
+{{- end }}
 - --service={{ include "wg-injector.serviceName" . }}
 {{- else }}
 - --tls-cert=/etc/wg-injector/tls/tls.crt
@@ -165,10 +199,29 @@ passes flags so `kubectl describe pod` shows the whole configuration.
 {{- end }}
 
 {{/*
+The sidecars' Vault address, refused when it is plaintext and config.vault.allowPlaintext does
+not say so (the injector's config validation refuses it too): over http:// every sidecar's Vault
+token and keys cross the network in the clear.
+*/}}
+{{- define "wg-injector.vaultAddress" -}}
+{{- $vault := .Values.config.vault }}
+{{- if and (hasPrefix "http://" (lower $vault.address)) (not $vault.allowPlaintext) }}
+{{- fail (printf "config.vault.address is %s: plaintext, so every sidecar's Vault token and keys would cross the network in the clear. Use an https:// address with Vault's CA in a ConfigMap (key ca.crt, in each namespace of injected Pods) given as --set config.vault.caConfigMap=vault-ca, or accept plaintext explicitly with --set config.vault.allowPlaintext=true" $vault.address) }}
+{{- end }}
+{{- $vault.address }}
+{{- end }}
+
+{{/* True when the sidecars talk to Vault in plaintext (allowed by config.vault.allowPlaintext). */}}
+{{- define "wg-injector.vaultPlaintext" -}}
+{{- if hasPrefix "http://" (lower .Values.config.vault.address) }}true{{ end }}
+{{- end }}
+
+{{/*
 The config file. ONE place: align with Config in injector/src/config.rs. `injectByDefault`
 lives under `webhook` in values because the webhook's matchConditions depend on it too.
 */}}
 {{- define "wg-injector.configFile" -}}
+{{- $_ := include "wg-injector.vaultAddress" . }}
 {{- $cfg := deepCopy .Values.config }}
 {{- $_ := set $cfg "injectByDefault" .Values.webhook.injectByDefault }}
 {{- /* never inject system namespaces or our own, even when labelled (names cannot be selected before 1.21) */}}
