@@ -71,7 +71,8 @@ impl SkipReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
     /// Short, stable label for metrics: `bad_annotation`, `unknown_annotation`,
-    /// `key_material`, `unknown_gateway`, `no_routes`, `name_conflict`, `port_conflict`,
+    /// `key_material`, `unknown_gateway`, `no_routes`, `overlapping_routes`,
+    /// `bootstrap_lockout`, `name_conflict`, `port_conflict`,
     /// `reserved_label`, `host_network`, `no_spec`, `shared_key`, `pod_name_unknown`, and from
     /// [`tunnel_label`]: `tunnel_label_mismatch`, `tunnel_label_changed`.
     pub reason: &'static str,

@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::admission::Denial;
+use crate::routes;
 
 /// The prefix every annotation and label of the contract starts with.
 pub const PREFIX: &str = "wg-injector.io/";
@@ -210,7 +211,7 @@ pub struct ResourceOverrides {
 pub struct InjectionSpec {
     /// Gateway profile name.
     pub gateway: Option<String>,
-    /// Tunnelled CIDRs (canonical, deduplicated, in the order given).
+    /// Tunnelled CIDRs (canonical, none overlapping another, in the order given).
     pub routes: Option<Vec<IpNet>>,
     /// DNS servers.
     pub dns: Option<Vec<IpAddr>>,
@@ -445,6 +446,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<InjectionSpec, De
     })
 }
 
+/// The comma-separated items of `value`, trimmed, duplicates dropped.
 fn parse_list<T: PartialEq>(
     key: &str,
     value: &str,
@@ -452,15 +454,7 @@ fn parse_list<T: PartialEq>(
     item: impl Fn(&str) -> Result<T, ()>,
 ) -> Result<Vec<T>, Denial> {
     let mut out = Vec::new();
-    for raw in value.split(',') {
-        let raw = raw.trim();
-        let parsed = item(raw).map_err(|()| {
-            bad(
-                key,
-                value,
-                &format!("{raw:?} is not valid; allowed is {allowed}"),
-            )
-        })?;
+    for parsed in parse_items(key, value, allowed, item)? {
         if !out.contains(&parsed) {
             out.push(parsed);
         }
@@ -468,9 +462,34 @@ fn parse_list<T: PartialEq>(
     Ok(out)
 }
 
+/// The comma-separated items of `value`, trimmed, all of them.
+fn parse_items<T>(
+    key: &str,
+    value: &str,
+    allowed: &str,
+    item: impl Fn(&str) -> Result<T, ()>,
+) -> Result<Vec<T>, Denial> {
+    value
+        .split(',')
+        .map(|raw| {
+            let raw = raw.trim();
+            item(raw).map_err(|()| {
+                bad(
+                    key,
+                    value,
+                    &format!("{raw:?} is not valid; allowed is {allowed}"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The routes annotation: canonical CIDRs, none overlapping another (a duplicate included).
+/// Whether they cover what the sidecar needs outside the tunnel depends on the config and is
+/// checked at injection (`crate::inject::plan`, [`routes::lockout`]).
 fn parse_routes(value: &str) -> Result<Vec<IpNet>, Denial> {
     const ALLOWED: &str = "a comma-separated list of CIDRs in canonical form (IPv4 or IPv6, e.g. 10.20.0.0/16,fd00:20::/64)";
-    let routes = parse_list(ROUTES, value, ALLOWED, |item| {
+    let routes = parse_items(ROUTES, value, ALLOWED, |item| {
         item.parse::<IpNet>().map_err(|_| ())
     })?;
     for route in &routes {
@@ -484,6 +503,12 @@ fn parse_routes(value: &str) -> Result<Vec<IpNet>, Denial> {
                 ),
             ));
         }
+    }
+    if let Some(overlap) = routes::overlap(&routes) {
+        return Err(Denial {
+            reason: "overlapping_routes",
+            message: format!("annotation {ROUTES}={value:?} is invalid: {overlap}"),
+        });
     }
     Ok(routes)
 }
@@ -712,7 +737,7 @@ mod tests {
     fn every_annotation_is_parsed_into_the_spec() {
         let spec = parse(&annotations(&[
             (GATEWAY, "corp"),
-            (ROUTES, "10.20.0.0/16, fd00:20::/64,10.20.0.0/16"),
+            (ROUTES, "10.20.0.0/16, fd00:20::/64"),
             (DNS, "10.20.0.53,fd00:20::53"),
             (
                 ENDPOINTS,
@@ -737,11 +762,7 @@ mod tests {
             .iter()
             .map(ToString::to_string)
             .collect();
-        assert_eq!(
-            routes,
-            ["10.20.0.0/16", "fd00:20::/64"],
-            "trimmed and deduplicated"
-        );
+        assert_eq!(routes, ["10.20.0.0/16", "fd00:20::/64"], "trimmed");
         assert_eq!(spec.dns.unwrap().len(), 2);
         let endpoints: Vec<String> = spec
             .endpoints
@@ -773,6 +794,41 @@ mod tests {
             d.message,
             "annotation wg-injector.io/routes=\"10.1.2.3/8\" is invalid: 10.1.2.3/8 has host bits set (did you mean 10.0.0.0/8?); allowed is a comma-separated list of CIDRs in canonical form (IPv4 or IPv6, e.g. 10.20.0.0/16,fd00:20::/64)"
         );
+    }
+
+    #[test]
+    fn routes_that_overlap_each_other_are_denied_naming_both() {
+        let d = denial(&[(ROUTES, "10.0.0.0/8, 10.20.0.0/16")]);
+        assert_eq!(d.reason, "overlapping_routes");
+        assert_eq!(
+            d.message,
+            "annotation wg-injector.io/routes=\"10.0.0.0/8, 10.20.0.0/16\" is invalid: 10.20.0.0/16 lies inside 10.0.0.0/8, and routes may not overlap; keep 10.0.0.0/8 alone (it already sends 10.20.0.0/16 through the tunnel), or list prefixes that do not overlap"
+        );
+        let d = denial(&[(ROUTES, "10.20.0.0/16,fd00:20::/64,10.20.0.0/16")]);
+        assert_eq!(d.reason, "overlapping_routes");
+        assert!(
+            d.message
+                .ends_with("is invalid: 10.20.0.0/16 is listed twice; list each route once"),
+            "{}",
+            d.message
+        );
+        let d = denial(&[(ROUTES, "0.0.0.0/0,10.20.0.0/16")]);
+        assert_eq!(
+            d.reason, "overlapping_routes",
+            "the full tunnel overlaps too"
+        );
+        let spec = parse(&annotations(&[(ROUTES, "0.0.0.0/0,::/0")])).unwrap();
+        assert_eq!(
+            spec.routes.unwrap().len(),
+            2,
+            "the two families do not overlap"
+        );
+    }
+
+    #[test]
+    fn dns_servers_and_endpoints_listed_twice_are_still_deduplicated() {
+        let spec = parse(&annotations(&[(DNS, "10.0.0.53,10.0.0.53")])).unwrap();
+        assert_eq!(spec.dns.unwrap().len(), 1);
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! It never decides anything about Pods, never logs key material, and writes private keys only
 //! into the Secret it was given.
 //!
+//! A Secret that lost its CA while a replica runs (a sync of manifests that carried an empty
+//! `ca.crt`, a manual edit) gets that replica's material back ([`restore_lost_ca`]) instead of a
+//! new CA, so the `caBundle` and every other replica stay valid.
+//!
 //! Concurrency between replicas is optimistic: a replica writes the Secret with the
 //! `resourceVersion` it read, and the loser of a race (HTTP 409) re-reads and adopts the winner's
 //! material, so every replica converges on one CA without a Lease.
@@ -392,6 +396,19 @@ pub fn plan(
     Ok((next != *stored).then_some(next))
 }
 
+/// The material to write back when the Secret lost its CA (`ca.crt` or `ca.key` emptied or
+/// removed: a sync of manifests from an older chart, a manual edit) while this replica still
+/// holds the material it last stored or adopted (`known`): that material, whole, so the CA in
+/// every replica and in the `caBundle` stays the same and no admission fails. `None` when the
+/// Secret still has a CA (a different one is another replica's renewal, to adopt) or nothing
+/// is known (a first start: [`plan`] creates a CA).
+#[must_use]
+pub fn restore_lost_ca(stored: &Material, known: Option<&Material>) -> Option<Material> {
+    let lost = stored.ca_bundle.is_empty() || stored.ca_key.is_empty();
+    let known = known.filter(|k| !k.ca_bundle.is_empty() && !k.ca_key.is_empty())?;
+    lost.then(|| known.clone())
+}
+
 /// Self-managed certificates for one injector replica.
 #[derive(Clone)]
 pub struct SelfManaged {
@@ -438,6 +455,12 @@ impl SelfManaged {
     /// replica's material when it won a race), keep the webhook's `caBundle` in step, and
     /// return the material now stored.
     pub async fn reconcile(&self) -> Result<Material, Error> {
+        self.reconcile_knowing(None).await
+    }
+
+    /// [`SelfManaged::reconcile`], restoring `known` (the material this replica last stored or
+    /// adopted) when the Secret lost its CA ([`restore_lost_ca`]).
+    async fn reconcile_knowing(&self, known: Option<&Material>) -> Result<Material, Error> {
         let s = &self.settings;
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &s.namespace);
         let mut attempts = 0;
@@ -448,8 +471,15 @@ impl SelfManaged {
                 s.namespace, s.secret
             )))?;
             let stored = Material::from_secret(&secret);
-            let Some(next) = plan(&stored, unix_now(), &s.names, s.lifetimes)? else {
-                break stored;
+            let restored = restore_lost_ca(&stored, known);
+            if restored.is_some() {
+                tracing::warn!(secret = %s.secret, "the certificate Secret lost its CA; writing back the CA this replica serves");
+            }
+            let basis = restored.as_ref().unwrap_or(&stored);
+            let next = match plan(basis, unix_now(), &s.names, s.lifetimes)? {
+                Some(next) => next,
+                None if restored.is_some() => basis.clone(),
+                None => break stored,
             };
             let mut updated = secret.clone();
             updated.data = Some(next.clone().into_data());
@@ -578,9 +608,14 @@ impl SelfManaged {
             let mut ticker = tokio::time::interval(self.settings.check_interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticker.tick().await;
+            let mut known = served.clone();
             loop {
                 ticker.tick().await;
-                match self.reconcile().await {
+                let reconciled = self.reconcile_knowing(Some(&known)).await;
+                if let Ok(material) = &reconciled {
+                    material.clone_into(&mut known);
+                }
+                match reconciled {
                     Ok(material) if material.tls_cert != served.tls_cert => {
                         match wg_certs::certified_key_from_pem(
                             material.tls_cert.as_bytes(),
@@ -795,6 +830,41 @@ mod tests {
             .unwrap();
         let leaf = &parse_certs(&next.tls_cert)[0];
         assert_eq!(leaf.issuer, parse_certs(&next.ca_bundle)[0].subject);
+    }
+
+    #[test]
+    fn a_secret_that_lost_its_ca_gets_the_known_material_back_and_a_renewed_ca_is_adopted() {
+        let known = plan(&Material::default(), now(), &names(), LIFETIMES)
+            .unwrap()
+            .unwrap();
+        let wiped = Material {
+            ca_bundle: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            ..known.clone()
+        };
+        assert_eq!(restore_lost_ca(&wiped, Some(&known)), Some(known.clone()));
+        assert_eq!(
+            restore_lost_ca(&Material::default(), Some(&known)),
+            Some(known.clone())
+        );
+        assert_eq!(
+            restore_lost_ca(&Material::default(), None),
+            None,
+            "first start"
+        );
+        // Only the serving pair emptied: the CA is there, plan re-issues the pair from it.
+        let pair_wiped = Material {
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            ..known.clone()
+        };
+        assert_eq!(restore_lost_ca(&pair_wiped, Some(&known)), None);
+        // Another replica's CA: adopted, not overwritten.
+        let other = plan(&Material::default(), now(), &names(), LIFETIMES)
+            .unwrap()
+            .unwrap();
+        assert_eq!(restore_lost_ca(&other, Some(&known)), None);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::annotations::{self, Endpoint, SidecarMode};
 use crate::error::Error;
+use crate::routes::{self, Need, Protected};
 
 /// Name of the gateway profile that [`Config::default`] carries and that Pods without a
 /// `wg-injector.io/gateway` annotation use (unless `defaultGateway` says otherwise).
@@ -31,6 +32,8 @@ pub struct Config {
     pub default_gateway: String,
     /// How the sidecar reaches Vault.
     pub vault: VaultSettings,
+    /// The cluster's own networks, which no tunnelled route may cover.
+    pub cluster: ClusterNetworks,
     /// Defaults of the per-pod annotations.
     pub defaults: Defaults,
     /// Inject Pods that carry no `wg-injector.io/inject` annotation (they opt out with `"false"`).
@@ -68,6 +71,46 @@ pub struct GatewayProfile {
     pub routes: Vec<IpNet>,
     /// DNS servers reached through the tunnel when a Pod sets no `wg-injector.io/dns`.
     pub dns: Vec<IpAddr>,
+}
+
+/// The cluster's Pod and Service networks and DNS servers: what the sidecar reaches outside the
+/// tunnel before the tunnel is up, so a Pod whose routes cover any of them is denied (see
+/// [`crate::routes`]).
+///
+/// All empty by default, which turns that part of the check off: Kubernetes has no standard Pod
+/// or Service CIDR (kubeadm's Service default is `10.96.0.0/12`, its Pod network is the CNI's
+/// choice), and a guessed default would deny valid Pods.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterNetworks {
+    /// The Pod CIDRs (`kube-controller-manager --cluster-cidr`, e.g. `10.244.0.0/16`).
+    #[serde(rename = "podCIDRs")]
+    pub pod_cidrs: Vec<IpNet>,
+    /// The Service CIDRs (`kube-apiserver --service-cluster-ip-range`, e.g. `10.96.0.0/12`).
+    #[serde(rename = "serviceCIDRs")]
+    pub service_cidrs: Vec<IpNet>,
+    /// The cluster DNS servers (the kube-dns Service's `clusterIP`, e.g. `10.96.0.10`).
+    pub dns: Vec<IpAddr>,
+}
+
+impl ClusterNetworks {
+    /// Refuse a CIDR with host bits set (what else serde cannot say), naming the key.
+    fn validate(&self) -> Result<(), String> {
+        for (key, cidrs) in [
+            ("cluster.podCIDRs", &self.pod_cidrs),
+            ("cluster.serviceCIDRs", &self.service_cidrs),
+        ] {
+            for cidr in cidrs {
+                if cidr.trunc() != *cidr {
+                    return Err(format!(
+                        "{key}: {cidr} has host bits set (did you mean {}?)",
+                        cidr.trunc()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How the sidecar reaches and authenticates to Vault.
@@ -167,6 +210,7 @@ impl Default for Config {
             gateways,
             default_gateway: DEFAULT_GATEWAY.to_owned(),
             vault: VaultSettings::default(),
+            cluster: ClusterNetworks::default(),
             defaults: Defaults::default(),
             inject_by_default: false,
             native_sidecars: false,
@@ -238,6 +282,20 @@ impl VaultSettings {
     pub fn key_path_template(&self) -> Option<&str> {
         Some(self.key_path_template.as_str()).filter(|t| !t.is_empty())
     }
+
+    /// Vault's address when the host of `address` is an IP literal (`https://10.96.0.20:8200`,
+    /// `https://[fd00::20]:8200`); `None` for a host name, which the injector does not resolve.
+    #[must_use]
+    pub fn ip(&self) -> Option<IpAddr> {
+        let rest = self.address.split_once("://")?.1;
+        let authority = rest.split(['/', '?', '#']).next()?;
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        if let Some(v6) = host_port.strip_prefix('[') {
+            return v6.split_once(']')?.0.parse().ok();
+        }
+        let host = host_port.split_once(':').map_or(host_port, |(h, _)| h);
+        host.parse().ok()
+    }
 }
 
 impl Config {
@@ -296,6 +354,7 @@ impl Config {
                 self.gateways.keys().cloned().collect::<Vec<_>>().join(", ")
             ));
         }
+        self.cluster.validate()?;
         for (name, profile) in &self.gateways {
             annotations::validate_gateway_name(name)
                 .map_err(|allowed| format!("gateways.{name}: the name {allowed}"))?;
@@ -369,6 +428,29 @@ impl Config {
                     .map_err(|allowed| format!("defaults.resources.{key} is {v:?}: {allowed}"))?;
             }
         }
+        self.validate_profile_routes()
+    }
+
+    /// Refuse a profile whose default routes overlap each other or cover what the sidecar must
+    /// reach outside the tunnel ([`Config::protected`], with the profile's endpoints).
+    ///
+    /// Checked here, at load, and not only when a Pod uses them: a bad default would deny
+    /// every Pod of the profile with a message its authors cannot act on, while the operator
+    /// who can fix it sees it at startup. (Admission checks them again, against a Pod's own
+    /// `wg-injector.io/endpoints`.)
+    fn validate_profile_routes(&self) -> Result<(), String> {
+        for (name, profile) in &self.gateways {
+            if let Some(overlap) = routes::overlap(&profile.routes) {
+                return Err(format!("gateways.{name}.routes: {overlap}"));
+            }
+            let protected = self.protected(
+                &profile.endpoints,
+                &format!("config gateways.{name}.endpoints"),
+            );
+            if let Some(lockout) = routes::lockout(&profile.routes, &protected) {
+                return Err(format!("gateways.{name}.routes: {lockout}"));
+            }
+        }
         Ok(())
     }
 
@@ -376,6 +458,57 @@ impl Config {
     #[must_use]
     pub fn gateway(&self, name: &str) -> Option<&GatewayProfile> {
         self.gateways.get(name)
+    }
+
+    /// What a Pod's routes must leave outside the tunnel ([`routes::lockout`]): the cluster's
+    /// Service and Pod networks and DNS servers, Vault's address, and the Pod's gateway
+    /// `endpoints` (named by `endpoints_origin`). Host names (of Vault, of an endpoint) are not
+    /// resolved, so they are not checked.
+    ///
+    /// The tunnel pool is not among them: it lives in the gateway's Vault record
+    /// (`wg/gateways/<name>`), which the injector never reads, and no profile names it.
+    #[must_use]
+    pub fn protected(&self, endpoints: &[Endpoint], endpoints_origin: &str) -> Vec<Protected> {
+        let cluster = &self.cluster;
+        let networks = |cidrs: &[IpNet], need, origin: &str| {
+            cidrs
+                .iter()
+                .map(|&net| Protected {
+                    net,
+                    need,
+                    origin: format!("config {origin}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut protected = networks(
+            &cluster.service_cidrs,
+            Need::ServiceNetwork,
+            "cluster.serviceCIDRs",
+        );
+        protected.extend(networks(
+            &cluster.pod_cidrs,
+            Need::PodNetwork,
+            "cluster.podCIDRs",
+        ));
+        protected.extend(
+            cluster.dns.iter().map(|&ip| {
+                Protected::address(ip, Need::ClusterDns, "config cluster.dns".to_owned())
+            }),
+        );
+        protected.extend(
+            self.vault
+                .ip()
+                .map(|ip| Protected::address(ip, Need::Vault, "config vault.address".to_owned())),
+        );
+        protected.extend(endpoints.iter().filter_map(|endpoint| {
+            let ip = endpoint.host.parse::<IpAddr>().ok()?;
+            Some(Protected::address(
+                ip,
+                Need::GatewayEndpoint,
+                format!("{endpoint} of {endpoints_origin}"),
+            ))
+        }));
+        protected
     }
 }
 
@@ -488,6 +621,117 @@ mod tests {
             err.to_string().contains("expected an https:// URL"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_cluster_networks_are_empty_by_default_and_read_from_camel_case_keys() {
+        assert_eq!(Config::default().cluster, ClusterNetworks::default());
+        assert!(Config::default().protected(&[], "x").is_empty());
+        let config = Config::from_yaml_str(
+            "cluster:\n  podCIDRs: [10.244.0.0/16, 'fd00:10:244::/56']\n  serviceCIDRs: [10.96.0.0/12]\n  dns: [10.96.0.10]\ngateways:\n  default:\n    routes: [10.20.0.0/16]\n",
+        )
+        .unwrap();
+        assert_eq!(config.cluster.pod_cidrs.len(), 2);
+        assert_eq!(config.cluster.service_cidrs[0].to_string(), "10.96.0.0/12");
+        assert_eq!(config.cluster.dns[0].to_string(), "10.96.0.10");
+    }
+
+    #[test]
+    fn bad_cluster_networks_are_refused_naming_the_field() {
+        for (yaml, wanted) in [
+            ("cluster:\n  podCIDRs: [10.244.0.0/33]\n", "podCIDRs"),
+            ("cluster:\n  serviceCIDRs: [banana]\n", "serviceCIDRs"),
+            ("cluster:\n  dns: [10.96.0.0/12]\n", "cluster.dns"),
+            ("cluster:\n  podCidrs: [10.244.0.0/16]\n", "podCidrs"),
+            (
+                "cluster:\n  serviceCIDRs: [10.96.0.1/12]\n",
+                "cluster.serviceCIDRs: 10.96.0.1/12 has host bits set (did you mean 10.96.0.0/12?)",
+            ),
+            (
+                "cluster:\n  podCIDRs: ['fd00:10:244::1/56']\n",
+                "cluster.podCIDRs: fd00:10:244::1/56 has host bits set",
+            ),
+        ] {
+            let err = Config::from_yaml_str(yaml).unwrap_err().to_string();
+            assert!(
+                err.contains(wanted),
+                "{yaml}: {wanted:?} missing from: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn profile_routes_over_the_cluster_networks_are_refused_at_load() {
+        let err = Config::from_yaml_str(
+            "cluster:\n  serviceCIDRs: [10.96.0.0/12]\ngateways:\n  default:\n    routes: [10.0.0.0/8]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("gateways.default.routes: 10.0.0.0/8 covers the cluster's Service network 10.96.0.0/12 (config cluster.serviceCIDRs): the sidecar could not reach Vault or cluster DNS before the tunnel is up; route narrower prefixes"),
+            "{err}"
+        );
+        let err = Config::from_yaml_str(
+            "cluster:\n  dns: ['fd00:96::a']\ngateways:\n  default:\n    routes: ['fd00::/8']\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("covers the cluster DNS server fd00:96::a (config cluster.dns)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn profile_routes_over_vault_or_their_own_endpoint_or_each_other_are_refused_at_load() {
+        let err = Config::from_yaml_str("vault:\n  address: https://10.96.0.20:8200\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gateways.default.routes: 10.0.0.0/8 covers Vault's address 10.96.0.20 (config vault.address)"),
+            "the built-in default profile's 10.0.0.0/8 meets an IP Vault: {err}"
+        );
+        let err = Config::from_yaml_str(
+            "gateways:\n  default:\n    endpoints: ['[2001:db8::10]:51820']\n    routes: ['2001:db8::/32']\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("covers the gateway endpoint 2001:db8::10 ([2001:db8::10]:51820 of config gateways.default.endpoints): the tunnel's own packets"),
+            "{err}"
+        );
+        let err = Config::from_yaml_str(
+            "gateways:\n  default:\n    routes: [10.0.0.0/8, 10.20.0.0/16]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("gateways.default.routes: 10.20.0.0/16 lies inside 10.0.0.0/8"),
+            "{err}"
+        );
+        // A host name is not resolved, so it is not checked; the full tunnel is exempt.
+        Config::from_yaml_str(
+            "vault:\n  address: https://vault.vault.svc:8200\ncluster:\n  serviceCIDRs: [10.96.0.0/12]\ngateways:\n  default:\n    endpoints: ['vpn.example.com:51820', '192.0.2.1:51820']\n    routes: [0.0.0.0/0]\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn vaults_ip_is_read_from_an_ip_literal_host_only() {
+        let ip = |address: &str| {
+            VaultSettings {
+                address: address.to_owned(),
+                ..VaultSettings::default()
+            }
+            .ip()
+            .map(|ip| ip.to_string())
+        };
+        assert_eq!(ip("https://10.96.0.20:8200").as_deref(), Some("10.96.0.20"));
+        assert_eq!(ip("https://10.96.0.20/v1/").as_deref(), Some("10.96.0.20"));
+        assert_eq!(ip("https://[fd00::20]:8200").as_deref(), Some("fd00::20"));
+        assert_eq!(ip("HTTP://user@192.0.2.7").as_deref(), Some("192.0.2.7"));
+        assert_eq!(ip("https://vault.vault.svc:8200"), None);
+        assert_eq!(ip("https://10.96.0.20.nip.io:8200"), None);
     }
 
     #[test]

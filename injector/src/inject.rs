@@ -37,6 +37,7 @@ use crate::annotations::{
 };
 use crate::config::{Config, TunDevice};
 use crate::patch::Parts;
+use crate::routes;
 
 /// The routes / kill-switch init container.
 pub const INIT_CONTAINER: &str = "wg-init";
@@ -219,6 +220,62 @@ impl Injection {
     }
 }
 
+/// Deny `routes` (the Pod's, or its profile's when it sets none) that cover what the sidecar
+/// must reach outside the tunnel before the tunnel is up ([`routes::lockout`]): the config's
+/// cluster networks and DNS, Vault's address, and `endpoints` (the Pod's or its profile's). A
+/// profile's routes were checked against its own endpoints at config load; they meet the Pod's
+/// `endpoints` annotation only here. Overlapping routes were refused before (annotation parse,
+/// config load).
+fn check_lockout(
+    gateway: &str,
+    spec: &InjectionSpec,
+    routes: &[ipnet::IpNet],
+    endpoints: &[annotations::Endpoint],
+    config: &Config,
+) -> Result<(), Denial> {
+    let endpoints_origin = if spec.endpoints.is_some() {
+        format!("annotation {}", annotations::ENDPOINTS)
+    } else {
+        format!("config gateways.{gateway}.endpoints")
+    };
+    let protected = config.protected(endpoints, &endpoints_origin);
+    let Some(lockout) = routes::lockout(routes, &protected) else {
+        return Ok(());
+    };
+    let message = if spec.routes.is_some() {
+        format!("{}: {lockout}", annotations::ROUTES)
+    } else {
+        let defaults: Vec<String> = routes.iter().map(ToString::to_string).collect();
+        format!(
+            "{} (not set, so gateway profile {gateway:?} gives {}): {lockout}",
+            annotations::ROUTES,
+            defaults.join(",")
+        )
+    };
+    Err(deny("bootstrap_lockout", message))
+}
+
+/// What the Pod's policy routing keeps outside the tunnel (`--exclude` of `wg-init` and
+/// `wg-sidecar run`): what the sidecar must reach before the tunnel is up
+/// ([`Config::protected`]: the cluster's networks and DNS servers, and Vault's address and the
+/// gateway endpoints when they are IP literals) wherever a route covers it, without what
+/// another exclusion already holds. Only the full tunnel covers any (a narrower route over one
+/// is denied by [`check_lockout`]). A host name cannot be exempted by CIDR: with the full tunnel
+/// it is reached outside only when its address lies in a configured cluster network (a Vault
+/// Service in `cluster.serviceCIDRs`).
+fn exclusions(routes: &[ipnet::IpNet], protected: &[routes::Protected]) -> Vec<ipnet::IpNet> {
+    let mut covered: Vec<ipnet::IpNet> = protected
+        .iter()
+        .map(|p| p.net)
+        .filter(|net| routes.iter().any(|r| r.contains(net)))
+        .collect();
+    covered.sort();
+    covered.dedup();
+    let all = covered.clone();
+    covered.retain(|net| !all.iter().any(|o| o != net && o.contains(net)));
+    covered
+}
+
 /// Inject the sidecar into `pod`. Pure: no IO. An already injected Pod comes back unchanged.
 pub fn inject(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Outcome, Denial> {
     let pod = uninject(pod);
@@ -265,6 +322,11 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
         .endpoints
         .clone()
         .unwrap_or_else(|| profile.endpoints.clone());
+    check_lockout(gateway, spec, &routes, &endpoints, config)?;
+    let exclude_args: Vec<String> = exclusions(&routes, &config.protected(&endpoints, "endpoints"))
+        .iter()
+        .map(|net| format!("--exclude={net}"))
+        .collect();
     let mtu = spec.mtu.unwrap_or(config.defaults.mtu);
     let keepalive = spec.keepalive.unwrap_or(config.defaults.keepalive);
     let kill_switch = spec.kill_switch.unwrap_or(config.defaults.kill_switch);
@@ -286,17 +348,28 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
 
     let join = |items: Vec<String>| items.join(",");
     let routes_arg = join(routes.iter().map(ToString::to_string).collect());
+    // On `wg-init` too: the kill switch covers the DNS servers before the sidecar starts.
+    let dns_arg = (!dns.is_empty()).then(|| {
+        format!(
+            "--dns={}",
+            join(dns.iter().map(ToString::to_string).collect())
+        )
+    });
     let security = security_context();
 
     let init = Container {
         name: INIT_CONTAINER.to_owned(),
         image: Some(config.images.sidecar.clone()),
         image_pull_policy: Some(config.images.pull_policy.clone()),
-        args: Some(vec![
-            "init".to_owned(),
-            format!("--routes={routes_arg}"),
-            format!("--kill-switch={kill_switch}"),
-        ]),
+        args: Some(
+            [
+                vec!["init".to_owned(), format!("--routes={routes_arg}")],
+                exclude_args.clone(),
+                dns_arg.clone().into_iter().collect(),
+                vec![format!("--kill-switch={kill_switch}")],
+            ]
+            .concat(),
+        ),
         resources: Some(resources.clone()),
         security_context: Some(security.clone()),
         termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
@@ -311,12 +384,8 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
         ));
     }
     args.push(format!("--routes={routes_arg}"));
-    if !dns.is_empty() {
-        args.push(format!(
-            "--dns={}",
-            join(dns.iter().map(ToString::to_string).collect())
-        ));
-    }
+    args.extend(exclude_args);
+    args.extend(dns_arg);
     args.push(format!("--mtu={mtu}"));
     args.push(format!("--keepalive={keepalive}"));
     args.push(format!("--kill-switch={kill_switch}"));
@@ -394,7 +463,9 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
             });
         }
     }
-    args.push(format!("--health-addr=0.0.0.0:{HEALTH_PORT}"));
+    // Both families: `[::]` with IPv4-mapped addresses (the sidecar falls back to 0.0.0.0
+    // where the Pod has no IPv6), so kubelet probes work on IPv4, IPv6 and dual-stack clusters.
+    args.push(format!("--health-addr=[::]:{HEALTH_PORT}"));
     if config.tun_device == TunDevice::HostPath {
         mounts.push(mount(TUN_VOLUME, TUN_PATH, false));
         volumes.push(Volume {
@@ -783,6 +854,161 @@ mod tests {
         assert_eq!(
             expand_kubelet_vars("a$$(WG_POD_NAMESPACE)b$", &vars),
             "a$(WG_POD_NAMESPACE)b$"
+        );
+    }
+
+    /// A cluster with kubeadm's networks and Vault at a Service IP.
+    fn kubeadm_cluster() -> Config {
+        Config::from_yaml_str(
+            "cluster:\n  podCIDRs: [10.244.0.0/16]\n  serviceCIDRs: [10.96.0.0/12, 'fd00:10:96::/112']\n  dns: [10.96.0.10]\nvault:\n  address: https://10.96.0.20:8200\ngateways:\n  default:\n    endpoints: ['192.0.2.1:51820']\n    routes: [10.20.0.0/16]\n",
+        )
+        .unwrap()
+    }
+
+    fn routed(pairs: &[(&str, &str)], config: &Config) -> Result<Outcome, Denial> {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect();
+        let mut pod: Pod = serde_yaml_ng::from_str(
+            "metadata: {name: web}\nspec:\n  containers: [{name: app, image: nginx}]\n",
+        )
+        .unwrap();
+        pod.metadata.annotations = Some(map);
+        let spec = annotations::parse(pod.metadata.annotations.as_ref().unwrap()).unwrap();
+        inject(&pod, &spec, config)
+    }
+
+    #[test]
+    fn a_route_over_the_service_network_is_denied_naming_both_cidrs_and_the_fix() {
+        let d = routed(&[(annotations::ROUTES, "10.0.0.0/8")], &kubeadm_cluster()).unwrap_err();
+        assert_eq!(d.reason, "bootstrap_lockout");
+        assert_eq!(
+            d.message,
+            "wg-injector.io/routes: 10.0.0.0/8 covers the cluster's Service network 10.96.0.0/12 (config cluster.serviceCIDRs): \
+             the sidecar could not reach Vault or cluster DNS before the tunnel is up; it also overlaps the cluster's Pod network \
+             10.244.0.0/16 (config cluster.podCIDRs), the cluster DNS server 10.96.0.10 (config cluster.dns), Vault's address \
+             10.96.0.20 (config vault.address); route narrower prefixes that leave it out, such as \
+             10.0.0.0/10,10.64.0.0/11,10.128.0.0/10,10.192.0.0/11 (6 more make up the rest of 10.0.0.0/8)"
+        );
+    }
+
+    #[test]
+    fn routes_over_each_protected_thing_are_denied() {
+        let config = kubeadm_cluster();
+        for (routes, covered) in [
+            ("10.244.0.0/24", "lies inside the cluster's Pod network 10.244.0.0/16"),
+            ("fd00:10::/32", "covers the cluster's Service network fd00:10:96::/112"),
+            ("10.96.0.10/32", "lies inside the cluster's Service network 10.96.0.0/12"),
+            ("192.0.2.0/24", "covers the gateway endpoint 192.0.2.1 (192.0.2.1:51820 of config gateways.default.endpoints)"),
+        ] {
+            let d = routed(&[(annotations::ROUTES, routes)], &config).unwrap_err();
+            assert_eq!(d.reason, "bootstrap_lockout", "{routes}");
+            assert!(d.message.contains(covered), "{routes}: {covered:?} missing from {}", d.message);
+        }
+        // Vault and cluster DNS outside the cluster networks are protected on their own.
+        let outside = Config::from_yaml_str(
+            "cluster:\n  dns: [192.168.0.53]\nvault:\n  address: 'https://[fd00:99::20]:8200'\n",
+        )
+        .unwrap();
+        let d = routed(&[(annotations::ROUTES, "192.168.0.0/16")], &outside).unwrap_err();
+        assert!(
+            d.message
+                .contains("covers the cluster DNS server 192.168.0.53 (config cluster.dns)"),
+            "{}",
+            d.message
+        );
+        let d = routed(&[(annotations::ROUTES, "fd00:99::/64")], &outside).unwrap_err();
+        assert!(
+            d.message
+                .contains("covers Vault's address fd00:99::20 (config vault.address)"),
+            "{}",
+            d.message
+        );
+    }
+
+    #[test]
+    fn the_pods_own_endpoint_inside_the_profiles_default_routes_is_denied() {
+        let d = routed(
+            &[(annotations::ENDPOINTS, "10.20.0.1:51820")],
+            &kubeadm_cluster(),
+        )
+        .unwrap_err();
+        assert_eq!(d.reason, "bootstrap_lockout");
+        assert!(
+            d.message.starts_with("wg-injector.io/routes (not set, so gateway profile \"default\" gives 10.20.0.0/16): 10.20.0.0/16 covers the gateway endpoint 10.20.0.1 (10.20.0.1:51820 of annotation wg-injector.io/endpoints)"),
+            "{}",
+            d.message
+        );
+    }
+
+    #[test]
+    fn the_full_tunnel_and_narrow_routes_pass_and_no_cluster_config_checks_nothing() {
+        let config = kubeadm_cluster();
+        for routes in [
+            "0.0.0.0/0",
+            "::/0",
+            "0.0.0.0/0,::/0",
+            "10.20.0.0/16,fd00:20::/64",
+        ] {
+            routed(&[(annotations::ROUTES, routes)], &config)
+                .unwrap_or_else(|d| panic!("{routes}: {}", d.message));
+        }
+        routed(&[(annotations::ROUTES, "10.0.0.0/8")], &Config::default()).unwrap();
+    }
+
+    /// The `--exclude` args of `wg-init` and of `wg-sidecar`.
+    fn excludes(outcome: &Outcome) -> (Vec<String>, Vec<String>) {
+        let spec = outcome.pod.spec.as_ref().unwrap();
+        let of = |name: &str| {
+            spec.init_containers
+                .iter()
+                .flatten()
+                .chain(&spec.containers)
+                .find(|c| c.name == name)
+                .unwrap()
+                .args
+                .iter()
+                .flatten()
+                .filter_map(|a| a.strip_prefix("--exclude=").map(str::to_owned))
+                .collect::<Vec<_>>()
+        };
+        (of(INIT_CONTAINER), of(SIDECAR_CONTAINER))
+    }
+
+    #[test]
+    fn the_full_tunnel_exempts_what_the_sidecar_needs_on_init_and_run_and_narrow_routes_exempt_nothing(
+    ) {
+        let config = kubeadm_cluster();
+        let full = routed(&[(annotations::ROUTES, "0.0.0.0/0,::/0")], &config).unwrap();
+        let (init, run) = excludes(&full);
+        // Cluster DNS and Vault (10.96.0.10, 10.96.0.20) lie in the Service network already.
+        assert_eq!(
+            init,
+            [
+                "10.96.0.0/12",
+                "10.244.0.0/16",
+                "192.0.2.1/32",
+                "fd00:10:96::/112"
+            ]
+        );
+        assert_eq!(run, init);
+        let v4 = routed(&[(annotations::ROUTES, "0.0.0.0/0")], &config).unwrap();
+        assert_eq!(
+            excludes(&v4).0,
+            ["10.96.0.0/12", "10.244.0.0/16", "192.0.2.1/32"]
+        );
+        let narrow = routed(&[(annotations::ROUTES, "10.20.0.0/16")], &config).unwrap();
+        assert_eq!(excludes(&narrow), (vec![], vec![]));
+        // Vault by IP literal outside any cluster network is exempted on its own; a host name
+        // cannot be.
+        let outside = Config::from_yaml_str(
+            "vault:\n  address: 'https://[fd00:99::20]:8200'\ngateways:\n  default:\n    endpoints: ['vpn.example.com:51820']\n    routes: ['::/0']\n",
+        )
+        .unwrap();
+        assert_eq!(
+            excludes(&routed(&[], &outside).unwrap()).1,
+            ["fd00:99::20/128"]
         );
     }
 

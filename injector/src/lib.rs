@@ -1,7 +1,7 @@
 //! `wg-injector`: decides whether and how a Pod gets the WireGuard sidecar.
 //!
 //! The crate is a pure injection core ([`annotations`], [`config`], [`identity`], [`inject`],
-//! [`admission`], [`tunnel_label`])
+//! [`admission`], [`routes`], [`tunnel_label`])
 //! with thin edges: the HTTPS admission webhook ([`webhook`], [`review`], [`memo`],
 //! [`metrics`]) and the offline CLI ([`offline`]). The core never does IO; the edges only
 //! decode, call it and encode.
@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod offline;
 pub mod patch;
 pub mod review;
+pub mod routes;
 pub mod server;
 pub mod tunnel_label;
 pub mod webhook;

@@ -161,6 +161,9 @@ async fn review(
             "expected Content-Type: application/json",
         );
     }
+    // The rest of an oversized body is never read: HTTP/1.1 closes the connection after the
+    // 413; HTTP/2 (h2) sends the complete 413 and then RST_STREAM NO_ERROR for the stream
+    // (RFC 9113 §8.1), leaving the connection open. Draining instead would read unbounded input.
     let too_large = || {
         plain(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -1,6 +1,7 @@
 //! The webhook over real TLS on loopback: what only a socket shows. Protocol versions and ALPN,
-//! plaintext refused, bad inputs, timeouts, the connection limit, and certificate hot-reload
-//! while requests keep flowing. Needs `openssl` on PATH for the TLS 1.1 probe (fails without).
+//! plaintext refused, bad inputs, the body limit over HTTP/1.1 and HTTP/2, timeouts, the
+//! connection limit, and certificate hot-reload while requests keep flowing. Needs `openssl` on
+//! PATH for the TLS 1.1 probe (fails without).
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use std::collections::HashSet;
@@ -20,7 +21,7 @@ use tokio_rustls::TlsConnector;
 use wg_certs::{generate_ca, issue_serving_cert, CertificateAuthority, ReloadingResolver};
 use wg_injector::config::Config;
 use wg_injector::server::{bind, serve, tls_config, Limits};
-use wg_injector::webhook::{router, AppState};
+use wg_injector::webhook::{router, AppState, MAX_BODY_BYTES};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -518,4 +519,236 @@ async fn certificates_reload_while_requests_flow_without_a_failure() {
         "only {} requests completed",
         seen_certs.len()
     );
+}
+
+/// A body of `len` bytes the server accepts as an `AdmissionReview`: a review padded with
+/// trailing whitespace (valid JSON).
+fn padded_review(uid: &str, len: usize) -> Vec<u8> {
+    let mut body = annotated_review(uid);
+    assert!(body.len() <= len);
+    body.resize(len, b' ');
+    body
+}
+
+/// How a test sends an oversized body: with `Content-Length` (refused from the header) or
+/// without (HTTP/1.1 chunked, HTTP/2 DATA frames with no length; refused while reading).
+#[derive(Debug, Clone, Copy)]
+enum Length {
+    Declared,
+    Streamed,
+}
+
+const CHUNK: usize = 64 * 1024;
+
+/// `POST /mutate` over HTTP/1.1 on a fresh TLS connection, the body written in 64 KiB chunks
+/// while the response is read, so an early answer is seen even if the server stops reading.
+async fn h1_post(
+    addr: SocketAddr,
+    connector: &TlsConnector,
+    body: Vec<u8>,
+    length: Length,
+) -> Result<(u16, String), String> {
+    let tls = connect(addr, connector).await.map_err(|e| e.to_string())?;
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let framing = match length {
+        Length::Declared => format!("Content-Length: {}", body.len()),
+        Length::Streamed => "Transfer-Encoding: chunked".to_owned(),
+    };
+    let head = format!(
+        "POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         {framing}\r\nConnection: close\r\n\r\n"
+    );
+    let writing = tokio::spawn(async move {
+        writer.write_all(head.as_bytes()).await?;
+        for chunk in body.chunks(CHUNK) {
+            match length {
+                Length::Declared => writer.write_all(chunk).await?,
+                Length::Streamed => {
+                    writer
+                        .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                        .await?;
+                    writer.write_all(chunk).await?;
+                    writer.write_all(b"\r\n").await?;
+                }
+            }
+        }
+        if let Length::Streamed = length {
+            writer.write_all(b"0\r\n\r\n").await?;
+        }
+        std::io::Result::Ok(writer)
+    });
+    // Read until the head and `Content-Length` bytes of body are in; errors after that (the
+    // server closing on a body it did not read) do not matter.
+    let mut raw = Vec::new();
+    let mut buf = vec![0; CHUNK];
+    let reply = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+                let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap();
+                if raw.len() >= end + 4 + length {
+                    let text = String::from_utf8_lossy(&raw[end + 4..end + 4 + length]);
+                    return Ok((status, text.into_owned()));
+                }
+            }
+            match reader.read(&mut buf).await {
+                Ok(0) => {
+                    return Err(format!(
+                        "closed before a full response: {:?}",
+                        String::from_utf8_lossy(&raw)
+                    ))
+                }
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(format!("read failed after {} bytes: {e}", raw.len())),
+            }
+        }
+    })
+    .await
+    .map_err(|_| "response timed out".to_owned())?;
+    writing.abort();
+    reply
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<
+    http_body_util::StreamBody<
+        futures_util::stream::Iter<
+            std::vec::IntoIter<
+                Result<hyper::body::Frame<axum::body::Bytes>, std::convert::Infallible>,
+            >,
+        >,
+    >,
+>;
+
+/// An HTTP/2 connection over TLS (ALPN `h2` only).
+async fn h2_connect(addr: SocketAddr, connector: &TlsConnector) -> H2Sender {
+    let tls = connect(addr, connector).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// `POST /mutate` as one HTTP/2 stream on `sender`, the body sent as 64 KiB DATA frames.
+async fn h2_post(
+    sender: &mut H2Sender,
+    port: u16,
+    body: &[u8],
+    length: Length,
+) -> Result<(u16, String), String> {
+    use http_body_util::BodyExt as _;
+    let mut request = hyper::Request::post(format!("https://localhost:{port}/mutate"))
+        .header("content-type", "application/json");
+    if let Length::Declared = length {
+        request = request.header("content-length", body.len());
+    }
+    let frames: Vec<_> = body
+        .chunks(CHUNK)
+        .map(|c| {
+            Ok(hyper::body::Frame::data(
+                axum::body::Bytes::copy_from_slice(c),
+            ))
+        })
+        .collect();
+    let request = request
+        .body(http_body_util::StreamBody::new(futures_util::stream::iter(
+            frames,
+        )))
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection not ready: {e:?}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("request failed: {e:?}"))?;
+        assert_eq!(response.version(), hyper::Version::HTTP_2);
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("response body failed after status {status}: {e:?}"))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    })
+    .await
+    .map_err(|_| "response timed out".to_owned())?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_gets_the_same_413_over_http_1_1_and_http_2() {
+    let server = start(Limits::default()).await;
+    let ca = server.ca.cert_pem();
+    let h1 = default_client(ca);
+    let h2 = client(&[ca], rustls::DEFAULT_VERSIONS, &[b"h2"]);
+    let over = padded_review("over", MAX_BODY_BYTES + 1);
+    let message = format!("AdmissionReview bodies are limited to {MAX_BODY_BYTES} bytes\n");
+    let too_large = Ok((413, message));
+    for length in [Length::Declared, Length::Streamed] {
+        let reply = h1_post(server.addr, &h1, over.clone(), length).await;
+        assert_eq!(reply, too_large, "HTTP/1.1 {length:?}");
+        // HTTP/2 refuses the stream (RST_STREAM NO_ERROR after the complete 413), not the
+        // connection: the next review on it is answered.
+        let mut sender = h2_connect(server.addr, &h2).await;
+        let reply = h2_post(&mut sender, server.addr.port(), &over, length).await;
+        assert_eq!(reply, too_large, "HTTP/2 {length:?}");
+        let small = annotated_review("after-413");
+        let reply = h2_post(&mut sender, server.addr.port(), &small, length).await;
+        assert_eq!(
+            reply.map(|(status, _)| status),
+            Ok(200),
+            "HTTP/2 {length:?}, same connection"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_at_the_limit_is_answered_over_http_1_1_and_http_2() {
+    let server = start(Limits::default()).await;
+    let ca = server.ca.cert_pem();
+    let h1 = default_client(ca);
+    let h2 = client(&[ca], rustls::DEFAULT_VERSIONS, &[b"h2"]);
+    let at = padded_review("at-the-limit", MAX_BODY_BYTES);
+    for length in [Length::Declared, Length::Streamed] {
+        for (protocol, reply) in [
+            (
+                "HTTP/1.1",
+                h1_post(server.addr, &h1, at.clone(), length).await,
+            ),
+            (
+                "HTTP/2",
+                h2_post(
+                    &mut h2_connect(server.addr, &h2).await,
+                    server.addr.port(),
+                    &at,
+                    length,
+                )
+                .await,
+            ),
+        ] {
+            let (status, body) = reply.unwrap_or_else(|e| panic!("{protocol} {length:?}: {e}"));
+            assert_eq!(status, 200, "{protocol} {length:?}: {body}");
+            let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(
+                answer["response"]["uid"], "at-the-limit",
+                "{protocol} {length:?}"
+            );
+            assert_eq!(answer["response"]["allowed"], true, "{protocol} {length:?}");
+        }
+    }
 }

@@ -43,6 +43,7 @@ fn records(n: u32) -> Vec<(String, PeerRecord)> {
                     addresses: vec![IpNet::from(IpAddr::V4(addr))],
                     next_public_key: None,
                     activate_at: None,
+                    rotates_at: None,
                     preshared_key: None,
                     pod: None,
                     version: 1,

@@ -70,6 +70,16 @@ pub struct InitArgs {
         required = true
     )]
     pub routes: Vec<IpNet>,
+    /// CIDRs kept outside the tunnel whatever the routes say (Vault, the gateway endpoints, the
+    /// cluster's networks): a rule sends them to the main table before the tunnel's. Repeat the
+    /// flag or separate with commas. Host names cannot be exempted: the full tunnel needs them
+    /// as IP literals here.
+    #[arg(long, env = "WG_SIDECAR_EXCLUDE", value_delimiter = ',')]
+    pub exclude: Vec<IpNet>,
+    /// DNS servers reached through the tunnel (as `run`'s): each one outside `--routes` gets the
+    /// kill switch as a host route.
+    #[arg(long, env = "WG_SIDECAR_DNS", value_delimiter = ',')]
+    pub dns: Vec<IpAddr>,
     /// Install high-metric unreachable routes for every CIDR.
     #[arg(long, env = "WG_SIDECAR_KILL_SWITCH", action = ArgAction::Set, default_value_t = true)]
     pub kill_switch: bool,
@@ -115,6 +125,12 @@ pub struct RunArgs {
         required = true
     )]
     pub routes: Vec<IpNet>,
+    /// CIDRs kept outside the tunnel whatever the routes say (Vault, the gateway endpoints, the
+    /// cluster's networks): a rule sends them to the main table before the tunnel's. Repeat the
+    /// flag or separate with commas. Host names cannot be exempted: the full tunnel needs them
+    /// as IP literals here.
+    #[arg(long, env = "WG_SIDECAR_EXCLUDE", value_delimiter = ',')]
+    pub exclude: Vec<IpNet>,
     /// DNS servers reached through the tunnel.
     #[arg(long, env = "WG_SIDECAR_DNS", value_delimiter = ',')]
     pub dns: Vec<IpAddr>,
@@ -206,8 +222,9 @@ pub struct RunArgs {
     /// The gateway record (default `wg/gateways/<gateway>`).
     #[arg(long, env = "WG_SIDECAR_VAULT_GATEWAY_PATH")]
     pub vault_gateway_path: Option<String>,
-    /// Address of `/healthz`, `/ready`, `/metrics`.
-    #[arg(long, env = "WG_SIDECAR_HEALTH_ADDR", default_value = "0.0.0.0:9901")]
+    /// Address of `/healthz`, `/ready`, `/metrics`; the default `[::]` takes IPv6 and IPv4
+    /// clients (`0.0.0.0` on a host without IPv6).
+    #[arg(long, env = "WG_SIDECAR_HEALTH_ADDR", default_value = crate::health::DEFAULT_ADDR)]
     pub health_addr: SocketAddr,
     /// KV version polling interval in seconds (jittered ±20%).
     #[arg(long, env = "WG_SIDECAR_POLL_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
@@ -215,6 +232,11 @@ pub struct RunArgs {
     /// No handshake for this many seconds → next endpoint / re-resolve.
     #[arg(long, env = "WG_SIDECAR_FAILOVER_AFTER", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     pub failover_after: u64,
+    /// Rotate the key born in the Pod in place this often (`24h`, `90m`; at least `1m`; jittered
+    /// ±10 %): new key, same address, connections kept (docs/rotation.md, "Pod keys"). Unset:
+    /// the key lives as long as the sidecar.
+    #[arg(long, env = "WG_SIDECAR_KEY_ROTATION_INTERVAL")]
+    pub key_rotation_interval: Option<String>,
 }
 
 /// Where the running sidecar gets its keys, validated.
@@ -254,6 +276,8 @@ pub struct RunConfig {
     pub endpoints: Vec<String>,
     /// Tunnelled CIDRs (DNS servers included as host routes).
     pub routes: Vec<IpNet>,
+    /// CIDRs kept outside the tunnel (`--exclude`).
+    pub exclude: Vec<IpNet>,
     /// Interface MTU.
     pub mtu: u32,
     /// Persistent keepalive (None = off).
@@ -268,6 +292,22 @@ pub struct RunConfig {
     pub poll_interval: Duration,
     /// Failover deadline.
     pub failover_after: Duration,
+    /// In-place rotation of the key born in the Pod (`None`: off).
+    pub key_rotation_interval: Option<Duration>,
+}
+
+/// What goes through the tunnel: `routes` (host bits cleared) and, as host routes, the `dns`
+/// servers outside them. `init` and `run` both take it, so the kill switch covers the DNS
+/// servers from `wg-init` on.
+#[must_use]
+pub fn tunnelled(routes: &[IpNet], dns: &[IpAddr]) -> Vec<IpNet> {
+    let mut all: Vec<IpNet> = routes.iter().map(IpNet::trunc).collect();
+    for dns in dns {
+        if !all.iter().any(|r| r.contains(dns)) {
+            all.push(IpNet::from(*dns));
+        }
+    }
+    all
 }
 
 /// Linux interface names are at most 15 bytes.
@@ -306,9 +346,40 @@ impl RunArgs {
         })
     }
 
+    /// `--key-rotation-interval`, validated against the rest of the flags.
+    fn key_rotation_interval(&self) -> Result<Option<Duration>> {
+        let Some(v) = &self.key_rotation_interval else {
+            return Ok(None);
+        };
+        let bad = |m: String| SidecarError::InvalidConfig(m);
+        let d = v
+            .trim()
+            .parse::<jiff::SignedDuration>()
+            .ok()
+            .and_then(|d| Duration::try_from(d).ok())
+            .ok_or_else(|| {
+                bad(format!(
+                    "--key-rotation-interval {v:?} is not a duration (e.g. 24h, 90m)"
+                ))
+            })?;
+        if d < crate::rotation::MIN_POD_KEY_ROTATION {
+            return Err(bad(format!(
+                "--key-rotation-interval {v:?} is shorter than 1m (each rotation costs every gateway replica a Vault read and the Pod a pause of about a second)"
+            )));
+        }
+        if self.key_source != KeySourceKind::Vault || self.pod_uid.is_none() {
+            return Err(bad("--key-rotation-interval rotates a key born in the Pod: it needs --key-source vault and the Pod's identity (WG_POD_*)".into()));
+        }
+        if self.vault_key_path.is_some() {
+            return Err(bad("--key-rotation-interval does not apply to a static identity (--vault-key-path): its fixed key is rotated by `wg-sidecar keys rotate`".into()));
+        }
+        Ok(Some(d))
+    }
+
     /// Validates the flags; errors name the flag at fault.
     pub fn into_config(self) -> Result<RunConfig> {
         let bad = |m: &str| SidecarError::InvalidConfig(m.to_owned());
+        let key_rotation_interval = self.key_rotation_interval()?;
         if self.interface.is_empty()
             || self.interface.len() > MAX_IFNAME
             || self.interface.contains(['/', ' '])
@@ -320,12 +391,7 @@ impl RunArgs {
         if self.routes.is_empty() {
             return Err(bad("--routes needs at least one CIDR"));
         }
-        let mut routes: Vec<IpNet> = self.routes.iter().map(IpNet::trunc).collect();
-        for dns in &self.dns {
-            if !routes.iter().any(|r| r.contains(dns)) {
-                routes.push(IpNet::from(*dns));
-            }
-        }
+        let routes = tunnelled(&self.routes, &self.dns);
         let key_source = match self.key_source {
             KeySourceKind::File => KeySourceConfig::File { dir: self.key_dir },
             KeySourceKind::Vault => {
@@ -380,6 +446,7 @@ impl RunArgs {
             gateway: self.gateway,
             endpoints: self.endpoints,
             routes,
+            exclude: self.exclude.iter().map(IpNet::trunc).collect(),
             mtu: self.mtu,
             keepalive: (self.keepalive > 0).then_some(self.keepalive),
             kill_switch: self.kill_switch,
@@ -387,6 +454,7 @@ impl RunArgs {
             health_addr: self.health_addr,
             poll_interval: Duration::from_secs(self.poll_interval),
             failover_after: Duration::from_secs(self.failover_after),
+            key_rotation_interval,
         })
     }
 }
@@ -453,6 +521,77 @@ mod tests {
             }
             _ => panic!("expected init"),
         }
+    }
+
+    #[test]
+    fn exclude_is_repeatable_and_comma_separated_on_init_and_run() {
+        let cli = Cli::try_parse_from([
+            "wg-sidecar",
+            "init",
+            "--routes=0.0.0.0/0,::/0",
+            "--exclude=10.96.0.0/12",
+            "--exclude=192.0.2.1/32,fd00::1/128",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Init(i) => assert_eq!(i.exclude.len(), 3),
+            _ => panic!("expected init"),
+        }
+        let cfg = run(&[
+            "--gateway=g",
+            "--routes=0.0.0.0/0",
+            "--exclude=10.96.0.1/12",
+            "--key-source=file",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(cfg.exclude, vec!["10.96.0.0/12".parse().unwrap()]);
+    }
+
+    #[test]
+    fn key_rotation_interval_takes_a_duration_and_refuses_short_or_static_ones_naming_the_flag() {
+        let pod = [
+            "--gateway=g",
+            "--routes=10.0.0.0/8",
+            "--vault-addr=http://vault:8200",
+            "--vault-role=r",
+            "--pod-namespace=shop",
+            "--service-account=web",
+            "--pod-name=web-1",
+            "--pod-uid=0001",
+        ];
+        let with = |extra: &[&str]| {
+            let mut a = pod.to_vec();
+            a.extend_from_slice(extra);
+            run(&a).into_config()
+        };
+        assert_eq!(
+            with(&[]).unwrap().key_rotation_interval,
+            None,
+            "off by default"
+        );
+        assert_eq!(
+            with(&["--key-rotation-interval=24h"])
+                .unwrap()
+                .key_rotation_interval,
+            Some(std::time::Duration::from_secs(86_400))
+        );
+        for (v, says) in [("30s", "shorter than 1m"), ("soon", "not a duration")] {
+            let e = with(&[&format!("--key-rotation-interval={v}")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("--key-rotation-interval") && e.contains(says),
+                "{e}"
+            );
+        }
+        let e = with(&[
+            "--key-rotation-interval=1h",
+            "--vault-key-path=wg/keys/db/db/db-0",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("static identity"), "{e}");
     }
 
     #[test]

@@ -91,6 +91,14 @@ pub enum SidecarError {
         /// What went wrong.
         reason: String,
     },
+    /// A netlink routing-rule operation failed.
+    #[error("failed to add routing rule `{rule}`: {reason}")]
+    Rule {
+        /// The rule, as `ip rule` prints it.
+        rule: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// Opening a netlink socket or looking up a link failed.
     #[error("netlink failure: {0}")]
     Netlink(String),

@@ -12,16 +12,27 @@
 //! writing `ip_forward` only copies the value to every interface. Requests come in by the tunnel
 //! and replies by the Pod's own interface, so both need it. In a Pod `/proc/sys` is read-only and
 //! `net.ipv4.ip_forward` in the Pod's sysctls needs `--allowed-unsafe-sysctls` on the kubelet;
-//! this way needs neither. Two limits: an interface created later does not get it (the `default`
-//! setting has no netlink setter), so call this once the WireGuard interface exists; and IPv6 has
-//! no setter at all (`inet6_set_link_af` only takes the token and the address generation mode),
-//! so IPv6 forwarding still needs `net.ipv6.conf.all.forwarding=1` from the Pod spec or a
-//! writable `/proc/sys`.
+//! this way needs neither. One limit: an interface created later does not get it (the `default`
+//! setting has no netlink setter), so call this once the WireGuard interface exists.
+//!
+//! IPv6 has neither way, only the `all` sysctl. Linux forwards IPv6 only when
+//! `net.ipv6.conf.all.forwarding` is 1 (`ip6_forward` checks `devconf_all`); an interface's own
+//! `forwarding` only switches it between host and router behaviour (Router Advertisements,
+//! Neighbour Discovery flags), and the per-interface `force_forwarding` of Linux 6.17+ is a
+//! sysctl file too. Over netlink, `IFLA_AF_SPEC { AF_INET6 { … } }` takes only
+//! `IFLA_INET6_TOKEN` and `IFLA_INET6_ADDR_GEN_MODE` (`inet6_af_policy`, `inet6_set_link_af`):
+//! `IFLA_INET6_CONF` is in dumps only, and a request carrying it alone is refused with EINVAL.
+//! So with a read-only `/proc/sys` (a Pod) IPv6 forwarding needs
+//! `net.ipv6.conf.all.forwarding=1` in the Pod's `securityContext.sysctls` (the kubelet must
+//! allow it: `--allowed-unsafe-sysctls`) or a CNI that sets it; the gateway only asks for it
+//! when it forwards IPv6 at all ([`ipv6_needed`]).
 //!
 //! Tested against the kernel in `tests/forwarding.rs` (a router namespace with a read-only
-//! `/proc/sys`, real traffic across it).
+//! `/proc/sys`, real traffic across it) and, for IPv6, `tests/ipv6.rs` (the sysctl forwards,
+//! the per-interface settings do not, the netlink request is refused).
 
 use futures_util::TryStreamExt;
+use ipnet::IpNet;
 use rtnetlink::{
     packet_route::link::{
         AfSpecInet, AfSpecUnspec, InetDevConf, LinkAttribute, LinkFlags, LinkMessage,
@@ -120,10 +131,21 @@ pub async fn enable_ipv4() -> Result<Ipv4Forwarding> {
     }
 }
 
-/// Turns IPv6 forwarding on with [`IPV6_SYSCTL`] (IPv6 has no per-interface netlink setter);
-/// `Ok(true)` when it was already on.
+/// Turns IPv6 forwarding on with [`IPV6_SYSCTL`], the only switch Linux forwards IPv6 by (no
+/// per-interface way, see the module docs); `Ok(true)` when it was already on.
 pub fn enable_ipv6() -> Result<bool> {
     sysctl_on(IPV6_SYSCTL)
+}
+
+/// Whether the gateway forwards IPv6, so IPv6 forwarding is worth turning on: an address of its
+/// own, a peer pool (peers reach each other through the gateway) or a network it advertises is
+/// IPv6. An IPv4-only gateway leaves `net.ipv6.conf.all.forwarding` alone.
+#[must_use]
+pub fn ipv6_needed(own: &[IpNet], pools: &[IpNet], networks: &[IpNet]) -> bool {
+    own.iter()
+        .chain(pools)
+        .chain(networks)
+        .any(|n| matches!(n, IpNet::V6(_)))
 }
 
 /// Turns IPv4 forwarding on over rtnetlink for every interface of this network namespace but
@@ -183,7 +205,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use rtnetlink::packet_core::Emitable;
 
-    use super::{forwarding_request, Ipv4Forwarding};
+    use super::{forwarding_request, ipv6_needed, Ipv4Forwarding};
     use crate::error::SidecarError;
 
     #[test]
@@ -225,5 +247,29 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("interface wg0"), "{text}");
         assert!(text.contains("os error 1"), "{text}");
+    }
+
+    #[test]
+    fn ipv6_forwarding_is_needed_when_an_own_address_a_pool_or_a_network_is_ipv6() {
+        let nets =
+            |s: &[&str]| -> Vec<ipnet::IpNet> { s.iter().map(|n| n.parse().unwrap()).collect() };
+        let v4 = nets(&["10.8.0.1/24"]);
+        assert!(!ipv6_needed(
+            &v4,
+            &nets(&["10.8.0.0/24"]),
+            &nets(&["10.20.0.0/16"])
+        ));
+        assert!(!ipv6_needed(&[], &[], &[]));
+        assert!(ipv6_needed(
+            &nets(&["10.8.0.1/24", "fd00:8::1/64"]),
+            &[],
+            &[]
+        ));
+        assert!(ipv6_needed(&v4, &nets(&["fd00:8::/64"]), &[]));
+        assert!(ipv6_needed(
+            &v4,
+            &[],
+            &nets(&["10.20.0.0/16", "fd00:20::/64"])
+        ));
     }
 }

@@ -164,8 +164,9 @@ pub struct GatewayArgs {
         hide = true
     )]
     pub orphan_grace: u64,
-    /// Address of `/healthz`, `/ready`, `/metrics`.
-    #[arg(long, env = "WG_SIDECAR_HEALTH_ADDR", default_value = "0.0.0.0:9901")]
+    /// Address of `/healthz`, `/ready`, `/metrics`; the default `[::]` takes IPv6 and IPv4
+    /// clients (`0.0.0.0` on a host without IPv6).
+    #[arg(long, env = "WG_SIDECAR_HEALTH_ADDR", default_value = crate::health::DEFAULT_ADDR)]
     pub health_addr: SocketAddr,
     /// Seconds between reconciles with Vault: the gateway key check in both modes, the whole
     /// peer poll in vault mode (where a removed peer loses access within one).
@@ -644,6 +645,8 @@ pub struct GatewayMetrics {
     pub namespace_watch_errors: Counter,
     /// Verdicts written to Vault (a write that changed what the Pod reads).
     pub verdicts_written: Counter,
+    /// Pod keys rotated in place and applied (kubernetes mode).
+    pub pod_key_rotations: Counter,
     /// Tunnel packets the forward filter dropped, by reason.
     dropped: Family<Vec<(String, String)>, Counter>,
     /// The table's counters at the last read (a re-install starts them from zero).
@@ -697,6 +700,7 @@ impl GatewayMetrics {
             policy_watch_errors: Counter::default(),
             namespace_watch_errors: Counter::default(),
             verdicts_written: Counter::default(),
+            pod_key_rotations: Counter::default(),
             dropped: Family::default(),
             last_dropped: Arc::default(),
         };
@@ -778,6 +782,12 @@ impl GatewayMetrics {
             "Verdicts on refused Pods written to Vault for their sidecars (one per refusal over \
              all replicas)",
             m.verdicts_written.clone(),
+        );
+        r.register(
+            "wg_gateway_pod_key_rotations",
+            "Pod keys rotated in place (wg-sidecar run --key-rotation-interval) and applied: the \
+             Pod's next key replaced its key, same addresses",
+            m.pod_key_rotations.clone(),
         );
         r.register(
             "wg_gateway_namespace_watch_errors",
@@ -1157,12 +1167,14 @@ pub fn keep_last_known(
     kept.into_iter().collect()
 }
 
-async fn bind(addr: SocketAddr, state: Arc<GatewayHealth>) -> Result<SocketAddr> {
+/// Binds the gateway's health port the sidecar's way ([`crate::health::listen`]: `[::]` takes
+/// both families) and serves its router in a background task.
+fn bind(addr: SocketAddr, state: Arc<GatewayHealth>) -> Result<SocketAddr> {
     let herr = |source| SidecarError::Health {
         addr: addr.to_string(),
         source,
     };
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(herr)?;
+    let listener = crate::health::listen(addr)?;
     let local = listener.local_addr().map_err(herr)?;
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router(state)).await {
@@ -1597,7 +1609,7 @@ async fn enable_forwarding(ipv6: bool) {
         Ok(already_on) => tracing::info!(forwarding = "sysctl", already_on, "IPv6 forwarding on"),
         Err(e) => tracing::warn!(
             error = %e,
-            "IPv6 forwarding is off: IPv6 has no per-interface setting over netlink; set net.ipv6.conf.all.forwarding=1 in the Pod's securityContext.sysctls"
+            "IPv6 forwarding is off: Linux forwards IPv6 only by net.ipv6.conf.all.forwarding (no per-interface or netlink way); set it to 1 in the Pod's securityContext.sysctls (the wg-gateway chart does with server.ipv6=true or an IPv6 network in server.privateNetworks)"
         ),
     }
 }
@@ -1615,7 +1627,7 @@ fn peer_pools(record: Option<&GatewayRecord>, own: &[IpNet]) -> Vec<IpNet> {
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
     tokio::pin!(shutdown);
     let health = GatewayHealth::new();
-    let bound = bind(cfg.health_addr, health.clone()).await?;
+    let bound = bind(cfg.health_addr, health.clone())?;
     tracing::info!(addr = %bound, "health endpoints listening");
     // Kubernetes mode needs the API: without a usable client, fail now, naming the flag.
     let kube = match cfg.pod_source {
@@ -1657,13 +1669,13 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
     tracing::info!(interface = %cfg.interface, port = cfg.listen_port, %public_key, mode = tunnel.mode().as_str(), "gateway interface up");
     // After the interface exists: without a writable /proc/sys, IPv4 forwarding is turned on
     // per interface, and only interfaces present now get it.
-    let ipv6 = private.addresses.iter().any(|a| a.addr().is_ipv6());
-    enable_forwarding(ipv6).await;
     let networks = advertised(
         &cfg.private_networks,
         record.as_ref().map(|r| r.allowed_ips.as_slice()),
     );
     networks.log();
+    let ipv6 = forwarding::ipv6_needed(&private.addresses, &pools, &networks.networks);
+    enable_forwarding(ipv6).await;
     let masquerade_sources = if cfg.masquerade {
         private.addresses.clone()
     } else {
@@ -1730,6 +1742,17 @@ fn log_change(c: &PeerChange, metrics: &GatewayMetrics) {
                 public_key = public_key.as_deref().unwrap_or("-"),
                 reason = refusal.reason(), detail = %refusal,
                 "peer refused"
+            );
+        }
+        PeerChange::Rotated {
+            pod,
+            old,
+            public_key,
+        } => {
+            metrics.pod_key_rotations.inc();
+            tracing::info!(
+                namespace = %pod.namespace, pod = %pod.name, uid = %pod.uid, old_key = %old,
+                %public_key, "peer key rotated in place"
             );
         }
         PeerChange::Removed {
@@ -2259,6 +2282,7 @@ impl Gateway {
 
     /// One pass of the kubernetes-mode loop at `now`: apply the table, start due Vault work.
     fn step(&mut self, st: &mut KubeLoop, work: &Arc<VaultWork>, now: Instant) {
+        st.index.tick(now, Timestamp::now());
         if st.index.take_changed() | st.policies.take_changed() {
             st.dirty_at.get_or_insert(now);
         }
@@ -2517,6 +2541,7 @@ mod tests {
             addresses: vec![addr.parse().unwrap()],
             next_public_key: None,
             activate_at: None,
+            rotates_at: None,
             preshared_key: None,
             pod: None,
             version: 1,
@@ -2601,6 +2626,7 @@ mod tests {
         let r = PeerRecord {
             next_public_key: Some(new.clone()),
             activate_at: Some(t),
+            rotates_at: None,
             ..rec(&old, "10.99.0.2/32")
         };
         let before = desired_peers(

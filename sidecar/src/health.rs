@@ -7,9 +7,14 @@
 //! Istio's pilot-agent endpoint of the same name).
 //! Must never: do WireGuard or Vault IO itself; it only reports what the control loop recorded,
 //! and a shutdown request only raises a flag that `run` and `main` treat like SIGTERM.
+//!
+//! Also owns [`listen`], how the health port is bound for the sidecar and the gateway alike: the
+//! default `[::]` is one socket for IPv6 and IPv4 (`IPV6_V6ONLY` off on the socket itself), with
+//! `0.0.0.0` as the fallback on a host without IPv6.
 
 use std::{
-    net::SocketAddr,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -27,6 +32,10 @@ use crate::{
     error::{Result, SidecarError},
     metrics::Metrics,
 };
+
+/// The health address of the sidecar and the gateway unless `--health-addr` says otherwise: every
+/// address of both families (see [`listen`]).
+pub const DEFAULT_ADDR: &str = "[::]:9901";
 
 /// A handshake older than this means the session is gone (WireGuard's reject-after-time).
 pub const HANDSHAKE_FRESH: Duration = Duration::from_secs(180);
@@ -257,14 +266,76 @@ pub fn router(state: Arc<HealthState>) -> Router {
         .with_state(state)
 }
 
-/// Binds `addr` now (so a bad port fails startup) and serves in a background task.
-pub async fn serve(addr: SocketAddr, state: Arc<HealthState>) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| SidecarError::Health {
-            addr: addr.to_string(),
-            source,
-        })?;
+/// `EAFNOSUPPORT`: the kernel has no IPv6 (booted with `ipv6.disable=1`, or built without it).
+const EAFNOSUPPORT: i32 = 97;
+
+/// Whether a failure to bind `[::]` means "this host has no IPv6" (so `0.0.0.0` is worth a try)
+/// rather than a real problem with the address, such as the port being taken.
+fn no_ipv6(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(EAFNOSUPPORT) || e.kind() == io::ErrorKind::AddrNotAvailable
+}
+
+/// A listening TCP socket on `addr`, for the health port. An IPv6 socket gets `IPV6_V6ONLY` off,
+/// set on the socket rather than inherited from `net.ipv6.bindv6only`, so `[::]` takes IPv4
+/// clients too (as v4-mapped peers, `::ffff:a.b.c.d`). `SO_REUSEADDR` as std and tokio set it, so
+/// a restart does not wait for the old connections' `TIME_WAIT`.
+fn bind_socket(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Binds the health port of the sidecar and of the gateway (one way for both). `[::]:port` (the
+/// default, [`DEFAULT_ADDR`]) is one socket for both families whatever `net.ipv6.bindv6only`
+/// says; on a host without IPv6 (EAFNOSUPPORT or EADDRNOTAVAIL) it becomes `0.0.0.0:port`, with a
+/// warning. Any other address (an explicit `--health-addr`) is bound as given. Call it on a tokio
+/// runtime.
+pub fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    listen_with(addr, bind_socket)
+}
+
+/// [`listen`] with the socket call as a parameter, so the fallback is tested without a host that
+/// lacks IPv6.
+fn listen_with(
+    addr: SocketAddr,
+    bind: impl Fn(SocketAddr) -> io::Result<std::net::TcpListener>,
+) -> Result<tokio::net::TcpListener> {
+    let to_tokio = |at: SocketAddr, bound: io::Result<std::net::TcpListener>| {
+        bound
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|source| SidecarError::Health {
+                addr: at.to_string(),
+                source,
+            })
+    };
+    if addr.ip() != IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        return to_tokio(addr, bind(addr));
+    }
+    match bind(addr) {
+        Ok(l) => {
+            tracing::info!(%addr, families = "ipv6,ipv4", "health port bound on both families (IPV6_V6ONLY off)");
+            to_tokio(addr, Ok(l))
+        }
+        Err(e) if no_ipv6(&e) => {
+            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
+            tracing::warn!(%addr, error = %e, fallback = %v4, families = "ipv4", "no IPv6 on this host: health port bound on IPv4 only");
+            to_tokio(v4, bind(v4))
+        }
+        Err(e) => to_tokio(addr, Err(e)),
+    }
+}
+
+/// Binds `addr` with [`listen`] now (so a bad port fails startup) and serves in a background task
+/// on the current tokio runtime.
+pub fn serve(addr: SocketAddr, state: Arc<HealthState>) -> Result<SocketAddr> {
+    let listener = listen(addr)?;
     let local = listener
         .local_addr()
         .map_err(|source| SidecarError::Health {
@@ -296,8 +367,8 @@ mod tests {
     use tower::ServiceExt;
 
     use super::{
-        readiness, router, verdict_check_delay, with_verdict, HealthState, Readiness,
-        ShutdownRequest,
+        listen, listen_with, readiness, router, verdict_check_delay, with_verdict, HealthState,
+        Readiness, ShutdownRequest, DEFAULT_ADDR,
     };
     use crate::metrics::Metrics;
 
@@ -448,5 +519,65 @@ mod tests {
             .unwrap();
         assert_eq!(r.status(), 403);
         assert!(!s.shutdown.is_raised());
+    }
+
+    #[tokio::test]
+    async fn the_default_address_is_one_socket_that_takes_ipv6_and_ipv4_clients() {
+        assert_eq!(DEFAULT_ADDR, "[::]:9901");
+        let l = listen("[::]:0".parse().unwrap()).unwrap();
+        let local = l.local_addr().unwrap();
+        assert_eq!(local.ip(), std::net::Ipv6Addr::UNSPECIFIED, "{local}");
+        assert!(
+            !socket2::SockRef::from(&l).only_v6().unwrap(),
+            "IPV6_V6ONLY is off"
+        );
+        for client in ["127.0.0.1", "::1"] {
+            let to = SocketAddr::new(client.parse().unwrap(), local.port());
+            tokio::net::TcpStream::connect(to).await.unwrap();
+            let (_, peer) = l.accept().await.unwrap();
+            assert!(peer.ip().to_canonical().is_loopback(), "{client}: {peer}");
+        }
+    }
+
+    #[tokio::test]
+    async fn without_ipv6_the_default_address_falls_back_to_0_0_0_0() {
+        for errno in [97 /* EAFNOSUPPORT */, 99 /* EADDRNOTAVAIL */] {
+            let l = listen_with("[::]:0".parse().unwrap(), |a| {
+                if a.is_ipv6() {
+                    Err(std::io::Error::from_raw_os_error(errno))
+                } else {
+                    std::net::TcpListener::bind(a).and_then(|l| {
+                        l.set_nonblocking(true)?;
+                        Ok(l)
+                    })
+                }
+            })
+            .unwrap();
+            let local = l.local_addr().unwrap();
+            assert_eq!(local.ip(), std::net::Ipv4Addr::UNSPECIFIED, "errno {errno}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_is_an_error_naming_the_address_and_is_not_retried_on_ipv4() {
+        let tried = std::sync::Mutex::new(Vec::new());
+        let e = listen_with("[::]:9901".parse().unwrap(), |a| {
+            tried.lock().unwrap().push(a);
+            Err(std::io::Error::from_raw_os_error(98 /* EADDRINUSE */))
+        })
+        .unwrap_err();
+        assert_eq!(
+            tried.into_inner().unwrap(),
+            ["[::]:9901".parse::<SocketAddr>().unwrap()]
+        );
+        assert!(e.to_string().contains("on [::]:9901"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_explicit_address_is_bound_as_given() {
+        let l = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_eq!(l.local_addr().unwrap().ip(), std::net::Ipv4Addr::LOCALHOST);
+        let l = listen("0.0.0.0:0".parse().unwrap()).unwrap();
+        assert!(l.local_addr().unwrap().is_ipv4());
     }
 }

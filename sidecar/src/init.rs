@@ -1,18 +1,28 @@
-//! `wg-sidecar init`: the init container that installs the kill switch.
+//! `wg-sidecar init`: the init container that installs the Pod's policy routing and kill switch.
 //!
-//! Owns: turning `InitArgs` into kill-switch routes, idempotently (a re-run changes nothing).
+//! Owns: turning `InitArgs` into the rules of [`crate::routes`] (the exempt CIDRs to `main`,
+//! everything unmarked to the tunnel's table) and the kill-switch routes in that table,
+//! idempotently (a re-run changes nothing).
 //! Must never: contact Vault or create the WireGuard interface.
 
-use crate::{cli::InitArgs, error::Result, routes::Routes};
+use crate::{
+    cli::InitArgs,
+    error::Result,
+    routes::{Routes, KILL_SWITCH_METRIC, TABLE},
+};
 
-/// Installs the kill switch for every tunnelled CIDR (or does nothing with `--kill-switch false`).
+/// Installs the rules, then the kill switch for every tunnelled CIDR and DNS server (not with
+/// `--kill-switch false`).
 pub async fn init(args: &InitArgs) -> Result<()> {
-    let cidrs: Vec<_> = args.routes.iter().map(ipnet::IpNet::trunc).collect();
+    let cidrs = crate::cli::tunnelled(&args.routes, &args.dns);
+    let exclude: Vec<_> = args.exclude.iter().map(ipnet::IpNet::trunc).collect();
+    let routes = Routes::connect()?;
+    routes.install_rules(&cidrs, &exclude).await?;
     if !args.kill_switch {
         tracing::warn!(routes = ?cidrs, "kill switch disabled: traffic for the tunnelled CIDRs may leave by the default route while the tunnel is down");
         return Ok(());
     }
-    Routes::connect()?.install_kill_switch(&cidrs).await?;
-    tracing::info!(routes = ?cidrs, metric = crate::routes::KILL_SWITCH_METRIC, "kill switch installed");
+    routes.install_kill_switch(&cidrs).await?;
+    tracing::info!(routes = ?cidrs, exclude = ?exclude, table = TABLE, metric = KILL_SWITCH_METRIC, "policy routing and kill switch installed");
     Ok(())
 }

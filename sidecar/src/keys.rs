@@ -270,6 +270,9 @@ pub struct PeerRecord {
     pub next_public_key: Option<String>,
     /// When `next_public_key` takes over.
     pub activate_at: Option<Timestamp>,
+    /// A registered Pod that rotates its key in place (`wg-sidecar run --key-rotation-interval`):
+    /// when it publishes its next key (the gateway reads the record again then, and only then).
+    pub rotates_at: Option<Timestamp>,
     /// The per-Pod preshared key the Pod generated (registered records only).
     pub preshared_key: Option<Secret>,
     /// The Pod that published the record (registered records only; see [`crate::registration`]).
@@ -323,6 +326,12 @@ impl PeerRecord {
                 "next_public_key and activate_at must be set together".into()
             ));
         }
+        let rotates_at = field(fields, "rotates_at")
+            .map(|v| {
+                v.parse::<Timestamp>()
+                    .map_err(|e| bad(format!("field rotates_at is not RFC 3339: {e}")))
+            })
+            .transpose()?;
         let preshared_key = fields
             .get("preshared_key")
             .filter(|v| !v.is_empty())
@@ -336,6 +345,7 @@ impl PeerRecord {
             addresses,
             next_public_key,
             activate_at,
+            rotates_at,
             preshared_key,
             pod,
             version,
@@ -351,6 +361,9 @@ impl PeerRecord {
         if let (Some(k), Some(t)) = (&self.next_public_key, self.activate_at) {
             m.insert("next_public_key".into(), Secret::new(k.clone()));
             m.insert("activate_at".into(), Secret::new(t.to_string()));
+        }
+        if let Some(t) = self.rotates_at {
+            m.insert("rotates_at".into(), Secret::new(t.to_string()));
         }
         if let Some(psk) = &self.preshared_key {
             m.insert("preshared_key".into(), psk.clone());
@@ -418,6 +431,7 @@ pub fn rotation_step(
                     public_key: next.clone(),
                     next_public_key: None,
                     activate_at: None,
+                    rotates_at: None,
                     ..peer.clone()
                 })
             }
@@ -428,6 +442,7 @@ pub fn rotation_step(
                 RotationStep::Fix(PeerRecord {
                     next_public_key: None,
                     activate_at: None,
+                    rotates_at: None,
                     ..peer.clone()
                 })
             } else {
@@ -437,12 +452,14 @@ pub fn rotation_step(
         _ if activation > now => RotationStep::Fix(PeerRecord {
             next_public_key: Some(private_public_key.to_owned()),
             activate_at: Some(activation),
+            rotates_at: None,
             ..peer.clone()
         }),
         _ => RotationStep::Fix(PeerRecord {
             public_key: private_public_key.to_owned(),
             next_public_key: None,
             activate_at: None,
+            rotates_at: None,
             ..peer.clone()
         }),
     }
@@ -582,6 +599,7 @@ pub async fn provision(vault: &Vault, args: &ProvisionArgs) -> Result<Provisione
                 addresses: private.addresses.clone(),
                 next_public_key: None,
                 activate_at: None,
+                rotates_at: None,
                 preshared_key: None,
                 pod: None,
                 version: 0,
@@ -622,6 +640,7 @@ pub async fn provision(vault: &Vault, args: &ProvisionArgs) -> Result<Provisione
         addresses: nets.clone(),
         next_public_key: None,
         activate_at: None,
+        rotates_at: None,
         preshared_key: None,
         pod: None,
         version: 0,
@@ -760,6 +779,7 @@ async fn rotate_one(
     let next = PeerRecord {
         next_public_key: Some(new_public.clone()),
         activate_at: Some(activate_at),
+        rotates_at: None,
         ..peer.clone()
     };
     vault
@@ -1064,6 +1084,7 @@ mod tests {
             addresses: vec!["10.99.0.2/32".parse().unwrap()],
             next_public_key: None,
             activate_at: None,
+            rotates_at: None,
             preshared_key: None,
             pod: None,
             version: 3,
@@ -1078,6 +1099,7 @@ mod tests {
         let p = PeerRecord {
             next_public_key: Some(b),
             activate_at: Some(t),
+            rotates_at: None,
             ..peer(&a)
         };
         let back = PeerRecord::from_fields("t", &p.to_fields(), 3).unwrap();
@@ -1104,6 +1126,7 @@ mod tests {
         let p = PeerRecord {
             next_public_key: Some(b.clone()),
             activate_at: Some(t),
+            rotates_at: None,
             ..peer(&a)
         };
         let before = t - SignedDuration::from_millis(1);
@@ -1129,6 +1152,7 @@ mod tests {
         let p = PeerRecord {
             next_public_key: Some(b.clone()),
             activate_at: Some(later),
+            rotates_at: None,
             ..peer(&a)
         };
         assert_eq!(
@@ -1169,6 +1193,7 @@ mod tests {
         let stray = PeerRecord {
             next_public_key: Some(b),
             activate_at: Some(later),
+            rotates_at: None,
             ..peer(&a)
         };
         match rotation_step(&stray, &a, None, now) {

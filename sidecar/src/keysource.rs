@@ -18,7 +18,9 @@ use ipnet::IpNet;
 
 use crate::{
     error::{Result, SidecarError},
+    keys::PeerRecord,
     registration::{Layout, PodIdentity, Registration, Verdict},
+    rotation::PodKeyStep,
     secret::Secret,
     vault::Vault,
 };
@@ -235,6 +237,11 @@ pub trait KeySource: Send + Sync {
     fn load_verdict(&self) -> impl std::future::Future<Output = Result<Option<Verdict>>> + Send {
         std::future::ready(Ok(None))
     }
+    /// When the source next has news without anything in Vault changing (a Pod's own key
+    /// rotation: publish the next key, fold it): the control loop polls then.
+    fn next_change(&self) -> Option<std::time::SystemTime> {
+        None
+    }
 }
 
 /// Keys from Vault / OpenBao KV v2.
@@ -294,7 +301,11 @@ impl KeySource for VaultKeySource {
 
 /// A key born in the Pod (or a static identity's key from Vault), registered with the gateway
 /// through Vault ([`crate::registration`]). The first load registers; later loads return the
-/// registered record without asking Vault (the key lives as long as the process).
+/// registered record without asking Vault (the key lives as long as the process), unless the key
+/// rotates in place ([`RegisteredKeySource::with_key_rotation`]): then the load at `rotates_at`
+/// publishes a next key and returns it held back until `activate_at` + 0.5 s
+/// (`not_before`), and the load after `activate_at` folds it into the record
+/// ([`crate::rotation::pod_key_step`]).
 #[derive(Debug)]
 pub struct RegisteredKeySource {
     vault: Arc<Vault>,
@@ -302,7 +313,11 @@ pub struct RegisteredKeySource {
     pod: PodIdentity,
     gateway_path: String,
     static_key_path: Option<String>,
-    registered: tokio::sync::Mutex<Option<PrivateRecord>>,
+    /// Rotate the key born in the Pod this often (`--key-rotation-interval`).
+    key_rotation: Option<std::time::Duration>,
+    registered: tokio::sync::Mutex<Option<Registered>>,
+    /// [`crate::rotation::pod_key_due`] of the published record (read without the async lock).
+    rotation_due: std::sync::Mutex<Option<jiff::Timestamp>>,
     /// The gateway record read by the registration, handed to the first `load_gateway` (the
     /// control loop loads both right after each other: one Vault read, not two).
     fresh_gateway: std::sync::Mutex<Option<GatewayRecord>>,
@@ -324,9 +339,90 @@ impl RegisteredKeySource {
             pod,
             gateway_path,
             static_key_path,
+            key_rotation: None,
             registered: tokio::sync::Mutex::new(None),
+            rotation_due: std::sync::Mutex::new(None),
             fresh_gateway: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The same source rotating the Pod's key in place every `interval` (a static identity's
+    /// key is never rotated here: `wg-sidecar keys rotate` does that).
+    #[must_use]
+    pub fn with_key_rotation(mut self, interval: Option<std::time::Duration>) -> Self {
+        self.key_rotation = interval.filter(|_| self.static_key_path.is_none());
+        self
+    }
+
+    fn set_rotation_due(&self, published: &PeerRecord) {
+        *self
+            .rotation_due
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            crate::rotation::pod_key_due(published);
+    }
+
+    /// Publishes `record` as the Pod's record; returns its KV version.
+    async fn publish(&self, record: &PeerRecord) -> Result<u64> {
+        let name = crate::registration::gateway_name(&self.gateway_path);
+        let path = self.layout.record_path(name, &self.pod);
+        self.vault
+            .write(&self.layout.kv_mount, &path, &record.to_fields(), None)
+            .await
+    }
+
+    /// One step of the Pod's own key rotation ([`crate::rotation::pod_key_step`]) on `reg`. A
+    /// failed write changes nothing (the next poll tries again; the gateway keeps the key).
+    async fn rotate(&self, reg: &mut Registered, interval: std::time::Duration) {
+        let now = jiff::Timestamp::now();
+        match crate::rotation::pod_key_step(&reg.published, interval, now) {
+            PodKeyStep::Wait => return,
+            PodKeyStep::Start {
+                activate_at,
+                rotates_at,
+            } => {
+                let (private_key, next_public_key) = crate::keys::generate_keypair();
+                let mut next = reg.published.clone();
+                next.next_public_key = Some(next_public_key.clone());
+                next.activate_at = Some(activate_at);
+                next.rotates_at = Some(rotates_at);
+                match self.publish(&next).await {
+                    Ok(version) => {
+                        tracing::info!(pod = %self.pod.display(), public_key = %reg.published.public_key, %next_public_key, %activate_at, record_version = version, "key rotation: next key published");
+                        next.version = version;
+                        reg.published = next;
+                        let margin =
+                            jiff::SignedDuration::try_from(crate::rotation::POD_KEY_SWITCH_MARGIN)
+                                .unwrap_or_default();
+                        reg.private = PrivateRecord {
+                            private_key,
+                            not_before: activate_at.checked_add(margin).ok(),
+                            version: reg.private.version + 1,
+                            ..reg.private.clone()
+                        };
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "key rotation: publishing the next key failed; keeping the current key, retrying at the next poll");
+                    }
+                }
+            }
+            PodKeyStep::Fold => {
+                let mut folded = reg.published.clone();
+                folded.public_key = folded.next_public_key.take().unwrap_or(folded.public_key);
+                folded.activate_at = None;
+                match self.publish(&folded).await {
+                    Ok(version) => {
+                        tracing::info!(pod = %self.pod.display(), public_key = %folded.public_key, rotates_at = ?folded.rotates_at, record_version = version, "key rotation: the next key is the key");
+                        folded.version = version;
+                        reg.published = folded;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "key rotation: folding the next key into the record failed; retrying at the next poll (gateways that read the record already switch at activate_at)");
+                    }
+                }
+            }
+        }
+        self.set_rotation_due(&reg.published);
     }
 
     async fn read_gateway(&self) -> Result<GatewayRecord> {
@@ -365,7 +461,7 @@ impl RegisteredKeySource {
         }
     }
 
-    async fn register(&self) -> Result<PrivateRecord> {
+    async fn register(&self) -> Result<Registered> {
         let gateway = self.read_gateway().await?;
         let (private_key, fixed) = self.key().await?;
         let preshared_key = crate::keys::generate_keypair().0;
@@ -381,6 +477,13 @@ impl RegisteredKeySource {
                 public_key: &public_key,
                 preshared_key: &preshared_key,
                 fixed_addresses: &fixed,
+                rotates_at: self.key_rotation.map(|i| {
+                    crate::rotation::first_pod_key_rotation(
+                        jiff::Timestamp::now(),
+                        i,
+                        rand::random::<f64>(),
+                    )
+                }),
             },
         )
         .await?;
@@ -399,14 +502,26 @@ impl RegisteredKeySource {
             .fresh_gateway
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(gateway);
-        Ok(PrivateRecord {
-            private_key,
-            addresses: r.addresses,
-            preshared_key: Some(preshared_key),
-            not_before: None,
-            version: 1,
+        self.set_rotation_due(&r.record);
+        Ok(Registered {
+            private: PrivateRecord {
+                private_key,
+                addresses: r.addresses,
+                preshared_key: Some(preshared_key),
+                not_before: None,
+                version: 1,
+            },
+            published: r.record,
         })
     }
+}
+
+/// What a registered sidecar holds: its key (or the next one, held back until its
+/// `not_before`) and the record it published last.
+#[derive(Debug)]
+struct Registered {
+    private: PrivateRecord,
+    published: PeerRecord,
 }
 
 /// The base64 public key of a base64 private key.
@@ -439,12 +554,25 @@ impl KeySource for RegisteredKeySource {
 
     async fn load_private(&self) -> Result<PrivateRecord> {
         let mut slot = self.registered.lock().await;
-        if let Some(p) = &*slot {
-            return Ok(p.clone());
+        if let Some(reg) = &mut *slot {
+            if let Some(interval) = self.key_rotation {
+                self.rotate(reg, interval).await;
+            }
+            return Ok(reg.private.clone());
         }
-        let p = self.register().await?;
-        *slot = Some(p.clone());
+        let reg = self.register().await?;
+        let p = reg.private.clone();
+        *slot = Some(reg);
         Ok(p)
+    }
+
+    fn next_change(&self) -> Option<std::time::SystemTime> {
+        let due = *self
+            .rotation_due
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        due.filter(|t| *t > jiff::Timestamp::now())
+            .map(std::time::SystemTime::from)
     }
 
     async fn load_verdict(&self) -> Result<Option<Verdict>> {

@@ -43,8 +43,9 @@
 //!
 //! Only the last message of a batch asks for an acknowledgement: the kernel reports every failing
 //! message anyway, and 100 000 acknowledgements would overflow the socket's receive buffer. A
-//! batch must fit the socket's send buffer (`net.core.wmem_default`, 208 KiB by default), so
-//! [`Nat::set_peer_policies`] splits a larger call at peer boundaries ([`MAX_TRANSACTION_BYTES`]):
+//! batch must fit the socket's send buffer (`net.core.wmem_default`, 208 KiB by default; the
+//! gateway forces 8 MiB with `CAP_NET_ADMIN`, so a first write of 10 000 peers is a few commits),
+//! so [`Nat::set_peer_policies`] splits a larger call at peer boundaries ([`Nat::transaction_budget`]):
 //! each transaction holds whole peers, and the mirror only advances with committed ones.
 
 use std::{
@@ -128,9 +129,17 @@ const DROPPED_OUTSIDE: &str = "dropped_outside_networks";
 /// Named counter of tunnel packets dropped by a peer's egress chain or `default_deny`.
 const DROPPED_POLICY: &str = "dropped_policy";
 
-/// The largest batch [`Nat::set_peer_policies`] sends as one transaction (below the kernel's
-/// default netlink send buffer, 212 992 bytes minus overhead).
+/// The largest batch [`Nat::set_peer_policies`] sends as one transaction when the socket keeps
+/// the kernel's default send buffer (212 992 bytes minus overhead).
 pub const MAX_TRANSACTION_BYTES: usize = 200 * 1024;
+/// The send buffer asked for with `SO_SNDBUFFORCE` (`CAP_NET_ADMIN`, which the gateway has): a
+/// larger batch is fewer commits, and each commit that adds a rule re-validates every chain
+/// (about 30 ms at 10 000 peers), so the first write of 10 000 peers' chains takes a few
+/// commits instead of hundreds.
+const LARGE_SEND_BUFFER: usize = 8 << 20;
+/// The largest transaction with the large buffer (the kernel refuses a message longer than the
+/// buffer minus 32 bytes; it reports twice the size asked for, so this leaves room).
+const LARGE_TRANSACTION_BYTES: usize = 8 << 20;
 
 /// The nftables table name for `interface` (only `[A-Za-z0-9_]`).
 #[must_use]
@@ -1227,7 +1236,7 @@ fn peer_policy_part(
 /// that installed the table, and closing one after a transaction that deleted something waits
 /// for an RCU grace period (about 10 ms), which one socket for the table's life pays only once.
 #[derive(Debug)]
-struct Netlink(Socket);
+struct Netlink(Socket, usize);
 
 impl Netlink {
     fn open(op: &'static str) -> Result<Self> {
@@ -1240,7 +1249,26 @@ impl Netlink {
         sock.connect(&SocketAddr::new(0, 0)).map_err(err)?;
         // Errors without the echoed request: a refused 200 KiB batch stays one small answer.
         let _ = sock.set_cap_ack(true);
-        Ok(Self(sock))
+        Ok(Self(sock, MAX_TRANSACTION_BYTES).with_large_send_buffer())
+    }
+
+    /// Asks for [`LARGE_SEND_BUFFER`]; the transaction budget follows what the kernel granted
+    /// (without `CAP_NET_ADMIN` the default buffer and [`MAX_TRANSACTION_BYTES`] stay).
+    fn with_large_send_buffer(mut self) -> Self {
+        use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+        if setsockopt(&self.0, sockopt::SndBufForce, &LARGE_SEND_BUFFER).is_ok() {
+            if let Ok(granted) = getsockopt(&self.0, sockopt::SndBuf) {
+                self.1 = granted
+                    .saturating_sub(64 * 1024)
+                    .clamp(MAX_TRANSACTION_BYTES, LARGE_TRANSACTION_BYTES);
+            }
+        }
+        self
+    }
+
+    /// The largest transaction this socket sends.
+    fn budget(&self) -> usize {
+        self.1
     }
 
     /// Sends a transaction and reads every answer: the kernel handles the whole batch while
@@ -1471,7 +1499,7 @@ impl Nat {
 
     /// Applies peers' egress: `None` or [`Egress::Unrestricted`] removes the peer's chain and map
     /// entries, [`Egress::Allowed`] (re)writes them; peers whose rules did not change are not
-    /// touched. One `nf_tables` transaction when the batch fits [`MAX_TRANSACTION_BYTES`]
+    /// touched. One `nf_tables` transaction when the batch fits [`Nat::transaction_budget`]
     /// (about 500 rules of a destination and a port); a larger call is split at peer
     /// boundaries, each transaction all or nothing. On an error, the transactions before it are
     /// in force and [`Nat::rule_counts`] says so; the failing one and those after it are not.
@@ -1487,13 +1515,20 @@ impl Nat {
         let mut rest = changes;
         while !rest.is_empty() {
             let (tx, delta, part, taken) =
-                peer_policy_part(&self.interface, &self.peers, rest, MAX_TRANSACTION_BYTES);
+                peer_policy_part(&self.interface, &self.peers, rest, self.netlink.budget());
             self.netlink.transact(&tx, "update peer policies in")?;
             self.peers.apply(delta);
             done.add(part);
             rest = &rest[taken..];
         }
         Ok(done)
+    }
+
+    /// The largest transaction [`Nat::set_peer_policies`] sends: [`MAX_TRANSACTION_BYTES`], or
+    /// up to 8 MiB when the kernel granted the larger send buffer (`CAP_NET_ADMIN`).
+    #[must_use]
+    pub fn transaction_budget(&self) -> usize {
+        self.netlink.budget()
     }
 
     /// What the per-peer part holds.

@@ -42,6 +42,14 @@
 //! - **whose labels the admitted peers carry** ([`PodIndex::admitted_pods`]): a change of an
 //!   admitted Pod's labels counts as a change, so its NetworkPolicy egress is computed again.
 //!
+//! - **Pod-key rotations** (`wg-sidecar run --key-rotation-interval`): a record that says when
+//!   the Pod publishes its next key (`rotates_at`) schedules one read then
+//!   ([`ROTATION_READ_DELAY`] later), retried like a missing record until a newer version comes;
+//!   a record with `next_public_key` switches the peer to it at `activate_at` (the loop wakes for
+//!   it, [`PodIndex::next_due`]), same addresses, and the change reads as
+//!   [`PeerChange::Rotated`]. Record times are wall-clock; [`PodIndex::tick`] gives the index the
+//!   wall clock that goes with the loop's `Instant`.
+//!
 //! A failed read never removes an admitted record: only the Pod's deletion, its end, or a newer
 //! record of the same Pod does.
 //!
@@ -78,6 +86,10 @@ pub const RETRY_DELAYS: [Duration; 5] = [
 
 /// Retry period once [`RETRY_DELAYS`] are used up, while the Pod lives.
 pub const RETRY_STEADY: Duration = Duration::from_secs(10);
+
+/// Delay between a record's `rotates_at` and the read that expects the Pod's next key: the
+/// sidecar wakes at `rotates_at` (within its 1 s tick) and writes, so one read usually suffices.
+pub const ROTATION_READ_DELAY: Duration = Duration::from_secs(2);
 
 fn retry_delay(failures: u32) -> Duration {
     usize::try_from(failures)
@@ -164,6 +176,8 @@ pub struct ReadRequest {
 }
 
 /// The result of a record read.
+// One per read, matched at once: boxing `Found` buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordRead {
     /// The record, parsed.
@@ -328,6 +342,16 @@ pub enum PeerChange {
         /// Why.
         refusal: Refusal,
     },
+    /// The Pod rotated its key in place (same sidecar instance, same addresses): `old` left the
+    /// table and `public_key` took its place.
+    Rotated {
+        /// The Pod.
+        pod: PodIdentity,
+        /// The key that left.
+        old: String,
+        /// The key in use now.
+        public_key: String,
+    },
     /// The Pod's key left the table because the Pod is gone.
     Removed {
         /// The Pod.
@@ -427,6 +451,8 @@ struct ReadState {
     newer_than: Option<u64>,
     /// At least one answer came back for this Pod.
     answered: bool,
+    /// The read expects the Pod's next key (its record's `rotates_at` has come).
+    rotation: bool,
 }
 
 /// Whether a Pod may use the gateway at all (decided before any read of its record).
@@ -450,6 +476,10 @@ struct PodState {
     gate: Gate,
     /// A verdict was asked to be written for it (deleted on admission or release).
     verdict: bool,
+    /// When the record's `next_public_key` takes over (`activate_at` on the loop's clock).
+    activation: Option<Instant>,
+    /// The key changed in place since the last outcome (a rotation, not a restart).
+    rotated: bool,
 }
 
 /// A Pod's gate under `access`, its namespace's labels known or not.
@@ -532,6 +562,8 @@ pub struct PodIndex {
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     namespace_listing: Option<BTreeMap<String, BTreeMap<String, String>>>,
     namespaces_synced: bool,
+    /// The wall clock at an instant of the loop's clock (from [`PodIndex::tick`]).
+    clock: Option<(Instant, Timestamp)>,
 }
 
 impl PodIndex {
@@ -552,7 +584,49 @@ impl PodIndex {
             namespaces: BTreeMap::new(),
             namespace_listing: None,
             namespaces_synced: false,
+            clock: None,
         }
+    }
+
+    /// Gives the index the wall clock `wall` at the loop's `now` (record times are wall-clock)
+    /// and applies the key activations that have come: a Pod's `next_public_key` replaces its
+    /// key at `activate_at`. The loop calls it on every pass.
+    pub fn tick(&mut self, now: Instant, wall: Timestamp) {
+        self.clock = Some((now, wall));
+        self.activate(now);
+    }
+
+    /// Switches the Pods whose `activate_at` has come to their next key.
+    fn activate(&mut self, now: Instant) {
+        for st in self.pods.values_mut() {
+            if st.activation.is_some_and(|t| t <= now) {
+                st.activation = None;
+                if let Some(rec) = &mut st.record {
+                    if let Some(next) = rec.next_public_key.take() {
+                        rec.public_key = next;
+                        rec.activate_at = None;
+                        st.rotated = true;
+                        self.changed = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The instant of the loop's clock at the wall-clock time `t` (`now` when it has passed, or
+    /// while the index has no clock yet).
+    fn instant_at(clock: Option<(Instant, Timestamp)>, t: Timestamp, now: Instant) -> Instant {
+        let Some((at, wall)) = clock else {
+            return now;
+        };
+        let wall_now = wall
+            .checked_add(
+                jiff::SignedDuration::try_from(now.saturating_duration_since(at))
+                    .unwrap_or_default(),
+            )
+            .unwrap_or(wall);
+        let ahead = Duration::try_from(wall_now.duration_until(t)).unwrap_or_default();
+        now + ahead
     }
 
     /// The same index with the gateway's access rules (default: every injected Pod may use it).
@@ -689,6 +763,8 @@ impl PodIndex {
             released: false,
             gate: Gate::Open,
             verdict: false,
+            activation: None,
+            rotated: false,
         });
         if st.gate != gate {
             st.gate = gate;
@@ -820,7 +896,8 @@ impl PodIndex {
         out
     }
 
-    /// The earliest instant a read becomes due (the loop sleeps until then).
+    /// The earliest instant a read becomes due or a key activation comes (the loop sleeps until
+    /// then).
     #[must_use]
     pub fn next_due(&self) -> Option<Instant> {
         let reads = self
@@ -833,7 +910,12 @@ impl PodIndex {
             .values()
             .filter(|c| !c.in_flight)
             .filter_map(|c| c.due);
-        reads.chain(claims).min()
+        let activations = self
+            .pods
+            .values()
+            .filter(|s| !s.pod.finished)
+            .filter_map(|s| s.activation);
+        reads.chain(claims).chain(activations).min()
     }
 
     /// Takes the answer to `req` at `now`.
@@ -856,12 +938,40 @@ impl PodIndex {
                 // The restarted sidecar has not re-published yet: this is the old key.
                 retry(r);
             }
-            RecordRead::Found(rec) => {
+            RecordRead::Found(mut rec) => {
+                let rotation = r.rotation;
                 *r = ReadState {
                     instance: r.instance.take(),
                     answered: true,
                     ..ReadState::default()
                 };
+                let clock = self.clock;
+                let at = |t: Timestamp| Self::instant_at(clock, t, now);
+                st.activation = None;
+                if let Some(t) = rec.activate_at.filter(|_| rec.next_public_key.is_some()) {
+                    let due = at(t);
+                    if due <= now {
+                        // Read after the switch: the next key is the key.
+                        rec.public_key = rec.next_public_key.take().unwrap_or(rec.public_key);
+                        rec.activate_at = None;
+                    } else {
+                        st.activation = Some(due);
+                    }
+                }
+                if let Some(t) = rec.rotates_at {
+                    // The Pod publishes its next key then: one read for it, not one per poll.
+                    r.due = Some(at(t).max(now) + ROTATION_READ_DELAY);
+                    r.newer_than = Some(rec.version);
+                    r.rotation = true;
+                }
+                if rotation
+                    && st
+                        .record
+                        .as_ref()
+                        .is_some_and(|old| old.public_key != rec.public_key)
+                {
+                    st.rotated = true;
+                }
                 st.record = Some(rec);
                 st.invalid = None;
                 self.changed = true;
@@ -957,6 +1067,7 @@ impl PodIndex {
     /// Computes the desired peer table at `now` and what changed since the last call; schedules
     /// the claim reads that contested addresses need.
     pub fn peers(&mut self, now: Instant) -> Outcome {
+        self.activate(now);
         // Claims are known only while their address is contested.
         let mut claims = std::mem::take(&mut self.claims);
         let (candidates, mut refusals) = self.candidates();
@@ -1031,6 +1142,9 @@ impl PodIndex {
         drop(candidates);
         self.claims = claims;
         let changes = self.changes(&admitted, &refusals);
+        for st in self.pods.values_mut() {
+            st.rotated = false;
+        }
         self.admitted = admitted;
         self.refused = refusals;
         let verdicts = self.verdicts(&changes);
@@ -1078,11 +1192,23 @@ impl PodIndex {
     ) -> Vec<PeerChange> {
         let mut changes = Vec::new();
         for (uid, a) in admitted {
-            if self.admitted.get(uid) != Some(a) {
-                changes.push(PeerChange::Admitted {
+            match self.admitted.get(uid) {
+                Some(old) if old == a => {}
+                Some(old)
+                    if old.public_key != a.public_key
+                        && old.addresses == a.addresses
+                        && self.pods.get(uid).is_some_and(|s| s.rotated) =>
+                {
+                    changes.push(PeerChange::Rotated {
+                        pod: a.pod.clone(),
+                        old: old.public_key.clone(),
+                        public_key: a.public_key.clone(),
+                    });
+                }
+                _ => changes.push(PeerChange::Admitted {
                     pod: a.pod.clone(),
                     public_key: a.public_key.clone(),
-                });
+                }),
             }
         }
         for (uid, old) in &self.admitted {
@@ -1203,6 +1329,7 @@ mod tests {
             addresses: vec![addr.parse().unwrap()],
             next_public_key: None,
             activate_at: None,
+            rotates_at: None,
             preshared_key: Some(Secret::new(key(100 + k))),
             pod: Some(pod.clone()),
             version,
@@ -2014,5 +2141,151 @@ mod tests {
             grace
         ));
         assert!(!old_enough(None, now, grace));
+    }
+
+    /// Wall-clock `secs` after 2030-01-01 (the records' times).
+    fn wall(secs: i64) -> Timestamp {
+        "2030-01-01T00:00:00Z".parse::<Timestamp>().unwrap() + jiff::SignedDuration::from_secs(secs)
+    }
+
+    /// An index with `web-1` admitted with key 1 from a record that rotates at wall(60), the
+    /// loop's `t0` being wall(0).
+    fn admitted_rotating(t0: Instant) -> (PodIndex, WatchedPod) {
+        let mut ix = synced(t0);
+        ix.tick(t0, wall(0));
+        let web = running("web-1", "0001", "containerd://a");
+        ix.apply(PodEvent::Apply(web.clone()), t0);
+        let mut rec = record(&web.identity, 1, "10.99.0.2/32", 1);
+        rec.rotates_at = Some(wall(60));
+        let n = serve(&mut ix, t0 + FIRST_READ_DELAY, |_| {
+            RecordRead::Found(rec.clone())
+        });
+        assert_eq!(n, 1);
+        let out = ix.peers(t0 + FIRST_READ_DELAY);
+        assert_eq!(show(&out.table), ["k1 10.99.0.2/32 psk"]);
+        (ix, web)
+    }
+
+    #[test]
+    fn a_rotating_record_is_read_once_at_rotates_at_and_the_peer_switches_at_activate_at() {
+        let t0 = Instant::now();
+        let (mut ix, web) = admitted_rotating(t0);
+        let s = Duration::from_secs;
+        // No read until rotates_at + ROTATION_READ_DELAY: none per poll.
+        assert_eq!(ix.next_due(), Some(t0 + s(60) + ROTATION_READ_DELAY));
+        assert_eq!(serve(&mut ix, t0 + s(61), |_| unreachable!()), 0);
+        // The Pod published its next key (same addresses) to take over at wall(72).
+        let mut next = record(&web.identity, 1, "10.99.0.2/32", 2);
+        next.next_public_key = Some(key(2));
+        next.activate_at = Some(wall(72));
+        next.rotates_at = Some(wall(132));
+        let at = t0 + s(62);
+        assert_eq!(serve(&mut ix, at, |_| RecordRead::Found(next.clone())), 1);
+        assert_eq!(
+            show(&ix.peers(at).table),
+            ["k1 10.99.0.2/32 psk"],
+            "not before activate_at"
+        );
+        assert_eq!(
+            ix.next_due(),
+            Some(t0 + s(72)),
+            "the loop wakes for the switch"
+        );
+        ix.tick(t0 + s(72), wall(72));
+        assert!(ix.take_changed());
+        let out = ix.peers(t0 + s(72));
+        assert_eq!(
+            show(&out.table),
+            ["k2 10.99.0.2/32 psk"],
+            "same address, new key"
+        );
+        assert_eq!(
+            out.changes,
+            vec![PeerChange::Rotated {
+                pod: web.identity.clone(),
+                old: key(1),
+                public_key: key(2)
+            }]
+        );
+        assert!(out.verdicts.is_empty());
+        // Next: one read at the next rotates_at, nothing between.
+        assert_eq!(ix.next_due(), Some(t0 + s(132) + ROTATION_READ_DELAY));
+        assert_eq!(serve(&mut ix, t0 + s(133), |_| unreachable!()), 0);
+    }
+
+    #[test]
+    fn a_rotation_read_too_early_or_failing_is_retried_and_never_removes_the_peer() {
+        let t0 = Instant::now();
+        let (mut ix, web) = admitted_rotating(t0);
+        let s = Duration::from_secs;
+        let due = t0 + s(60) + ROTATION_READ_DELAY;
+        let same = record(&web.identity, 1, "10.99.0.2/32", 1);
+        let mut same_rotating = same.clone();
+        same_rotating.rotates_at = Some(wall(60));
+        // The Pod has not written yet: the same version comes back; then Vault fails.
+        assert_eq!(
+            serve(&mut ix, due, |_| RecordRead::Found(same_rotating.clone())),
+            1
+        );
+        assert_eq!(ix.next_due(), Some(due + RETRY_DELAYS[0]));
+        let due = due + RETRY_DELAYS[0];
+        assert_eq!(
+            serve(&mut ix, due, |_| RecordRead::Failed("sealed".into())),
+            1
+        );
+        assert_eq!(ix.next_due(), Some(due + RETRY_DELAYS[1]));
+        assert_eq!(
+            show(&ix.peers(due).table),
+            ["k1 10.99.0.2/32 psk"],
+            "the peer stays"
+        );
+        // Read after activate_at (the gateway was late): the next key is taken at once.
+        let mut next = record(&web.identity, 1, "10.99.0.2/32", 2);
+        next.next_public_key = Some(key(2));
+        next.activate_at = Some(wall(63));
+        next.rotates_at = Some(wall(123));
+        let late = t0 + s(64);
+        assert_eq!(serve(&mut ix, late, |_| RecordRead::Found(next.clone())), 1);
+        let out = ix.peers(late);
+        assert_eq!(show(&out.table), ["k2 10.99.0.2/32 psk"]);
+        assert!(matches!(&out.changes[..], [PeerChange::Rotated { .. }]));
+    }
+
+    #[test]
+    fn a_rotation_the_gateway_missed_converges_on_the_folded_record() {
+        let t0 = Instant::now();
+        let (mut ix, web) = admitted_rotating(t0);
+        let s = Duration::from_secs;
+        // Vault was away for the whole lead: the first answer is the folded record (v3).
+        let mut folded = record(&web.identity, 2, "10.99.0.2/32", 3);
+        folded.rotates_at = Some(wall(132));
+        let at = t0 + s(80);
+        assert_eq!(serve(&mut ix, at, |_| RecordRead::Found(folded.clone())), 1);
+        let out = ix.peers(at);
+        assert_eq!(show(&out.table), ["k2 10.99.0.2/32 psk"]);
+        assert_eq!(
+            out.changes,
+            vec![PeerChange::Rotated {
+                pod: web.identity,
+                old: key(1),
+                public_key: key(2)
+            }]
+        );
+        assert_eq!(ix.next_due(), Some(t0 + s(132) + ROTATION_READ_DELAY));
+    }
+
+    #[test]
+    fn a_restarted_sidecar_is_admitted_not_rotated() {
+        let t0 = Instant::now();
+        let (mut ix, mut web) = admitted_rotating(t0);
+        web.sidecar = Some("containerd://b".into());
+        ix.apply(PodEvent::Apply(web.clone()), t0 + ms(500));
+        let fresh = record(&web.identity, 3, "10.99.0.2/32", 2);
+        let at = t0 + ms(500) + FIRST_READ_DELAY;
+        assert_eq!(serve(&mut ix, at, |_| RecordRead::Found(fresh.clone())), 1);
+        let out = ix.peers(at);
+        assert_eq!(show(&out.table), ["k3 10.99.0.2/32 psk"]);
+        assert!(matches!(&out.changes[..], [PeerChange::Admitted { .. }]));
+        assert_eq!(ix.next_due(), None, "no rotates_at: no read");
     }
 }

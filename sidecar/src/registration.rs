@@ -351,6 +351,8 @@ pub struct Registration<'a> {
     pub preshared_key: &'a Secret,
     /// Addresses a static identity insists on (its private record's); empty: from the pool.
     pub fixed_addresses: &'a [IpNet],
+    /// When the Pod publishes its next key (`--key-rotation-interval`; `None`: never).
+    pub rotates_at: Option<jiff::Timestamp>,
 }
 
 /// The result of [`register`].
@@ -362,6 +364,8 @@ pub struct Registered {
     pub reused: bool,
     /// KV version of the published record.
     pub version: u64,
+    /// The published record (its `version` set).
+    pub record: PeerRecord,
 }
 
 fn status_of(e: &SidecarError) -> Option<u16> {
@@ -481,6 +485,7 @@ pub async fn register(vault: &Vault, layout: &Layout, r: &Registration<'_>) -> R
         addresses: addresses.clone(),
         next_public_key: None,
         activate_at: None,
+        rotates_at: r.rotates_at,
         preshared_key: Some(r.preshared_key.clone()),
         pod: Some(r.pod.clone()),
         version: 0,
@@ -492,6 +497,7 @@ pub async fn register(vault: &Vault, layout: &Layout, r: &Registration<'_>) -> R
         addresses,
         reused,
         version,
+        record: PeerRecord { version, ..record },
     })
 }
 

@@ -1,11 +1,12 @@
 //! `wg-sidecar run`: the control loop of the Pod's tunnel.
 //!
-//! Owns: the order of startup (health port → kill switch → keys with retry → interface → peer →
-//! routes), the 1 s tick (statistics, readiness, failover), the jittered KV poll (rotation in
-//! place), the check for the gateway's verdict while there is no handshake (2 s, doubling to
-//! 10 s; a refusal becomes `/ready`'s reason, `wg_sidecar_gateway_refused` and one log line;
-//! no check once handshaken) and shutdown (remove the interface, keep the kill switch) on
-//! SIGTERM or on `POST /quitquitquit` alike.
+//! Owns: the order of startup (health port → rules and kill switch → keys with retry → interface
+//! with its fwmark → peer → routes), the 1 s tick (statistics, readiness, failover), the
+//! jittered KV poll (rotation in place), the check for the gateway's verdict while there is no
+//! handshake (2 s, doubling to 10 s; a refusal becomes `/ready`'s reason,
+//! `wg_sidecar_gateway_refused` and one log line; no check once handshaken) and shutdown
+//! (remove the interface, keep the rules and the kill switch) on SIGTERM or on
+//! `POST /quitquitquit` alike.
 //! Must never: log key material, recreate the interface to apply a change, or exit non-zero on a
 //! clean shutdown.
 
@@ -61,7 +62,7 @@ pub async fn run(
             () = request.raised() => {}
         }
     };
-    let bound = health::serve(cfg.health_addr, health.clone()).await?;
+    let bound = health::serve(cfg.health_addr, health.clone())?;
     tracing::info!(addr = %bound, "health endpoints listening");
     match &cfg.key_source {
         KeySourceConfig::Vault {
@@ -80,7 +81,8 @@ pub async fn run(
                         pod.clone(),
                         gateway_path.clone(),
                         static_key.clone(),
-                    );
+                    )
+                    .with_key_rotation(cfg.key_rotation_interval);
                     run_with(cfg, src, health, shutdown).await
                 }
                 (None, Some(key_path)) => {
@@ -247,7 +249,7 @@ impl<S: KeySource> Controller<S> {
         let Some(net) = self.cfg.routes.first() else {
             return;
         };
-        let dst = SocketAddr::new(net.network(), 9);
+        let dst = SocketAddr::new(crate::routes::probe_address(net), 9);
         let bind: SocketAddr = if dst.is_ipv4() {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
@@ -453,6 +455,7 @@ async fn run_with<S: KeySource>(
 ) -> Result<()> {
     tokio::pin!(shutdown);
     let routes = Routes::connect()?;
+    routes.install_rules(&cfg.routes, &cfg.exclude).await?;
     if cfg.kill_switch {
         routes.install_kill_switch(&cfg.routes).await?;
     } else {
@@ -471,6 +474,7 @@ async fn run_with<S: KeySource>(
         cfg.mtu,
         &private.addresses,
         &private.private_key,
+        crate::routes::FWMARK,
     )?;
     health.metrics.set_mode(tunnel.mode());
     set_version(&health.metrics.key_version, private.version);
@@ -511,6 +515,8 @@ async fn run_with<S: KeySource>(
     let mut ready = false;
     loop {
         let tick = if ready { SLOW_TICK } else { FAST_TICK };
+        // A due key switch or rotation step lands on time, not on the next tick.
+        let tick = tick.min(next_poll.saturating_duration_since(Instant::now()));
         tokio::select! {
             () = &mut shutdown => break,
             () = sleep(tick) => {
@@ -532,8 +538,8 @@ async fn run_with<S: KeySource>(
                     };
                     ctl.poll(polled).await;
                     next_poll = Instant::now() + jittered(ctl.cfg.poll_interval, unit());
-                    let due = ctl.key_due.and_then(|t| t.duration_since(SystemTime::now()).ok());
-                    if let Some(due) = due {
+                    let due = ctl.key_due.into_iter().chain(ctl.source.next_change()).min();
+                    if let Some(due) = due.and_then(|t| t.duration_since(SystemTime::now()).ok()) {
                         next_poll = next_poll.min(Instant::now() + due);
                     }
                 }

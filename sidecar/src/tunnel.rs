@@ -178,6 +178,8 @@ pub struct WgTunnel {
     mtu: u32,
     addresses: Vec<IpNet>,
     listen_port: u16,
+    /// The firewall mark of the WireGuard UDP socket (UAPI `fwmark=`, or the kernel's).
+    fwmark: Option<u32>,
     removed: bool,
 }
 
@@ -220,18 +222,39 @@ pub fn is_dns_backend_error(e: &WireguardInterfaceError) -> bool {
 }
 
 impl WgTunnel {
-    /// Creates `name`: kernel WireGuard if available, else userspace; sets MTU, addresses and key.
-    pub fn create(name: &str, mtu: u32, addresses: &[IpNet], private_key: &Secret) -> Result<Self> {
-        Self::create_listening(name, mtu, addresses, private_key, 0)
+    /// Creates `name`: kernel WireGuard if available, else userspace; sets MTU, addresses and key,
+    /// and marks the packets of its UDP socket with `fwmark` (the Pod's policy routing sends
+    /// them by the main table, see `routes`; both implementations apply it to every socket they
+    /// open, the listening ones and the per-peer connected ones alike).
+    pub fn create(
+        name: &str,
+        mtu: u32,
+        addresses: &[IpNet],
+        private_key: &Secret,
+        fwmark: u32,
+    ) -> Result<Self> {
+        Self::create_with(name, mtu, addresses, private_key, 0, Some(fwmark))
     }
 
-    /// Like [`WgTunnel::create`], listening on UDP `listen_port` (0: any; the gateway's server side).
+    /// Creates `name` like [`WgTunnel::create`] without a mark, listening on UDP `listen_port`
+    /// (0: any; the gateway's server side).
     pub fn create_listening(
         name: &str,
         mtu: u32,
         addresses: &[IpNet],
         private_key: &Secret,
         listen_port: u16,
+    ) -> Result<Self> {
+        Self::create_with(name, mtu, addresses, private_key, listen_port, None)
+    }
+
+    fn create_with(
+        name: &str,
+        mtu: u32,
+        addresses: &[IpNet],
+        private_key: &Secret,
+        listen_port: u16,
+        fwmark: Option<u32>,
     ) -> Result<Self> {
         let err = |op: &'static str| {
             move |e: WireguardInterfaceError| SidecarError::Tunnel {
@@ -275,6 +298,7 @@ impl WgTunnel {
             mtu,
             addresses: addresses.to_vec(),
             listen_port,
+            fwmark,
             removed: false,
         };
         if let Err(e) = t.configure(private_key, &[]) {
@@ -315,7 +339,7 @@ impl WgTunnel {
             port: self.listen_port,
             peers: peers.to_vec(),
             mtu: Some(self.mtu),
-            fwmark: None,
+            fwmark: self.fwmark,
         };
         let res = self.iface().configure_interface(&cfg);
         let mut prvkey = cfg.prvkey;

@@ -83,6 +83,8 @@ fn kill_switch_fails_tunnelled_connections_at_once_and_nothing_leaves_by_the_vet
                 "init",
                 "--routes",
                 &format!("{ROUTE},fd77::/64"),
+                "--dns",
+                "10.77.0.53,10.53.0.53",
                 "--log-format",
                 "text",
             ])
@@ -94,14 +96,33 @@ fn kill_switch_fails_tunnelled_connections_at_once_and_nothing_leaves_by_the_vet
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let v4 = pod.ip(&["route", "show", ROUTE]).unwrap();
+    let v4 = pod.ip(&["route", "show", ROUTE, "table", "51820"]).unwrap();
     assert_eq!(v4.lines().count(), 1, "init must be idempotent: {v4}");
     assert!(
         v4.contains("unreachable") && v4.contains("metric 9999"),
         "{v4}"
     );
-    let v6 = pod.ip(&["-6", "route", "show", "fd77::/64"]).unwrap();
+    let v6 = pod
+        .ip(&["-6", "route", "show", "fd77::/64", "table", "51820"])
+        .unwrap();
     assert!(v6.contains("unreachable"), "{v6}");
+    // A DNS server outside the routes gets the kill switch from init on (one inside, none more).
+    let dns = pod
+        .ip(&["route", "show", "table", "51820", "10.53.0.53"])
+        .unwrap();
+    assert!(dns.contains("unreachable 10.53.0.53"), "{dns}");
+    let table = pod.ip(&["route", "show", "table", "51820"]).unwrap();
+    assert_eq!(table.lines().count(), 2, "{table}");
+    // In the tunnel's own table, consulted by a rule before `main`, which stays untouched.
+    assert_eq!(pod.ip(&["route", "show", ROUTE]).unwrap(), "");
+    let rules = pod.ip(&["rule", "show"]).unwrap();
+    assert_eq!(
+        rules
+            .matches("not from all fwmark 0xca6d lookup 51820")
+            .count(),
+        1,
+        "{rules}"
+    );
 
     let connect = "import socket,sys\ntry:\n  socket.create_connection(('10.77.0.1',80),timeout=3)\n  sys.exit('connected')\nexcept OSError as e:\n  print(e.errno)\n";
     let start = Instant::now();
@@ -113,6 +134,17 @@ fn kill_switch_fails_tunnelled_connections_at_once_and_nothing_leaves_by_the_vet
         "connection should fail at once, took {took:?}"
     );
     assert!(pod.run("ping", &["-c1", "-W1", GW_TUN_IP]).is_err());
+    // Whatever the main table says: a more specific route there for the tunnelled CIDR (which
+    // would win by longest prefix in one table) does not open a way out.
+    pod.ip(&["route", "add", "10.77.0.0/25", "via", "192.168.77.1"])
+        .unwrap();
+    let out = pod.run("python3", &["-c", connect]).unwrap();
+    assert_eq!(
+        out.trim(),
+        "113",
+        "a more specific main route beat the kill switch: {out}"
+    );
+    pod.ip(&["route", "del", "10.77.0.0/25"]).unwrap();
     let counters = pod
         .run("nft", &["list", "chain", "inet", "leak", "out"])
         .unwrap();
@@ -124,8 +156,17 @@ fn kill_switch_fails_tunnelled_connections_at_once_and_nothing_leaves_by_the_vet
     pod.run("ping", &["-c1", "-W2", "192.168.77.1"]).unwrap();
 
     // Control: without the kill switch the same connection does leave by the veth.
-    pod.ip(&["route", "del", "unreachable", ROUTE, "metric", "9999"])
-        .unwrap();
+    pod.ip(&[
+        "route",
+        "del",
+        "unreachable",
+        ROUTE,
+        "metric",
+        "9999",
+        "table",
+        "51820",
+    ])
+    .unwrap();
     let _ = pod.run(
         "python3",
         &["-c", "import socket\ntry: socket.create_connection(('10.77.0.1',80),timeout=0.5)\nexcept OSError: pass\n"],
@@ -230,7 +271,7 @@ fn sidecar_with_openbao_keys_tunnels_ping_and_tcp_goes_ready_hides_keys_and_stop
     // Interop: the standard `wg` reads the sidecar's interface over UAPI.
     let show = pod.run("wg", &["show", &ifname, "peers"]).unwrap();
     assert_eq!(show.trim(), gw_pub);
-    let route = pod.ip(&["route", "show", ROUTE]).unwrap();
+    let route = pod.ip(&["route", "show", ROUTE, "table", "51820"]).unwrap();
     assert!(
         route.contains(&format!("dev {ifname}")) && route.contains("metric 100"),
         "{route}"
@@ -292,7 +333,7 @@ fn sidecar_with_openbao_keys_tunnels_ping_and_tcp_goes_ready_hides_keys_and_stop
         pod.ip(&["link", "show", &ifname]).is_err(),
         "interface still there"
     );
-    let route = pod.ip(&["route", "show", ROUTE]).unwrap();
+    let route = pod.ip(&["route", "show", ROUTE, "table", "51820"]).unwrap();
     assert!(
         route.contains("unreachable") && !route.contains(&ifname),
         "{route}"
@@ -437,7 +478,7 @@ fn a_post_to_quitquitquit_over_the_pods_loopback_stops_the_sidecar_like_sigterm(
         pod.ip(&["link", "show", &ifname]).is_err(),
         "interface still there"
     );
-    let route = pod.ip(&["route", "show", ROUTE]).unwrap();
+    let route = pod.ip(&["route", "show", ROUTE, "table", "51820"]).unwrap();
     assert!(
         route.contains("unreachable") && !route.contains(&ifname),
         "{route}"
@@ -714,9 +755,13 @@ fn a_dual_stack_tunnel_from_a_key_folder_carries_ipv4_and_ipv6_with_the_requeste
     );
     let link = pod.ip(&["link", "show", &ifname]).unwrap();
     assert!(link.contains("mtu 1380"), "{link}");
-    let v6 = pod.ip(&["-6", "route", "show", "fd77::/64"]).unwrap();
+    let v6 = pod
+        .ip(&["-6", "route", "show", "fd77::/64", "table", "51820"])
+        .unwrap();
     assert!(v6.contains(&format!("dev {ifname}")), "{v6}");
-    let dns = pod.ip(&["route", "show", "10.53.0.53"]).unwrap();
+    let dns = pod
+        .ip(&["route", "show", "10.53.0.53", "table", "51820"])
+        .unwrap();
     assert!(
         dns.contains(&format!("dev {ifname}")),
         "DNS server not routed through the tunnel: {dns}"

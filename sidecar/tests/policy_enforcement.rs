@@ -737,7 +737,7 @@ fn ten_thousand_peers_with_ten_rules_each_build_apply_and_keep_filtering() {
     assert_eq!(listed.matches("tcp dport 443 accept").count(), 50_000);
     eprintln!(
         "FIGURE applied 10000 peers x 10 rules in {applied:?} ({parts} transactions of <= {} bytes); `nft list` took {list:?}",
-        nat::MAX_TRANSACTION_BYTES
+        nat.transaction_budget()
     );
 
     // The test peers still get exactly their policies among 10 000 others (the first big peer is

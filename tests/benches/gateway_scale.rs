@@ -251,6 +251,7 @@ impl Cluster {
             addresses: vec![format!("{address}/32").parse()?],
             next_public_key: None,
             activate_at: None,
+            rotates_at: None,
             preshared_key: Some(psk),
             pod: Some(identity),
             version: 0,

@@ -788,6 +788,76 @@ fn the_rendered_injector_config_is_accepted_by_the_injectors_own_parser() {
     );
 }
 
+#[test]
+fn cluster_networks_set_in_values_reach_the_injectors_config_and_bad_ones_are_refused() {
+    use wg_injector::config::{ClusterNetworks, Config};
+    let config_of =
+        |sets: &[&str]| injector_args_and_config(&render_defaults("wg-injector", "1.33.0", sets)).1;
+    let parsed = Config::from_yaml_str(&config_of(&[])).unwrap();
+    assert_eq!(
+        parsed.cluster,
+        ClusterNetworks::default(),
+        "empty by default"
+    );
+    let config = config_of(&[
+        "config.cluster.podCIDRs={10.244.0.0/16,fd00:10:244::/56}",
+        "config.cluster.serviceCIDRs={10.96.0.0/12}",
+        "config.cluster.dns={10.96.0.10}",
+        "config.gateways.default.routes={10.20.0.0/16}",
+    ]);
+    let parsed = Config::from_yaml_str(&config).unwrap_or_else(|e| panic!("{e}\n{config}"));
+    assert_eq!(parsed.cluster.pod_cidrs[1].to_string(), "fd00:10:244::/56");
+    assert_eq!(parsed.cluster.service_cidrs[0].to_string(), "10.96.0.0/12");
+    assert_eq!(parsed.cluster.dns[0].to_string(), "10.96.0.10");
+    // Helm cannot know the overlap; the binary refuses the profile at startup, naming both.
+    let config = config_of(&[
+        "config.cluster.serviceCIDRs={10.96.0.0/12}",
+        "config.gateways.default.routes={10.0.0.0/8}",
+    ]);
+    let err = Config::from_yaml_str(&config).unwrap_err().to_string();
+    assert!(
+        err.contains("gateways.default.routes: 10.0.0.0/8 covers the cluster's Service network 10.96.0.0/12 (config cluster.serviceCIDRs)"),
+        "{err}"
+    );
+    // A typo in a key and a value that is no CIDR fail the schema, in both engines.
+    let cases: [(&[&str], Value, &str); 2] = [
+        (
+            &["config.cluster.podCidrs={10.244.0.0/16}"],
+            json!({"config": {"cluster": {"podCidrs": ["10.244.0.0/16"]}}}),
+            "podCidrs",
+        ),
+        (
+            &["config.cluster.serviceCIDRs={kube-dns}"],
+            json!({"config": {"cluster": {"serviceCIDRs": ["kube-dns"]}}}),
+            "serviceCIDRs",
+        ),
+    ];
+    for (sets, values, field) in cases {
+        let stderr = stderr_of(
+            &mut Template {
+                chart: "wg-injector",
+                release: "t",
+                namespace: NAMESPACE,
+                kube_version: "1.33.0",
+                values_file: None,
+                sets,
+            }
+            .command()
+            .unwrap(),
+        );
+        assert!(
+            stderr.contains("schema") && stderr.contains(field),
+            "{sets:?}: {stderr}"
+        );
+        let Helm4Render::Refused(message) =
+            helm4_render("wg-injector", &values, "t", NAMESPACE).unwrap()
+        else {
+            panic!("Helm 4 accepted {values}");
+        };
+        assert!(message.contains(field), "{message}");
+    }
+}
+
 fn assert_serve_args_parse(sets: &[&str]) {
     use clap::Parser as _;
     let (args, _) = injector_args_and_config(&render_defaults("wg-injector", "1.33.0", sets));
@@ -1019,5 +1089,197 @@ fn vault_ca_config_map_is_mounted_into_the_gateway_and_the_rotation_job_as_vault
             "{kind}"
         );
         assert!(!pod["volumes"].to_string().contains("vault-ca"), "{kind}");
+    }
+}
+
+#[test]
+fn the_gateway_sets_ipv6_forwarding_only_when_it_forwards_ipv6_and_listens_for_health_on_both_families(
+) {
+    let endpoint = "server.publicEndpoint=203.0.113.1:51820";
+    let sysctls = |sets: &[&str]| -> Vec<String> {
+        let objects = render_defaults("wg-gateway", "1.33.0", sets);
+        let pod = gateway_pod_specs(&objects)[0].1;
+        pod["securityContext"]["sysctls"]
+            .as_array()
+            .map(|s| {
+                s.iter()
+                    .map(|s| {
+                        format!(
+                            "{}={}",
+                            s["name"].as_str().unwrap(),
+                            s["value"].as_str().unwrap()
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let v4 = "net.ipv4.ip_forward=1";
+    let v6 = "net.ipv6.conf.all.forwarding=1";
+    assert_eq!(
+        sysctls(&[endpoint]),
+        Vec::<String>::new(),
+        "IPv4 only, auto"
+    );
+    assert_eq!(sysctls(&[endpoint, "forwarding=sysctl"]), [v4]);
+    let v6_network = "server.privateNetworks={10.20.0.0/16,fd00:20::/64}";
+    assert_eq!(
+        sysctls(&[endpoint, v6_network]),
+        [v6],
+        "an IPv6 network, auto"
+    );
+    assert_eq!(
+        sysctls(&[endpoint, "server.ipv6=true"]),
+        [v6],
+        "an IPv6 pool, auto"
+    );
+    assert_eq!(
+        sysctls(&[endpoint, "server.ipv6=true", "forwarding=sysctl"]),
+        [v4, v6]
+    );
+    assert_eq!(
+        sysctls(&[endpoint, v6_network, "forwarding=none"]),
+        Vec::<String>::new(),
+        "none: the node or the CNI forwards"
+    );
+    // The health port takes IPv6 and IPv4 probes (kubelet probes the Pod IP of either family).
+    let objects = render_defaults("wg-gateway", "1.33.0", &[endpoint]);
+    let args = container_args(gateway_pod_specs(&objects)[0].1);
+    assert!(
+        args.iter().any(|a| a == "--health-addr=[::]:9901"),
+        "{args:?}"
+    );
+}
+
+/// The `MatchConditions` of the sidecar-present policy, by name.
+fn policy_conditions(policy: &Value) -> Vec<(String, String)> {
+    policy["spec"]["matchConditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                c["expression"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_sidecar_present_policy_skips_exactly_what_the_injector_skips_and_validates_for_1_30() {
+    let sets = [
+        "validatingAdmissionPolicy.enabled=true",
+        "webhook.injectByDefault=true",
+        "webhook.excludeNamespaces={monitoring}",
+    ];
+    let objects = render_defaults("wg-injector", "1.30.0", &sets);
+    let policy = of_kind(&objects, "ValidatingAdmissionPolicy")
+        .into_iter()
+        .find(|p| name(p).ends_with("-sidecar-present"))
+        .expect("the sidecar-present policy");
+    let webhook = &of_kind(&objects, "MutatingWebhookConfiguration")[0]["webhooks"][0];
+    let constraints = &policy["spec"]["matchConstraints"];
+    // The webhook's Pods: the same object selector and namespace label...
+    assert_eq!(constraints["objectSelector"], webhook["objectSelector"]);
+    let expressions = |selector: &Value| selector["matchExpressions"].as_array().unwrap().clone();
+    let (policy_ns, webhook_ns) = (
+        expressions(&constraints["namespaceSelector"]),
+        expressions(&webhook["namespaceSelector"]),
+    );
+    assert_eq!(policy_ns[0], webhook_ns[0], "the injection label");
+    // ...minus every namespace the injector skips (its config's excludedNamespaces) and the
+    // webhook's excluded ones.
+    let (_, config) = injector_args_and_config(&objects);
+    let config = wg_injector::config::Config::from_yaml_str(&config).unwrap();
+    let excluded: BTreeSet<&str> = policy_ns[1]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(policy_ns[1]["operator"], "NotIn");
+    for namespace in config
+        .excluded_namespaces
+        .iter()
+        .map(String::as_str)
+        .chain(["monitoring", NAMESPACE])
+    {
+        assert!(excluded.contains(namespace), "{namespace}: {excluded:?}");
+    }
+    // injectByDefault: a hostNetwork Pod that did not ask explicitly is skipped by the
+    // injector, so the policy must not match it.
+    let conditions = policy_conditions(policy);
+    let names: Vec<&str> = conditions.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        ["injection-requested", "not-host-network-by-default"]
+    );
+    let host_network = &conditions[1].1;
+    assert!(
+        host_network.contains("object.spec.hostNetwork")
+            && host_network.contains("['wg-injector.io/inject'] == 'true'"),
+        "{host_network}"
+    );
+    // Opt-in only: every matched Pod asked explicitly, so hostNetwork needs no condition (the
+    // injector denies an explicit hostNetwork Pod, and so does the policy).
+    let opt_in = render_defaults(
+        "wg-injector",
+        "1.30.0",
+        &["validatingAdmissionPolicy.enabled=true"],
+    );
+    let opt_in_policy = of_kind(&opt_in, "ValidatingAdmissionPolicy")[0];
+    assert_eq!(policy_conditions(opt_in_policy).len(), 1);
+
+    // Both renders are valid 1.30 objects.
+    let dir = lab::scratch_dir("charts-vap").unwrap();
+    let file = dir.path().join("policies.yaml");
+    let mut text = String::new();
+    for object in [&objects, &opt_in].into_iter().flatten().filter(|o| {
+        matches!(
+            kind(o),
+            "ValidatingAdmissionPolicy" | "ValidatingAdmissionPolicyBinding"
+        )
+    }) {
+        text.push_str("---\n");
+        text.push_str(&serde_yaml_ng::to_string(object).unwrap());
+    }
+    std::fs::write(&file, text).unwrap();
+    let output = charts::run(
+        Command::new(charts::kubernetes_validate().unwrap())
+            .args(["--strict", "-k", "1.30.0"])
+            .arg(&file),
+    )
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.lines().all(|l| l.starts_with("INFO")),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.matches(" passed for resource ").count(), 8);
+}
+
+#[test]
+fn helm_template_renders_the_self_managed_secret_without_the_ca_and_the_webhooks_without_ca_bundle()
+{
+    // What Argo CD and Flux apply (`lookup` finds nothing): only the two placeholder keys a
+    // kubernetes.io/tls Secret must have, so a sync can never empty the CA the injector wrote
+    // (tests/tests/gitops_certs.rs applies this over a running install).
+    let objects = render_defaults("wg-injector", "1.30.0", &[]);
+    let secret = of_kind(&objects, "Secret")[0];
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    assert_eq!(secret["data"], json!({"tls.crt": "", "tls.key": ""}));
+    for kind in [
+        "MutatingWebhookConfiguration",
+        "ValidatingWebhookConfiguration",
+    ] {
+        let config = of_kind(&objects, kind)[0];
+        assert!(
+            config["webhooks"][0]["clientConfig"]
+                .get("caBundle")
+                .is_none(),
+            "{kind}: the injector patches caBundle; a rendered one would be reverted by every sync"
+        );
     }
 }

@@ -16,6 +16,10 @@
 //! Namespace relabel, and one real `wg-sidecar run` (in the same namespace, token auth) whose
 //! `/ready` must show the gateway's verdict.
 //!
+//! A Pod's in-place key rotation (`--key-rotation-interval`) is checked with a real `wg-sidecar
+//! run` in a namespace of its own (`rot-…`, joined to the gateway's by a veth) whose TCP
+//! connection to the gateway's tunnel address must survive the rotation.
+//!
 //! Must be run as root. Prerequisites: `bash scripts/lab-install.sh`, `cargo build -p wg-sidecar`.
 #![allow(
     clippy::unwrap_used,
@@ -698,6 +702,7 @@ impl Lab {
                 public_key: &public_key,
                 preshared_key: &psk,
                 fixed_addresses: &[],
+                rotates_at: None,
             },
         )
         .await
@@ -867,6 +872,7 @@ async fn the_gateway_admits_live_pods_with_their_preshared_key_never_forged_reco
             addresses: vec!["10.99.200.4/32".parse().unwrap()],
             next_public_key: None,
             activate_at: None,
+            rotates_at: None,
             preshared_key: Some(psk),
             pod: Some(PodIdentity::new("shop", "web", "web-1", &web1.uid).unwrap()),
             version: 0,
@@ -1459,4 +1465,408 @@ async fn pods_outside_the_access_rules_get_no_peer_and_their_sidecar_says_why_an
     )
     .await;
     lab.stop_gateway().await;
+}
+
+/// A Pod's own network namespace `rot-…` for a real `wg-sidecar run` whose traffic must cross
+/// the tunnel: a veth pair to the gateway's namespace (10.217.S.0/30: gateway .1, Pod .2; the
+/// WireGuard endpoint) and one to the host (10.218.S.0/30: host .1, Pod .2; Vault through a relay
+/// and the sidecar's health port). Deleted (with its veths) on drop.
+struct PodNetns {
+    name: String,
+    gateway_side: Ipv4Addr,
+    host_ip: Ipv4Addr,
+    pod_ip: Ipv4Addr,
+    vault: Relay,
+}
+
+impl PodNetns {
+    async fn new(lab: &Lab, vault_target: SocketAddr) -> Self {
+        let seq = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let id = format!("{}{seq}", pid % 10_000);
+        let name = format!("rot-{id}");
+        let subnet = u8::try_from((pid % 50 * 5 + seq) % 250 + 1).unwrap();
+        let (gateway_side, pod_wg) = (
+            Ipv4Addr::new(10, 217, subnet, 1),
+            Ipv4Addr::new(10, 217, subnet, 2),
+        );
+        let (host_ip, pod_ip) = (
+            Ipv4Addr::new(10, 218, subnet, 1),
+            Ipv4Addr::new(10, 218, subnet, 2),
+        );
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let in_ns = |ns: &str, args: &[&str]| run(Command::new("ip").args(["-n", ns]).args(args));
+        let (gw_veth, pod_veth) = (format!("rotg{id}"), format!("rotp{id}"));
+        run(Command::new("ip").args([
+            "link", "add", &gw_veth, "type", "veth", "peer", "name", &pod_veth,
+        ]));
+        run(Command::new("ip").args(["link", "set", &gw_veth, "netns", &lab.ns.name]));
+        run(Command::new("ip").args(["link", "set", &pod_veth, "netns", &name]));
+        in_ns(
+            &lab.ns.name,
+            &[
+                "addr",
+                "add",
+                &format!("{gateway_side}/30"),
+                "dev",
+                &gw_veth,
+            ],
+        );
+        in_ns(&lab.ns.name, &["link", "set", &gw_veth, "up"]);
+        in_ns(
+            &name,
+            &["addr", "add", &format!("{pod_wg}/30"), "dev", &pod_veth],
+        );
+        in_ns(&name, &["link", "set", &pod_veth, "up"]);
+        let (host_veth, pod_host_veth) = (format!("roth{id}"), format!("rotq{id}"));
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            &host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pod_host_veth,
+        ]));
+        run(Command::new("ip").args(["link", "set", &pod_host_veth, "netns", &name]));
+        run(Command::new("ip").args(["addr", "add", &format!("{host_ip}/30"), "dev", &host_veth]));
+        run(Command::new("ip").args(["link", "set", &host_veth, "up"]));
+        in_ns(
+            &name,
+            &[
+                "addr",
+                "add",
+                &format!("{pod_ip}/30"),
+                "dev",
+                &pod_host_veth,
+            ],
+        );
+        in_ns(&name, &["link", "set", &pod_host_veth, "up"]);
+        in_ns(&name, &["link", "set", "lo", "up"]);
+        let vault = Relay::start(host_ip, vault_target).await;
+        Self {
+            name,
+            gateway_side,
+            host_ip,
+            pod_ip,
+            vault,
+        }
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// The Pod's public record at `path`.
+async fn read_peer_record(vault: &Vault, path: &str) -> wg_sidecar::keys::PeerRecord {
+    let r = vault.read("secret", path).await.unwrap();
+    wg_sidecar::keys::PeerRecord::from_fields(path, &r.data, r.version).unwrap()
+}
+
+/// `GET path` on `ip:port` (a sidecar's health port in its own namespace).
+async fn http_get_at(ip: Ipv4Addr, port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n").map(|x| x.1.to_owned())?;
+        Some((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(2), fut)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The sum of the series of `name` whose labels contain `labels`, from `ip:port`'s `/metrics`.
+async fn metric_at(ip: Ipv4Addr, port: u16, name: &str, labels: &str) -> f64 {
+    let (_, text) = http_get_at(ip, port, "/metrics").await.unwrap();
+    text.lines()
+        .filter(|l| l.split([' ', '{']).next() == Some(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Issue 15 item 6: a Pod rotates its own key in place (`--key-rotation-interval`, here the
+/// shortest, 1m) under a TCP connection that exchanges a line every 100 ms through the tunnel.
+/// The connection survives; the gateway's peer for the Pod changes to the new public key with
+/// the same allowed IP and the old key leaves the interface; the record ends folded (new key, no
+/// `next_public_key`, the next `rotates_at`); the gateway read the record once for the rotation
+/// (`wg_gateway_vault_reads_total{kind="record"}`) and counts it
+/// (`wg_gateway_pod_key_rotations_total`), the sidecar too (`wg_sidecar_key_rotations_total`);
+/// the sidecar's `/ready` stays 200 throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pod_rotating_its_key_keeps_its_address_and_tcp_connection_and_costs_the_gateway_one_read(
+) {
+    const SIDECAR_PORT: u16 = 9903;
+    const ECHO_PORT: u16 = 7000;
+    let mut lab = Lab::start(false).await;
+    lab.start_gateway().await;
+    let vault_target: SocketAddr = lab.bao.addr.trim_start_matches("http://").parse().unwrap();
+    let pod_ns = PodNetns::new(&lab, vault_target).await;
+    // The gateway's own tunnel address: the echo server listens there.
+    let gw_addr = lab
+        .ns
+        .ip(&["-4", "-o", "addr", "show", "dev", &lab.ns.interface]);
+    let gw_addr: Ipv4Addr = gw_addr
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let web = lab.running_pod("web-rot").await;
+
+    let mut cmd = pod_ns.command(&cargo_binary("wg-sidecar").unwrap());
+    cmd.args(["--log-format", "text", "run", "--interface", "wgrot0"])
+        .args(["--gateway", GATEWAY, "--routes", &format!("{gw_addr}/32")])
+        .args(["--endpoints", &format!("{}:51820", pod_ns.gateway_side)])
+        .args(["--health-addr", &format!("0.0.0.0:{SIDECAR_PORT}")])
+        .args(["--keepalive", "1", "--poll-interval", "30"])
+        .args(["--key-rotation-interval", "1m"])
+        .args([
+            "--vault-addr",
+            &format!("http://{}:{}", pod_ns.host_ip, pod_ns.vault.addr.port()),
+        ])
+        .args(["--vault-auth", "token", "--vault-token-file"])
+        .arg(lab.bao.admin_token_file().unwrap())
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("WG_POD_NAMESPACE", &web.namespace)
+        .env("WG_POD_SERVICE_ACCOUNT", &web.service_account)
+        .env("WG_POD_NAME", &web.name)
+        .env("WG_POD_UID", &web.uid)
+        .env("WG_SIDECAR_LOG", "info,wg_sidecar=debug");
+    let sidecar = ChildGuard::spawn("sidecar-web-rot", cmd, lab.dir.path()).unwrap();
+    let logs = || {
+        format!(
+            "--- gateway\n{}\n--- sidecar\n{}",
+            lab.gateway_log(),
+            sidecar.log_tail(6000)
+        )
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the rotating sidecar is ready",
+        || http_get_at(pod_ns.pod_ip, SIDECAR_PORT, "/ready"),
+        |r| matches!(r, Some((200, _))),
+        logs,
+    )
+    .await;
+    let path = lab.layout.record_path(GATEWAY, &web);
+    let first = read_peer_record(&lab.vault, &path).await;
+    let old_key = first.public_key.clone();
+    let address = first.addresses[0].to_string();
+    let rotates_at = first.rotates_at.expect("a rotating Pod's record says when");
+    assert!(first.next_public_key.is_none());
+    assert_eq!(
+        lab.peers().get(&old_key).map(|p| p.1.clone()),
+        Some(address.clone())
+    );
+    let until_rotation =
+        Duration::try_from(jiff::Timestamp::now().duration_until(rotates_at)).unwrap();
+    eprintln!("registered with {old_key} at {address}; rotates in {until_rotation:?}");
+    assert!(
+        until_rotation > Duration::from_secs(40) && until_rotation < Duration::from_secs(70),
+        "1m jittered ±10 %: {until_rotation:?}"
+    );
+
+    // One TCP connection through the tunnel, a line every 100 ms, until 25 s after rotates_at.
+    let echo = format!(
+        "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         s.bind(('{gw_addr}',{ECHO_PORT}))\ns.listen(4)\nwhile True:\n  c,_=s.accept()\n  while True:\n\
+         \x20   d=c.recv(65536)\n    if not d: break\n    c.sendall(d)\n  c.close()\n"
+    );
+    let mut echo_cmd = lab.ns.command(Path::new("python3"));
+    echo_cmd.args(["-c", &echo]);
+    let _echo = ChildGuard::spawn("echo", echo_cmd, lab.dir.path()).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let secs = until_rotation.as_secs() + 25;
+    let client = format!(
+        "import socket,time,sys\ns=socket.create_connection(('{gw_addr}',{ECHO_PORT}),timeout=60)\n\
+         end=time.time()+{secs}\nn=0\ngap=0.0\nwhile time.time()<end:\n  t=time.time()\n\
+         \x20 m=b'ping %d\\n'%n\n  s.sendall(m)\n  got=b''\n  while len(got)<len(m):\n\
+         \x20   d=s.recv(65536)\n    if not d: sys.exit('closed after %d' % n)\n    got+=d\n\
+         \x20 assert got==m, got\n  gap=max(gap,time.time()-t)\n  n+=1\n  time.sleep(0.1)\n\
+         print('OK',n,int(gap*1000))\n"
+    );
+    let mut client_cmd = pod_ns.command(Path::new("python3"));
+    client_cmd.args(["-c", &client]);
+    let client = tokio::task::spawn_blocking(move || client_cmd.output());
+    // The sidecar's /ready, sampled every 100 ms through the rotation.
+    let ready_ip = pod_ns.pod_ip;
+    let not_ready = tokio::spawn(async move {
+        let end = Instant::now() + until_rotation + Duration::from_secs(20);
+        let mut bad = Vec::new();
+        while Instant::now() < end {
+            match http_get_at(ready_ip, SIDECAR_PORT, "/ready").await {
+                Some((200, _)) => {}
+                other => bad.push(format!("{other:?}")),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bad
+    });
+
+    let before = until_rotation.saturating_sub(Duration::from_secs(3));
+    tokio::time::sleep(before).await;
+    let reads_before = lab
+        .metric("wg_gateway_vault_reads_total", "kind=\"record\"")
+        .await;
+    assert!(
+        lab.peers().contains_key(&old_key),
+        "{:?}\n{}",
+        lab.peers(),
+        logs()
+    );
+
+    // The next key is published at rotates_at with activate_at 10 s later.
+    let deadline = Duration::from_secs(15);
+    let started = Instant::now();
+    let pending = loop {
+        let r = read_peer_record(&lab.vault, &path).await;
+        if r.next_public_key.is_some() {
+            break r;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "no next key published\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let new_key = pending.next_public_key.clone().unwrap();
+    let activate_at = pending.activate_at.unwrap();
+    assert_ne!(new_key, old_key);
+    assert_eq!(pending.public_key, old_key);
+    assert_eq!(pending.addresses, first.addresses, "same address");
+    let published_after = jiff::Timestamp::now().duration_since(rotates_at);
+    eprintln!(
+        "next key {new_key} seen {published_after:?} after rotates_at, activates at {activate_at}"
+    );
+
+    // The gateway switches at activate_at: new key, same allowed IP, old key gone.
+    let took = lab
+        .wait(
+            Duration::from_secs(20),
+            "the gateway takes the new key",
+            |l| {
+                let p = l.peers();
+                p.get(&new_key).is_some_and(|x| x.1 == address) && !p.contains_key(&old_key)
+            },
+        )
+        .await;
+    let switched = jiff::Timestamp::now().duration_since(activate_at);
+    eprintln!("gateway peer switched {switched:?} after activate_at (waited {took:?})");
+    assert!(
+        switched < jiff::SignedDuration::from_secs(2)
+            && switched > jiff::SignedDuration::from_millis(-200),
+        "the gateway switches at activate_at: {switched:?}\n{}",
+        logs()
+    );
+    assert_eq!(lab.peers().len(), 1, "{:?}", lab.peers());
+
+    // The record is folded: the new key is the key, the next rotation is scheduled.
+    let started = Instant::now();
+    let folded = loop {
+        let r = read_peer_record(&lab.vault, &path).await;
+        if r.next_public_key.is_none() && r.public_key == new_key {
+            break r;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "record not folded\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(folded.addresses, first.addresses);
+    assert!(folded.rotates_at.unwrap() > rotates_at);
+    assert_eq!(
+        folded.version,
+        first.version + 2,
+        "v+1 next key, v+2 folded"
+    );
+
+    let (ok, out) = match client.await.unwrap() {
+        Ok(o) => (o.status.success(), o),
+        Err(e) => panic!("tcp client: {e}"),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        ok && stdout.starts_with("OK"),
+        "the TCP connection broke during the rotation: {stdout} {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+    eprintln!(
+        "TCP connection across the rotation: {} (exchanges, longest round trip ms)",
+        stdout.trim()
+    );
+    let longest_ms: u64 = stdout.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(
+        longest_ms < 3000,
+        "the pause is about a second, not a 5 s handshake retry: {longest_ms} ms"
+    );
+    let reads = lab
+        .metric("wg_gateway_vault_reads_total", "kind=\"record\"")
+        .await
+        - reads_before;
+    eprintln!("gateway record reads for the rotation: {reads}");
+    assert_eq!(
+        reads,
+        1.0,
+        "one read per rotation per gateway replica\n{}",
+        logs()
+    );
+    assert_eq!(
+        lab.metric("wg_gateway_pod_key_rotations_total", "").await,
+        1.0
+    );
+    assert_eq!(
+        metric_at(
+            pod_ns.pod_ip,
+            SIDECAR_PORT,
+            "wg_sidecar_key_rotations_total",
+            ""
+        )
+        .await,
+        1.0
+    );
+    let pod_pub = run(pod_ns
+        .command(Path::new("wg"))
+        .args(["show", "wgrot0", "public-key"]));
+    assert_eq!(
+        pod_pub.trim(),
+        new_key,
+        "the sidecar's interface uses the new key"
+    );
+    let not_ready = not_ready.await.unwrap();
+    eprintln!("sidecar /ready answers other than 200 during the rotation: {not_ready:?}");
+    assert!(
+        not_ready.is_empty(),
+        "/ready stays 200: {not_ready:?}\n{}",
+        logs()
+    );
 }

@@ -651,7 +651,7 @@ fn injected_pod_runs_under_podman_with_only_its_declared_privileges_and_never_le
     let (code, out, err) =
         Container::run_to_end(&pod, find_container(&pod, "wg-init").unwrap(), &sandbox).unwrap();
     assert_eq!(code, 0, "wg-init failed: {out}{err}");
-    let routes = pod_ns.ip(&["route", "show", ROUTES]);
+    let routes = pod_ns.ip(&["route", "show", ROUTES, "table", "51820"]);
     assert!(
         routes.contains("unreachable"),
         "kill switch missing after wg-init: {routes}"
@@ -821,7 +821,7 @@ fn injected_pod_runs_under_podman_with_only_its_declared_privileges_and_never_le
         "{}",
         sidecar.logs()
     );
-    let routes = pod_ns.ip(&["route", "show", ROUTES]);
+    let routes = pod_ns.ip(&["route", "show", ROUTES, "table", "51820"]);
     assert!(
         routes.contains("unreachable"),
         "kill switch gone after the sidecar stopped: {routes}"
@@ -845,7 +845,16 @@ fn injected_pod_runs_under_podman_with_only_its_declared_privileges_and_never_le
 
     // Control: without the kill-switch route the same request leaves by the veth (and even
     // succeeds in the clear through the gateway host), so the capture above could see it.
-    pod_ns.ip(&["route", "del", "unreachable", ROUTES, "metric", "9999"]);
+    pod_ns.ip(&[
+        "route",
+        "del",
+        "unreachable",
+        ROUTES,
+        "metric",
+        "9999",
+        "table",
+        "51820",
+    ]);
     let capture = start_capture(&pod_ns, &pod_veth, &filter, &logs);
     let (code, out, _) = Container::run_to_end(&pod, app, &sandbox).unwrap();
     let (packets, log) = captured(capture);

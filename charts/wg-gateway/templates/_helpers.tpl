@@ -101,6 +101,19 @@ in the clear. Every use of the address goes through here, so no object renders w
 {{- $address }}
 {{- end }}
 
+{{/*
+True when the Pod spec sets net.ipv6.conf.all.forwarding=1: the gateway forwards IPv6
+(server.ipv6, or an IPv6 network in server.privateNetworks) and forwarding is not `none`. Linux
+forwards IPv6 only by that sysctl, which a Pod's read-only /proc/sys keeps the gateway from writing.
+*/}}
+{{- define "wg-gateway.ipv6ForwardingSysctl" -}}
+{{- $v6 := .Values.server.ipv6 }}
+{{- range (.Values.server.privateNetworks | default list) }}
+{{- if contains ":" . }}{{ $v6 = true }}{{ end }}
+{{- end }}
+{{- if and $v6 (ne .Values.forwarding "none") }}true{{ end }}
+{{- end }}
+
 {{/* True when the gateway talks to Vault in plaintext (allowed by vault.allowPlaintext). */}}
 {{- define "wg-gateway.vaultPlaintext" -}}
 {{- if hasPrefix "http://" (lower .Values.vault.address) }}true{{ end }}
@@ -154,7 +167,7 @@ Exists → k; DoesNotExist → !k. Empty: every namespace.
 {{- include "wg-gateway.vaultCaArg" . }}
 - --vault-role={{ .Values.vault.role }}
 - --vault-gateway-path={{ include "wg-gateway.vaultGatewayPath" . }}
-- --health-addr=0.0.0.0:{{ .Values.healthPort }}
+- --health-addr=[::]:{{ .Values.healthPort }}
 - --pod-source={{ .Values.podSource }}
 - --poll-interval={{ .Values.pollIntervalSeconds }}
 - --vault-peers-path={{ .Values.vault.peersPath }}

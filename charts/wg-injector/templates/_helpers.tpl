@@ -115,6 +115,14 @@ matchExpressions:
 - {{ $svc }}.{{ .Release.Namespace }}.svc.cluster.local
 {{- end }}
 
+{{/*
+The injector's excludedNamespaces: never inject system namespaces or our own, even when labelled
+and sent (names cannot be selected before 1.21). The sidecar-present policy excludes them too.
+*/}}
+{{- define "wg-injector.skippedNamespaces" -}}
+{{- list "kube-system" "kube-public" .Release.Namespace | uniq | toYaml }}
+{{- end }}
+
 {{/* Namespaces never sent to the webhook: the configured ones plus the release namespace. */}}
 {{- define "wg-injector.excludedNamespaces" -}}
 {{- $ns := concat .Values.webhook.excludeNamespaces (list .Release.Namespace) | uniq }}
@@ -224,7 +232,6 @@ lives under `webhook` in values because the webhook's matchConditions depend on 
 {{- $_ := include "wg-injector.vaultAddress" . }}
 {{- $cfg := deepCopy .Values.config }}
 {{- $_ := set $cfg "injectByDefault" .Values.webhook.injectByDefault }}
-{{- /* never inject system namespaces or our own, even when labelled (names cannot be selected before 1.21) */}}
-{{- $_ := set $cfg "excludedNamespaces" (list "kube-system" "kube-public" .Release.Namespace | uniq) }}
+{{- $_ := set $cfg "excludedNamespaces" (include "wg-injector.skippedNamespaces" . | fromYamlArray) }}
 {{- toYaml $cfg }}
 {{- end }}

@@ -300,9 +300,14 @@ pub struct OpenBao {
 impl OpenBao {
     /// Starts `bao server -dev` inside `ns` and waits until it answers.
     pub fn start(ns: &Netns) -> Result<Self> {
+        Self::start_on(ns, "127.0.0.1:8200")
+    }
+
+    /// Same, listening on `listen` (`IP:PORT`, an address of `ns`).
+    pub fn start_on(ns: &Netns, listen: &str) -> Result<Self> {
         let bao = find_binary("bao")?;
         let home = scratch();
-        let addr = "http://127.0.0.1:8200".to_owned();
+        let addr = format!("http://{listen}");
         let log = fs::File::create(home.path().join("bao.log"))?;
         let child = ns
             .command(&bao)
@@ -310,7 +315,7 @@ impl OpenBao {
                 "server",
                 "-dev",
                 "-dev-root-token-id=devroot",
-                "-dev-listen-address=127.0.0.1:8200",
+                &format!("-dev-listen-address={listen}"),
             ])
             .env_clear()
             .env("HOME", home.path())
