@@ -146,6 +146,10 @@ pub struct VaultSettings {
     /// `{pod}` gives every replica one key, so Pods of a ReplicaSet, Job, DaemonSet or
     /// StatefulSet are denied under it (`crate::identity`).
     pub key_path_template: String,
+    /// In-place rotation of the keys born in the Pods (`wg-sidecar run
+    /// --key-rotation-interval`, e.g. `24h`; at least `1m`); `None` (the default): a Pod's key
+    /// lives as long as its sidecar. Never rendered for a static identity.
+    pub key_rotation_interval: Option<String>,
 }
 
 /// Defaults of the per-pod annotations.
@@ -242,6 +246,7 @@ impl Default for VaultSettings {
             token_expiration_seconds: 600,
             role_template: "wg-pod".to_owned(),
             key_path_template: String::new(),
+            key_rotation_interval: None,
         }
     }
 }
@@ -281,6 +286,25 @@ impl VaultSettings {
     #[must_use]
     pub fn key_path_template(&self) -> Option<&str> {
         Some(self.key_path_template.as_str()).filter(|t| !t.is_empty())
+    }
+
+    /// `keyRotationInterval`: unset, or a duration of at least a minute (what `wg-sidecar run
+    /// --key-rotation-interval` accepts, parsed the same way).
+    fn validate_key_rotation_interval(&self) -> Result<(), String> {
+        let Some(interval) = &self.key_rotation_interval else {
+            return Ok(());
+        };
+        let at_least_a_minute = interval
+            .trim()
+            .parse::<jiff::SignedDuration>()
+            .is_ok_and(|d| d >= jiff::SignedDuration::from_secs(60));
+        if at_least_a_minute {
+            Ok(())
+        } else {
+            Err(format!(
+                "vault.keyRotationInterval is {interval:?}: expected a duration of at least 1m, e.g. 24h or 90m (or unset: no rotation)"
+            ))
+        }
     }
 
     /// Vault's address when the host of `address` is an IP literal (`https://10.96.0.20:8200`,
@@ -404,6 +428,7 @@ impl Config {
             annotations::validate_vault_path(template)
                 .map_err(|allowed| format!("vault.keyPathTemplate: {allowed} (or empty)"))?;
         }
+        self.vault.validate_key_rotation_interval()?;
         annotations::validate_mount(&self.vault.auth_mount)
             .map_err(|allowed| format!("vault.authMount: {allowed}"))?;
         annotations::validate_mount(&self.vault.kv_mount)
@@ -565,6 +590,24 @@ mod tests {
     fn a_token_expiry_below_the_kubernetes_minimum_is_refused() {
         let err = Config::from_yaml_str("vault:\n  tokenExpirationSeconds: 60\n").unwrap_err();
         assert!(err.to_string().contains("tokenExpirationSeconds"), "{err}");
+    }
+
+    #[test]
+    fn a_key_rotation_interval_must_be_a_duration_of_at_least_a_minute() {
+        let with = |v: &str| {
+            let mut c = Config::default();
+            c.vault.key_rotation_interval = Some(v.to_owned());
+            c.validate()
+        };
+        assert_eq!(with("24h"), Ok(()));
+        assert_eq!(with("1m"), Ok(()));
+        for bad in ["30s", "soon", ""] {
+            let e = with(bad).unwrap_err();
+            assert!(
+                e.contains("vault.keyRotationInterval") && e.contains("at least 1m"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

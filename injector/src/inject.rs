@@ -427,6 +427,9 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
             args.push(format!("--vault-kv-mount={}", v.kv_mount));
             if let Some(path) = key_path {
                 args.push(format!("--vault-key-path={}", expand_placeholders(path)));
+            } else if let Some(interval) = &v.key_rotation_interval {
+                // Only a key born in the Pod rotates in place; a static identity is fixed.
+                args.push(format!("--key-rotation-interval={}", interval.trim()));
             }
             if let Some(gw_path) = &profile.vault_gateway_path {
                 args.push(format!("--vault-gateway-path={gw_path}"));
@@ -1141,6 +1144,39 @@ mod tests {
         assert!(
             !args.iter().any(|a| a.starts_with("--vault-key-path")),
             "{args:?}"
+        );
+    }
+
+    #[test]
+    fn a_configured_key_rotation_interval_reaches_keys_born_in_the_pod_but_never_a_static_identity()
+    {
+        let rotating = Config {
+            vault: crate::config::VaultSettings {
+                key_rotation_interval: Some("24h".to_owned()),
+                ..crate::config::VaultSettings::default()
+            },
+            ..Config::default()
+        };
+        let interval = |annotations: &str, config: &Config| {
+            sidecar_of(annotations, config)
+                .args
+                .unwrap()
+                .into_iter()
+                .find(|a| a.starts_with("--key-rotation-interval"))
+        };
+        assert_eq!(
+            interval("wg-injector.io/inject: 'true'", &rotating).as_deref(),
+            Some("--key-rotation-interval=24h")
+        );
+        assert_eq!(
+            interval("wg-injector.io/vault-path: 'wg/static/{pod}'", &rotating),
+            None,
+            "a static identity's key is fixed"
+        );
+        assert_eq!(
+            interval("wg-injector.io/inject: 'true'", &Config::default()),
+            None,
+            "off by default"
         );
     }
 

@@ -124,6 +124,58 @@ fn check(pod: &Pod, origin: &str) -> usize {
     checked
 }
 
+/// `vault.keyRotationInterval` reaches every Pod whose key is born in the Pod as a flag the
+/// sidecar accepts and turns into its rotation interval; a static identity gets none.
+#[test]
+fn a_configured_key_rotation_interval_is_accepted_by_the_sidecar_as_rendered() {
+    let mut config = golden_config();
+    config.vault.key_rotation_interval = Some("24h".to_owned());
+    let mut rotating = 0;
+    for entry in std::fs::read_dir(golden_dir().join("golden")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let pod: Pod = serde_yaml_ng::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let Verdict::Inject(outcome) = evaluate(&pod, &config) else {
+            continue;
+        };
+        check(&outcome.pod, &path.display().to_string());
+        let spec = outcome.pod.spec.as_ref().unwrap();
+        let Some(sidecar) = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .find(|c| c.name == "wg-sidecar")
+        else {
+            continue;
+        };
+        let argv = argv(sidecar);
+        let Command::Run(run) = Cli::try_parse_from(&argv).unwrap().command else {
+            panic!("{argv:?}");
+        };
+        let static_identity = argv.iter().any(|a| a.starts_with("--vault-key-path"));
+        let vault = argv.iter().any(|a| a == "--key-source=vault");
+        let interval = run.into_config().unwrap().key_rotation_interval;
+        if vault && !static_identity {
+            assert_eq!(
+                interval,
+                Some(std::time::Duration::from_secs(86_400)),
+                "{}",
+                path.display()
+            );
+            rotating += 1;
+        } else {
+            assert_eq!(interval, None, "{}", path.display());
+        }
+    }
+    assert!(
+        rotating >= 3,
+        "only {rotating} Pods with keys born in the Pod"
+    );
+}
+
 /// A Vault-keyed sidecar without a static identity registers as exactly the stand-in Pod; one
 /// with a static identity still knows the Pod (its record is published under the UID too).
 fn check_identity(key_source: &KeySourceConfig, argv: &[String], origin: &str) {
