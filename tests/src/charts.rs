@@ -278,3 +278,112 @@ pub fn helm4_lint(chart: &str, values: &Value, kube_version: &str) -> anyhow::Re
     )?;
     serde_json::from_str(&stdout).context("helm4 lint printed no JSON")
 }
+
+/// The one object of kind `wanted` in `objects` (panics naming the count otherwise).
+#[must_use]
+pub fn only<'a>(objects: &'a [Value], wanted: &str) -> &'a Value {
+    let found = of_kind(objects, wanted);
+    assert_eq!(found.len(), 1, "expected one {wanted}, got {}", found.len());
+    found[0]
+}
+
+/// The chart's injector container as a command line: its args and env, the ConfigMap volumes
+/// materialised under `root`, `--listen` moved to `127.0.0.1:port`.
+pub fn chart_command(
+    objects: &[Value],
+    root: &Path,
+    port: u16,
+    kubeconfig: &Path,
+) -> anyhow::Result<Command> {
+    let deployment = only(objects, "Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let containers = pod["containers"].as_array().context("no containers")?;
+    let [container] = containers.as_slice() else {
+        bail!("the chart's Deployment should have one container");
+    };
+    // ConfigMap volumes: write their keys where the container would see them.
+    let mut mounts = Vec::new();
+    for mount in container["volumeMounts"].as_array().into_iter().flatten() {
+        let volume = pod["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == mount["name"])
+            .with_context(|| format!("volumeMount {} has no volume", mount["name"]))?;
+        let Some(config_map) = volume["configMap"]["name"].as_str() else {
+            continue; // emptyDir /tmp: the binary does not need it here
+        };
+        let rendered = of_kind(objects, "ConfigMap")
+            .into_iter()
+            .find(|c| name(c) == config_map)
+            .with_context(|| format!("volume names ConfigMap {config_map}, not rendered"))?;
+        let dir = root.join(mount["name"].as_str().unwrap_or("volume"));
+        std::fs::create_dir_all(&dir)?;
+        for (key, text) in rendered["data"].as_object().into_iter().flatten() {
+            std::fs::write(dir.join(key), text.as_str().unwrap_or_default())?;
+        }
+        let path = mount["mountPath"].as_str().context("mount without path")?;
+        mounts.push((path.to_owned(), dir));
+    }
+    let https_port = container["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "https")
+        .and_then(|p| p["containerPort"].as_u64())
+        .context("no https container port")?;
+
+    let mut command = Command::new(lab::cargo_binary("wg-injector")?);
+    let mut saw_listen = false;
+    for arg in container["args"].as_array().context("no args")? {
+        let arg = arg.as_str().context("non-string arg")?;
+        if let Some(listen) = arg.strip_prefix("--listen=") {
+            assert_eq!(
+                listen,
+                format!("0.0.0.0:{https_port}"),
+                "--listen and the https containerPort disagree"
+            );
+            saw_listen = true;
+            command.arg(format!("--listen=127.0.0.1:{port}"));
+            continue;
+        }
+        let mut mapped = arg.to_owned();
+        for (path, dir) in &mounts {
+            if let Some((flag, rest)) = arg.split_once('=') {
+                if let Some(tail) = rest.strip_prefix(path.as_str()) {
+                    let local = format!("{}{tail}", dir.display());
+                    assert!(
+                        Path::new(&local).is_file(),
+                        "{arg}: not in the mounted volume"
+                    );
+                    mapped = format!("{flag}={local}");
+                }
+            }
+        }
+        command.arg(mapped);
+    }
+    assert!(saw_listen, "the chart passes no --listen");
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    for env in container["env"].as_array().into_iter().flatten() {
+        let key = env["name"].as_str().context("env without name")?;
+        if let Some(value) = env["value"].as_str() {
+            command.env(key, value);
+        } else if env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace" {
+            let namespace = deployment["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default();
+            command.env(key, namespace);
+        } else {
+            bail!(
+                "env {key}: a source this test cannot resolve: {}",
+                env["valueFrom"]
+            );
+        }
+    }
+    command
+        .env("KUBECONFIG", kubeconfig)
+        .env("WG_INJECTOR_CERT_EXTRA_NAMES", "127.0.0.1");
+    Ok(command)
+}

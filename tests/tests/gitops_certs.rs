@@ -19,7 +19,6 @@
 //! Prerequisites: `bash scripts/lab-install.sh` (helm, kubectl, etcd, kube-apiserver).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
-use anyhow::{bail, Context as _};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
@@ -31,9 +30,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wg_e2e::charts::{self, kind, name, of_kind, run_ok, Template};
+use wg_e2e::charts::{self, chart_command, kind, name, only, run_ok, Template};
 use wg_e2e::control_plane::ControlPlane;
-use wg_e2e::lab::{cargo_binary, find_binary, free_port, scratch_dir};
+use wg_e2e::lab::{find_binary, free_port, scratch_dir};
 use wg_e2e::process::ChildGuard;
 
 const RELEASE: &str = "wg-injector";
@@ -74,12 +73,6 @@ fn manifest(port: u16) -> Vec<Value> {
     objects
 }
 
-fn only<'a>(objects: &'a [Value], wanted: &str) -> &'a Value {
-    let found = of_kind(objects, wanted);
-    assert_eq!(found.len(), 1, "expected one {wanted}, got {}", found.len());
-    found[0]
-}
-
 /// `kubectl apply -f FILE` (the lab's kubectl, the apiserver's version) plus `extra` flags.
 fn kubectl_apply(kubeconfig: &Path, file: &Path, extra: &[&str]) -> String {
     let mut command = Command::new(find_binary("kubectl").unwrap());
@@ -91,83 +84,6 @@ fn kubectl_apply(kubeconfig: &Path, file: &Path, extra: &[&str]) -> String {
         .arg(file)
         .args(extra);
     run_ok(&mut command).unwrap()
-}
-
-/// The chart's injector container as a command line (see `chart_install.rs`): args and env,
-/// the config ConfigMap written under `root`, `--listen` on loopback.
-fn chart_command(
-    objects: &[Value],
-    root: &Path,
-    port: u16,
-    kubeconfig: &Path,
-) -> anyhow::Result<Command> {
-    let deployment = only(objects, "Deployment");
-    let pod = &deployment["spec"]["template"]["spec"];
-    let [container] = pod["containers"]
-        .as_array()
-        .context("no containers")?
-        .as_slice()
-    else {
-        bail!("the chart's Deployment should have one container");
-    };
-    let mut mounts = Vec::new();
-    for mount in container["volumeMounts"].as_array().into_iter().flatten() {
-        let volume = pod["volumes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|v| v["name"] == mount["name"])
-            .context("volumeMount without volume")?;
-        let Some(config_map) = volume["configMap"]["name"].as_str() else {
-            continue;
-        };
-        let rendered = of_kind(objects, "ConfigMap")
-            .into_iter()
-            .find(|c| name(c) == config_map)
-            .context("ConfigMap not rendered")?;
-        let dir = root.join(mount["name"].as_str().unwrap_or("volume"));
-        std::fs::create_dir_all(&dir)?;
-        for (key, text) in rendered["data"].as_object().into_iter().flatten() {
-            std::fs::write(dir.join(key), text.as_str().unwrap_or_default())?;
-        }
-        let path = mount["mountPath"].as_str().context("mount without path")?;
-        mounts.push((path.to_owned(), dir));
-    }
-    let mut command = Command::new(cargo_binary("wg-injector")?);
-    for arg in container["args"].as_array().context("no args")? {
-        let arg = arg.as_str().context("non-string arg")?;
-        if arg.starts_with("--listen=") {
-            command.arg(format!("--listen=127.0.0.1:{port}"));
-            continue;
-        }
-        let mut mapped = arg.to_owned();
-        for (path, dir) in &mounts {
-            if let Some((flag, rest)) = arg.split_once('=') {
-                if let Some(tail) = rest.strip_prefix(path.as_str()) {
-                    mapped = format!("{flag}={}{tail}", dir.display());
-                }
-            }
-        }
-        command.arg(mapped);
-    }
-    command
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
-    for env in container["env"].as_array().into_iter().flatten() {
-        let key = env["name"].as_str().context("env without name")?;
-        if let Some(value) = env["value"].as_str() {
-            command.env(key, value);
-        } else if env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace" {
-            command.env(key, NAMESPACE);
-        } else {
-            bail!("env {key}: a source this test cannot resolve");
-        }
-    }
-    command
-        .env("KUBECONFIG", kubeconfig)
-        .env("WG_INJECTOR_CERT_EXTRA_NAMES", "127.0.0.1")
-        .env("WG_INJECTOR_CERT_CHECK_SECONDS", "2");
-    Ok(command)
 }
 
 fn pod(name: &str) -> Pod {
@@ -362,7 +278,8 @@ async fn helm_template_output_applied_client_side_and_server_side_over_a_running
         .await
         .unwrap();
     let kubeconfig = plane.write_kubeconfig("chart-injector", &token).unwrap();
-    let command = chart_command(&objects, scratch.path(), port, &kubeconfig).unwrap();
+    let mut command = chart_command(&objects, scratch.path(), port, &kubeconfig).unwrap();
+    command.env("WG_INJECTOR_CERT_CHECK_SECONDS", "2");
     let mut injector = ChildGuard::spawn("wg-injector", command, scratch.path()).unwrap();
 
     plane.create_namespace("probe", &[LABEL]).await.unwrap();
@@ -484,7 +401,8 @@ async fn helm_upgrades_over_a_running_install_keep_the_whole_secret_and_every_ad
         .await
         .unwrap();
     let kubeconfig = plane.write_kubeconfig("chart-injector", &token).unwrap();
-    let command = chart_command(&objects, scratch.path(), port, &kubeconfig).unwrap();
+    let mut command = chart_command(&objects, scratch.path(), port, &kubeconfig).unwrap();
+    command.env("WG_INJECTOR_CERT_CHECK_SECONDS", "2");
     let mut injector = ChildGuard::spawn("wg-injector", command, scratch.path()).unwrap();
     plane.create_namespace("probe", &[LABEL]).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "probe");
@@ -559,7 +477,8 @@ async fn syncs_that_empty_the_ca_as_older_charts_did_get_the_served_ca_written_b
         .await
         .unwrap();
     let kubeconfig = plane.write_kubeconfig("chart-injector", &token).unwrap();
-    let command = chart_command(&objects, scratch.path(), port, &kubeconfig).unwrap();
+    let mut command = chart_command(&objects, scratch.path(), port, &kubeconfig).unwrap();
+    command.env("WG_INJECTOR_CERT_CHECK_SECONDS", "2");
     let mut injector = ChildGuard::spawn("wg-injector", command, scratch.path()).unwrap();
     plane.create_namespace("probe", &[LABEL]).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "probe");
