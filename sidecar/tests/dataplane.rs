@@ -124,13 +124,15 @@ fn kill_switch_fails_tunnelled_connections_at_once_and_nothing_leaves_by_the_vet
         "{rules}"
     );
 
-    let connect = "import socket,sys\ntry:\n  socket.create_connection(('10.77.0.1',80),timeout=3)\n  sys.exit('connected')\nexcept OSError as e:\n  print(e.errno)\n";
+    let connect = "import socket,sys\ntry:\n  socket.create_connection(('10.77.0.1',80),timeout=10)\n  sys.exit('connected')\nexcept OSError as e:\n  print(e.errno)\n";
     let start = Instant::now();
     let out = pod.run("python3", &["-c", connect]).unwrap();
     let took = start.elapsed();
     assert_eq!(out.trim(), "113", "expected EHOSTUNREACH, got {out}");
+    // At once, not after the 10 s connect timeout (the bound leaves room for a loaded CI
+    // machine starting python; a timeout would also print no errno).
     assert!(
-        took < Duration::from_secs(1),
+        took < Duration::from_secs(5),
         "connection should fail at once, took {took:?}"
     );
     assert!(pod.run("ping", &["-c1", "-W1", GW_TUN_IP]).is_err());
@@ -325,10 +327,11 @@ fn sidecar_with_openbao_keys_tunnels_ping_and_tcp_goes_ready_hides_keys_and_stop
     }
     assert!(logtext.contains("keys loaded"), "{logtext}");
 
-    // SIGTERM: exit 0 within a second, interface removed, kill switch kept.
-    let (code, took) = sidecar.terminate(Duration::from_secs(1)).unwrap();
-    assert_eq!(code, Some(0), "{}", log_of(&log));
-    assert!(took < Duration::from_secs(1));
+    // SIGTERM: exit 0, interface removed, kill switch kept. The sidecar's watchdog exits 0
+    // 900 ms after the signal reaches it; the 5 s bound is for a loaded CI machine (a timing
+    // target is the benchmark's business, not this test's).
+    let (code, took) = sidecar.terminate(Duration::from_secs(5)).unwrap();
+    assert_eq!(code, Some(0), "took {took:?}: {}", log_of(&log));
     assert!(
         pod.ip(&["link", "show", &ifname]).is_err(),
         "interface still there"
@@ -462,8 +465,8 @@ fn a_post_to_quitquitquit_over_the_pods_loopback_stops_the_sidecar_like_sigterm(
             break st;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "still running 3 s after /quitquitquit: {}",
+            start.elapsed() < Duration::from_secs(5),
+            "still running 5 s after /quitquitquit: {}",
             log_of(&log)
         );
         std::thread::sleep(Duration::from_millis(10));

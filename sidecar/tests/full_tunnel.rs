@@ -120,7 +120,7 @@ fn url(dst: &str) -> String {
 /// `connect()` from the Pod to `dst:8080`: `Ok(())` or the errno, and how long it took.
 fn connect(pod: &Netns, dst: &str) -> (Result<(), i32>, Duration) {
     let code = format!(
-        "import socket,sys\ntry:\n  socket.create_connection(('{dst}',8080),timeout=3)\n  print('connected')\nexcept OSError as e:\n  print(e.errno)\n"
+        "import socket,sys\ntry:\n  socket.create_connection(('{dst}',8080),timeout=10)\n  print('connected')\nexcept OSError as e:\n  print(e.errno)\n"
     );
     let start = Instant::now();
     let out = pod.run("python3", &["-c", &code]).unwrap();
@@ -160,8 +160,9 @@ fn all_unreachable(pod: &Netns, phase: &str) -> Vec<String> {
                 matches!(res, Err(113 | 101)),
                 "{dst} {phase}: {res:?} (want EHOSTUNREACH or ENETUNREACH)"
             );
+            // At once, not after the 10 s connect timeout (room for a loaded CI machine).
             assert!(
-                took < Duration::from_secs(1),
+                took < Duration::from_secs(5),
                 "{dst} {phase}: took {took:?}"
             );
             format!("{dst} errno {} in {took:.0?}", res.unwrap_err())
