@@ -22,7 +22,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector, Pod, Probe,
+    EnvVarSource, ExecAction, HTTPGetAction, HostPathVolumeSource, Lifecycle, LifecycleHandler,
+    ObjectFieldSelector, Pod, Probe,
     ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretVolumeSource,
     SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
@@ -78,6 +79,13 @@ pub const TUN_PATH: &str = "/dev/net/tun";
 pub const HEALTH_PORT: i32 = 9901;
 /// Name of the health port.
 pub const HEALTH_PORT_NAME: &str = "wg-health";
+/// The sidecar binary in its image (the classic-mode `postStart` hook runs it).
+pub const SIDECAR_BINARY: &str = "/usr/local/bin/wg-sidecar";
+/// How long the classic-mode `postStart` hook holds the app for the tunnel (the startup probe's
+/// budget: 120 failures, one a second).
+pub const HOLD_TIMEOUT: &str = "120s";
+/// Kubernetes' `terminationGracePeriodSeconds` when a Pod sets none.
+pub const DEFAULT_GRACE_SECONDS: i64 = 30;
 // The Pod identity env of `wg-sidecar` (downward API), on every injected sidecar whatever its
 // key source: they are names, never secrets; the sidecar's clap reads them as `--pod-namespace`,
 // `--service-account`, `--pod-name` and `--pod-uid` (so they are not rendered as args), and with
@@ -114,6 +122,36 @@ pub fn runs_once(pod: &Pod) -> bool {
         .as_ref()
         .and_then(|s| s.restart_policy.as_deref())
         .is_some_and(|p| p == "Never" || p == "OnFailure")
+}
+
+/// The longest drain of a classic-mode sidecar after SIGTERM: the Pod's grace period, after
+/// which the kubelet kills every container anyway.
+#[must_use]
+pub fn drain_seconds(pod: &Pod) -> i64 {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.termination_grace_period_seconds)
+        .unwrap_or(DEFAULT_GRACE_SECONDS)
+        .max(0)
+}
+
+/// Classic mode's `postStart` hook: the kubelet starts the next container (the app) only once
+/// `wg-sidecar wait` has seen `/ready` answer 200 (the sidecar is the first container).
+fn hold_until_ready() -> Lifecycle {
+    Lifecycle {
+        post_start: Some(LifecycleHandler {
+            exec: Some(ExecAction {
+                command: Some(vec![
+                    SIDECAR_BINARY.to_owned(),
+                    "wait".to_owned(),
+                    format!("--addr=127.0.0.1:{HEALTH_PORT}"),
+                    format!("--timeout={HOLD_TIMEOUT}"),
+                ]),
+            }),
+            ..LifecycleHandler::default()
+        }),
+        ..Lifecycle::default()
+    }
 }
 
 /// The injected Pod and what the user should be told.
@@ -469,6 +507,11 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
     // Both families: `[::]` with IPv4-mapped addresses (the sidecar falls back to 0.0.0.0
     // where the Pod has no IPv6), so kubelet probes work on IPv4, IPv6 and dual-stack clusters.
     args.push(format!("--health-addr=[::]:{HEALTH_PORT}"));
+    // Classic mode: the app is stopped together with the sidecar, which keeps the tunnel while
+    // the app still holds connections (native sidecars are stopped after the app).
+    if mode == SidecarMode::Classic {
+        args.push(format!("--drain-timeout={}s", drain_seconds(pod)));
+    }
     if config.tun_device == TunDevice::HostPath {
         mounts.push(mount(TUN_VOLUME, TUN_PATH, false));
         volumes.push(Volume {
@@ -494,6 +537,7 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
             ..ContainerPort::default()
         }]),
         restart_policy: (mode == SidecarMode::Native).then(|| "Always".to_owned()),
+        lifecycle: (mode == SidecarMode::Classic).then(hold_until_ready),
         startup_probe: Some(probe("/ready", 1, 120)),
         readiness_probe: Some(probe("/ready", 5, 3)),
         liveness_probe: Some(probe("/healthz", 10, 3)),

@@ -48,7 +48,8 @@ pub const DOORKEEPER_FACTOR: usize = 4;
 
 /// What the diff of a fresh Pod depends on besides the injection: whether each map or list the
 /// injection adds to exists, and how long the lists are; and what its warnings depend on
-/// besides the injection: whether the Pod runs once ([`inject::runs_once`]).
+/// besides the injection: whether the Pod runs once ([`inject::runs_once`]); and the one value
+/// the injection takes from the Pod, the classic-mode drain bound ([`inject::drain_seconds`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Shape {
     annotations: bool,
@@ -57,6 +58,7 @@ pub struct Shape {
     init_containers: Option<usize>,
     volumes: Option<usize>,
     runs_once: bool,
+    drain_seconds: i64,
 }
 
 impl Shape {
@@ -71,6 +73,7 @@ impl Shape {
             init_containers: spec.init_containers.as_ref().map(Vec::len),
             volumes: spec.volumes.as_ref().map(Vec::len),
             runs_once: inject::runs_once(pod),
+            drain_seconds: inject::drain_seconds(pod),
         })
     }
 }
@@ -242,6 +245,7 @@ mod tests {
                 init_containers: None,
                 volumes: Some(1),
                 runs_once: false,
+                drain_seconds: 30,
             },
         }
     }

@@ -57,6 +57,29 @@ pub enum Command {
     Keys(Box<crate::keys::KeysArgs>),
     /// Vault administration: bootstrap (the policies and roles of a gateway and its Pods).
     Vault(Box<crate::bootstrap::VaultCommandArgs>),
+    /// Wait until the sidecar's `/ready` answers 200 (the classic-mode `postStart` hook that
+    /// holds the app until the tunnel is up; see `lifecycle`).
+    Wait(WaitArgs),
+}
+
+/// Flags of `wg-sidecar wait`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaitArgs {
+    /// The sidecar's health address.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub addr: SocketAddr,
+    /// Give up (exit 1) after this long (`120s`, `5m`).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// A duration flag (`30s`, `5m`, `1h30m`), with an error naming the value.
+fn parse_duration(v: &str) -> std::result::Result<Duration, String> {
+    v.trim()
+        .parse::<jiff::SignedDuration>()
+        .ok()
+        .and_then(|d| Duration::try_from(d).ok())
+        .ok_or_else(|| format!("{v:?} is not a duration (e.g. 30s, 5m)"))
 }
 
 /// Flags of `wg-sidecar init`.
@@ -237,6 +260,11 @@ pub struct RunArgs {
     /// the key lives as long as the sidecar.
     #[arg(long, env = "WG_SIDECAR_KEY_ROTATION_INTERVAL")]
     pub key_rotation_interval: Option<String>,
+    /// After SIGTERM, keep the tunnel up while another process of the Pod holds a TCP socket,
+    /// for at most this long (`25s`; `0s`: stop at once). The injector sets it in classic mode,
+    /// where the app is stopped at the same time as the sidecar (see `lifecycle`).
+    #[arg(long, env = "WG_SIDECAR_DRAIN_TIMEOUT", default_value = "0s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 /// Where the running sidecar gets its keys, validated.
@@ -294,6 +322,8 @@ pub struct RunConfig {
     pub failover_after: Duration,
     /// In-place rotation of the key born in the Pod (`None`: off).
     pub key_rotation_interval: Option<Duration>,
+    /// The longest drain after SIGTERM (zero: none).
+    pub drain_timeout: Duration,
 }
 
 /// What goes through the tunnel: `routes` (host bits cleared) and, as host routes, the `dns`
@@ -455,6 +485,7 @@ impl RunArgs {
             poll_interval: Duration::from_secs(self.poll_interval),
             failover_after: Duration::from_secs(self.failover_after),
             key_rotation_interval,
+            drain_timeout: self.drain_timeout,
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod health;
 pub mod init;
 pub mod keys;
 pub mod keysource;
+pub mod lifecycle;
 pub mod metrics;
 pub mod nat;
 pub mod pod_index;

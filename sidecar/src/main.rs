@@ -56,12 +56,24 @@ async fn main() -> anyhow::Result<()> {
             // by its own task, so a busy control loop cannot delay it; a watchdog guarantees
             // exit 0 within a second even if cleanup hangs (the TUN device disappears with the
             // process anyway).
+            // With `--drain-timeout`, SIGTERM first waits for the app's connections to end (classic
+            // mode: the app is stopped at the same time); `/quitquitquit` is the app saying it is
+            // done and stops at once.
             let request = wg_sidecar::health::ShutdownRequest::new();
             let requested = request.clone();
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let drain = cfg.drain_timeout;
+            let interface = cfg.interface.clone();
             tokio::spawn(async move {
                 tokio::select! {
-                    () = shutdown_signal() => {}
+                    () = shutdown_signal() => {
+                        if !drain.is_zero() {
+                            tokio::select! {
+                                _ = wg_sidecar::lifecycle::drain(drain, &interface) => {}
+                                () = requested.raised() => {}
+                            }
+                        }
+                    }
                     () = requested.raised() => {}
                 }
                 std::thread::spawn(|| {
@@ -89,5 +101,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Vault(args) => wg_sidecar::bootstrap::run(*args)
             .await
             .context("wg-sidecar vault failed"),
+        Command::Wait(args) => {
+            let waited = wg_sidecar::lifecycle::wait_ready(args.addr, args.timeout)
+                .await
+                .context("wg-sidecar wait failed")?;
+            tracing::info!(
+                waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                "the sidecar is ready; the app starts"
+            );
+            Ok(())
+        }
     }
 }

@@ -26,6 +26,7 @@ use crate::{
     secret::Secret,
 };
 
+mod link;
 mod userspace;
 pub use userspace::UserspaceConfig;
 
@@ -263,6 +264,22 @@ impl WgTunnel {
                 reason: e.to_string(),
             }
         };
+        // The name is the sidecar's (the injector reserves it in the Pod): a link of that name
+        // is one an earlier run left behind when it was killed without cleanup.
+        match link::delete_if_present(name) {
+            Ok(true) => tracing::warn!(
+                interface = name,
+                "removed an interface left behind by an earlier run that did not exit cleanly (OOM kill or SIGKILL); creating it again"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                return Err(SidecarError::Tunnel {
+                    op: "remove the leftover",
+                    interface: name.to_owned(),
+                    reason: e.to_string(),
+                })
+            }
+        }
         let mut kernel = WGApi::<Kernel>::new(name).map_err(err("prepare"))?;
         let api = match kernel.create_interface() {
             Ok(()) => Api::Kernel(kernel),

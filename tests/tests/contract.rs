@@ -120,6 +120,36 @@ fn check(pod: &Pod, origin: &str) -> usize {
             (name, command) => panic!("{origin}: {name} runs {command:?}"),
         }
         checked += 1;
+        // The classic-mode postStart hook (on the sidecar among the app containers, only there):
+        // the image's binary, a `wait` the sidecar accepts.
+        let classic = spec.containers.iter().any(|c| std::ptr::eq(c, container));
+        let hook = container
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.post_start.as_ref())
+            .and_then(|h| h.exec.as_ref())
+            .and_then(|e| e.command.clone());
+        assert_eq!(
+            hook.is_some(),
+            classic && container.name == "wg-sidecar",
+            "{origin}: {} hook {hook:?}",
+            container.name
+        );
+        if let Some(command) = hook {
+            assert_eq!(
+                command[0], "/usr/local/bin/wg-sidecar",
+                "{origin}: {command:?}"
+            );
+            let mut hook_argv = command.clone();
+            hook_argv[0] = "wg-sidecar".to_owned();
+            let parsed = Cli::try_parse_from(&hook_argv).unwrap_or_else(|e| {
+                panic!("{origin}: the postStart hook does not parse: {e}\n{command:?}")
+            });
+            assert!(
+                matches!(parsed.command, Command::Wait(_)),
+                "{origin}: {command:?}"
+            );
+        }
     }
     checked
 }

@@ -2,18 +2,11 @@
 //!
 //! Owns: creating the BoringTun device (TUN interface plus its worker threads) with the
 //! sidecar's own [`DeviceConfig`] instead of the library default, and bringing the link up.
+//! Also takes SIGTERM away from the device (its signalfd is replaced: the sidecar stops it).
 //! Configuration (key, MTU, addresses, peers) still goes through `defguard_wireguard_rs` over
 //! the device's UAPI socket. Must never: configure keys or peers itself, or touch routes.
 
 use defguard_boringtun::device::{DeviceConfig, DeviceHandle};
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
-use rtnetlink::{
-    packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST},
-    packet_route::{
-        link::{LinkAttribute, LinkFlags, LinkMessage},
-        RouteNetlinkMessage,
-    },
-};
 
 /// How the BoringTun device runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,36 +37,45 @@ pub(super) fn create(name: &str, cfg: UserspaceConfig) -> std::io::Result<Device
         use_multi_queue: cfg.multi_queue,
         ..DeviceConfig::default()
     };
+    let before = signalfds();
     let handle = DeviceHandle::new(name, config).map_err(std::io::Error::other)?;
+    // BoringTun stops the device on SIGTERM/SIGINT through a signalfd of its own, racing the
+    // sidecar's handler for the signal: the tunnel could vanish at the first SIGTERM, before a
+    // drain (see `lifecycle`) or the gateway's shutdown delay. The sidecar decides when to stop.
+    for fd in signalfds().difference(&before) {
+        neutralize_signalfd(*fd)?;
+    }
     // The TUN interface starts down; Linux does not bring it up when addresses are assigned.
-    set_link_up(name)?;
+    super::link::set_up(name)?;
     Ok(handle)
 }
 
-/// `ip link set NAME up` over a synchronous rtnetlink socket (the link is found by name).
-fn set_link_up(name: &str) -> std::io::Result<()> {
-    let mut link = LinkMessage::default();
-    link.header.flags = LinkFlags::Up;
-    link.header.change_mask = LinkFlags::Up;
-    link.attributes.push(LinkAttribute::IfName(name.to_owned()));
-    let mut req = NetlinkMessage::from(RouteNetlinkMessage::SetLink(link));
-    req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    req.finalize();
-    let mut buf = vec![0u8; req.buffer_len()];
-    req.serialize(&mut buf);
+/// The signalfd descriptors of this process (`/proc/self/fd/N` → `anon_inode:[signalfd]`).
+fn signalfds() -> std::collections::BTreeSet<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return std::collections::BTreeSet::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:[signalfd]")
+        })
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
 
-    let mut sock = Socket::new(NETLINK_ROUTE)?;
-    sock.bind_auto()?;
-    sock.connect(&SocketAddr::new(0, 0))?;
-    sock.send(&buf, 0)?;
-    let (answer, _) = sock.recv_from_full()?;
-    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer)
-        .map_err(std::io::Error::other)?;
-    match reply.payload {
-        NetlinkPayload::Error(e) if e.code.is_none() => Ok(()),
-        NetlinkPayload::Error(e) => Err(e.to_io()),
-        _ => Err(std::io::Error::other(
-            "unexpected rtnetlink answer to set link up",
-        )),
+/// Puts `/dev/null` in place of the device's signalfd `fd`: the signalfd's file is released, so
+/// epoll forgets it and the device's "exit on signal" handler never runs; the device still owns
+/// the number and closes it on drop (now the `/dev/null` copy).
+#[allow(unsafe_code)]
+fn neutralize_signalfd(fd: i32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let null = std::fs::File::open("/dev/null")?;
+    // SAFETY: dup2 on two open descriptors: `null` is ours and stays open for the call, `fd` is
+    // a signalfd the device just created and keeps; dup2 atomically replaces what `fd` refers
+    // to and touches no memory.
+    let res = unsafe { nix::libc::dup2(null.as_raw_fd(), fd) };
+    if res < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(())
 }
