@@ -895,6 +895,12 @@ fn the_users_path_on_a_real_node() {
 
     step(
         t0,
+        "classic mode: the app's first request succeeds, and its requests during a 10 s graceful shutdown",
+    );
+    hold_and_drain(&node, app_image);
+
+    step(
+        t0,
         "a Job with an injected Pod completes (classic mode: the app stops the sidecar)",
     );
     let t_job = Instant::now();
@@ -934,6 +940,133 @@ fn the_users_path_on_a_real_node() {
     let left = node.stop();
     assert!(left.0.is_empty(), "left behind: {:#?}", left.0);
     eprintln!("whole test {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// An app that makes its first request through the tunnel the moment it starts (fails the Pod
+/// otherwise), and on SIGTERM makes ten more a second apart before it exits with the number that
+/// failed; the result is its termination message. A finalizer keeps the deleted Pod readable.
+fn draining_app(image: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: drain
+  namespace: shop
+  labels: {{app: drain}}
+  annotations: {{wg-injector.io/inject: "true"}}
+  finalizers: [wg-injector.io/test-hold]
+spec:
+  serviceAccountName: web
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 30
+  containers:
+  - name: app
+    image: {image}
+    imagePullPolicy: Never
+    command: ["/bin/busybox", "sh", "-c"]
+    args:
+    - |
+      /http-get {SERVICE_URL} >/dev/null || {{ echo "first request failed" > /dev/termination-log; exit 3; }}
+      drain() {{
+        ok=0; failed=0
+        for i in $(busybox seq 10); do
+          if /http-get {SERVICE_URL} >/dev/null; then ok=$((ok+1)); else failed=$((failed+1)); fi
+          busybox sleep 1
+        done
+        echo "first=ok drain_ok=$ok drain_failed=$failed" > /dev/termination-log
+        exit $failed
+      }}
+      trap drain TERM
+      while true; do busybox sleep 1 & wait $!; done
+"#
+    )
+}
+
+/// Issue 18, item 1 on the real node (Kubernetes 1.20 here: classic mode; native sidecars need
+/// 1.29): the postStart hook holds the app until the tunnel is up, so its very first request
+/// succeeds; `kubectl delete` stops app and sidecar together, and the sidecar keeps the tunnel
+/// while the app makes its ten shutdown requests.
+fn hold_and_drain(node: &Node, image: &str) {
+    node.apply(&draining_app(image)).unwrap();
+    Node::wait_for("the drain Pod Ready", Duration::from_secs(120), || {
+        let p = node.kubectl_json(&["-n", "shop", "get", "pod", "drain"])?;
+        if let Some(t) = p["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == "app")
+            .and_then(|c| c["state"]["terminated"].as_object())
+        {
+            bail!("the app stopped at start: {t:?}");
+        }
+        Ok(all_ready(&p).then_some(()))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}
+{}",
+            describe(node, "shop")
+        )
+    });
+    let deleted = Instant::now();
+    node.run_ok(
+        "kubectl",
+        &["-n", "shop", "delete", "pod", "drain", "--wait=false"],
+    )
+    .unwrap();
+    let app = Node::wait_for("the app's shutdown to end", Duration::from_secs(60), || {
+        let p = node.kubectl_json(&["-n", "shop", "get", "pod", "drain"])?;
+        let statuses = p["status"]["containerStatuses"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let done = |name: &str| {
+            statuses
+                .iter()
+                .find(|c| c["name"] == name)
+                .and_then(|c| c["state"]["terminated"].as_object().cloned())
+        };
+        Ok(done("app").zip(done("wg-sidecar")))
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}
+{}",
+            describe(node, "shop")
+        )
+    });
+    let took = deleted.elapsed();
+    let (app, sidecar) = app;
+    node.run_ok(
+        "kubectl",
+        &[
+            "-n",
+            "shop",
+            "patch",
+            "pod",
+            "drain",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+        ],
+    )
+    .unwrap();
+    let message = app["message"]
+        .as_str()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    assert_eq!(
+        (app["exitCode"].as_i64(), message.as_str()),
+        (Some(0), "first=ok drain_ok=10 drain_failed=0"),
+        "the app during its shutdown: {app:?}; the sidecar: {sidecar:?}"
+    );
+    assert_eq!(sidecar["exitCode"].as_i64(), Some(0), "{sidecar:?}");
+    eprintln!(
+        "first request ok; 10/10 shutdown requests ok; app and sidecar terminated {:.1} s after the delete (sidecar: {})",
+        took.as_secs_f64(),
+        sidecar["finishedAt"]
+    );
 }
 
 /// `kubectl rollout restart` of the injector while Pods are created one after another until the
