@@ -549,7 +549,7 @@ pub fn validate_dns1123_subdomain(name: &str) -> Result<(), String> {
     }
 }
 
-fn validate_dns_name(host: &str) -> Result<(), ()> {
+pub(crate) fn validate_dns_name(host: &str) -> Result<(), ()> {
     let ok = !host.is_empty()
         && host.len() <= 253
         && host.split('.').all(|label| {

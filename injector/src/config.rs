@@ -71,6 +71,12 @@ pub struct GatewayProfile {
     pub routes: Vec<IpNet>,
     /// DNS servers reached through the tunnel when a Pod sets no `wg-injector.io/dns`.
     pub dns: Vec<IpAddr>,
+    /// Search domains of the Pod's resolver when the injector sets its `dnsConfig` (a Pod with
+    /// DNS servers through the tunnel; see [`crate::inject`]). Empty: none, so short names are
+    /// not expanded with the cluster's domains and sent to the tunnel's servers.
+    pub dns_searches: Vec<String>,
+    /// Resolver options (`ndots:2`, `edns0`), as `name` or `name:value`.
+    pub dns_options: Vec<String>,
 }
 
 /// The cluster's Pod and Service networks and DNS servers: what the sidecar reaches outside the
@@ -207,6 +213,8 @@ impl Default for Config {
                         .unwrap_or_default(),
                 )],
                 dns: Vec::new(),
+                dns_searches: Vec::new(),
+                dns_options: Vec::new(),
             },
         );
         Self {
@@ -465,6 +473,7 @@ impl Config {
     /// `wg-injector.io/endpoints`.)
     fn validate_profile_routes(&self) -> Result<(), String> {
         for (name, profile) in &self.gateways {
+            crate::inject::dns_settings(profile).map_err(|e| format!("gateways.{name}.{e}"))?;
             if let Some(overlap) = routes::overlap(&profile.routes) {
                 return Err(format!("gateways.{name}.routes: {overlap}"));
             }
@@ -684,6 +693,14 @@ mod tests {
         for (yaml, wanted) in [
             ("cluster:\n  podCIDRs: [10.244.0.0/33]\n", "podCIDRs"),
             ("cluster:\n  serviceCIDRs: [banana]\n", "serviceCIDRs"),
+            (
+                "gateways:\n  default:\n    dnsSearches: [\"bad domain\"]\n",
+                "gateways.default.dnsSearches: \"bad domain\" is not a DNS name",
+            ),
+            (
+                "gateways:\n  default:\n    dnsOptions: [\"ndots:\"]\n",
+                "gateways.default.dnsOptions: \"ndots:\" is not name or name:value",
+            ),
             ("cluster:\n  dns: [10.96.0.0/12]\n", "cluster.dns"),
             ("cluster:\n  podCidrs: [10.244.0.0/16]\n", "podCidrs"),
             (

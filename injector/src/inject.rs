@@ -23,9 +23,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, ExecAction, HTTPGetAction, HostPathVolumeSource, Lifecycle, LifecycleHandler,
-    ObjectFieldSelector, Pod, Probe,
-    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    ObjectFieldSelector, Pod, PodDNSConfig, PodDNSConfigOption, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -36,7 +36,7 @@ use crate::annotations::{
     self, InjectionSpec, KeySource, SidecarMode, NAMESPACE_PLACEHOLDER, POD_PLACEHOLDER,
     SERVICE_ACCOUNT_PLACEHOLDER, STATUS, TUNNEL_LABEL,
 };
-use crate::config::{Config, TunDevice};
+use crate::config::{Config, GatewayProfile, TunDevice};
 use crate::patch::Parts;
 use crate::routes;
 
@@ -172,6 +172,129 @@ struct Status<'a> {
     mode: &'a str,
     containers: Vec<&'a str>,
     volumes: Vec<&'a str>,
+    /// Set when the injector set the Pod's resolver: what [`uninject`] restores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<StatusDns<'a>>,
+}
+
+/// The Pod's `dnsPolicy` before the injector set `None` (absent: it had none).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusDns<'a> {
+    policy_before: Option<&'a str>,
+}
+
+/// Most `nameservers` a Pod's `dnsConfig` may list (Kubernetes validation).
+pub const MAX_NAMESERVERS: usize = 3;
+/// Most search domains, and their total length, that every Kubernetes version accepts (1.28
+/// raised them to 32 and 2048).
+pub const MAX_SEARCHES: usize = 6;
+/// See [`MAX_SEARCHES`].
+pub const MAX_SEARCH_CHARS: usize = 256;
+
+/// The Pod's resolver when its DNS servers are reached through the tunnel: `dnsPolicy: None`
+/// and this `dnsConfig`, so the app asks the tunnel's servers and never the cluster's for a
+/// tunnelled name (issue 17: private names leaked to cluster DNS).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolver {
+    /// The `dnsConfig` set.
+    pub config: PodDNSConfig,
+    /// The Pod's `dnsPolicy` before (recorded in the status annotation for [`uninject`]).
+    pub policy_before: Option<String>,
+}
+
+/// A profile's `dnsSearches` and `dnsOptions`, validated (the error names the key and value).
+///
+/// # Errors
+/// A search domain that is not a DNS name, more than [`MAX_SEARCHES`] or [`MAX_SEARCH_CHARS`],
+/// or an option that is not `name` or `name:value`.
+pub fn dns_settings(
+    profile: &GatewayProfile,
+) -> Result<(Vec<String>, Vec<PodDNSConfigOption>), String> {
+    for search in &profile.dns_searches {
+        crate::annotations::validate_dns_name(search.trim_end_matches('.')).map_err(|()| {
+            format!("dnsSearches: {search:?} is not a DNS name (e.g. corp.example.com)")
+        })?;
+    }
+    let chars: usize = profile.dns_searches.iter().map(String::len).sum();
+    if profile.dns_searches.len() > MAX_SEARCHES || chars > MAX_SEARCH_CHARS {
+        return Err(format!(
+            "dnsSearches: {} domains, {chars} characters; Kubernetes before 1.28 accepts at most {MAX_SEARCHES} and {MAX_SEARCH_CHARS}",
+            profile.dns_searches.len()
+        ));
+    }
+    let options = profile
+        .dns_options
+        .iter()
+        .map(|o| {
+            let (name, value) = match o.split_once(':') {
+                Some((n, v)) => (n, Some(v.to_owned())),
+                None => (o.as_str(), None),
+            };
+            let bad =
+                name.is_empty() || o.contains(char::is_whitespace) || value.as_deref() == Some("");
+            if bad {
+                return Err(format!(
+                    "dnsOptions: {o:?} is not name or name:value (e.g. ndots:2, edns0)"
+                ));
+            }
+            Ok(PodDNSConfigOption {
+                name: Some(name.to_owned()),
+                value,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((profile.dns_searches.clone(), options))
+}
+
+/// Whether the Pod chose its own resolver (`dnsPolicy: None` or a `dnsConfig`): then the
+/// injector leaves it and warns.
+#[must_use]
+pub fn has_own_resolver(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .is_some_and(|s| s.dns_config.is_some() || s.dns_policy.as_deref() == Some("None"))
+}
+
+/// The resolver for `dns` (see [`Resolver`]); `None` without DNS servers, or when the Pod has
+/// its own (a warning then says which servers it does not use).
+fn tunnel_resolver(
+    pod: &Pod,
+    dns: &[std::net::IpAddr],
+    profile: &GatewayProfile,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Resolver>, Denial> {
+    if dns.is_empty() {
+        return Ok(None);
+    }
+    let servers = dns.iter().map(ToString::to_string).collect::<Vec<_>>();
+    if dns.len() > MAX_NAMESERVERS {
+        return Err(deny(
+            "invalid_annotation",
+            format!(
+                "{} DNS servers ({}): a Pod's dnsConfig holds at most {MAX_NAMESERVERS} (Kubernetes validation); list at most {MAX_NAMESERVERS} in {}",
+                dns.len(),
+                servers.join(","),
+                crate::annotations::DNS
+            ),
+        ));
+    }
+    if has_own_resolver(pod) {
+        warnings.push(format!(
+            "wg-injector: the Pod sets its own DNS (dnsPolicy None or dnsConfig), so the injector leaves it: it resolves through its own servers, not the tunnel's {}",
+            servers.join(",")
+        ));
+        return Ok(None);
+    }
+    let (searches, options) = dns_settings(profile).map_err(|e| deny("invalid_config", e))?;
+    Ok(Some(Resolver {
+        config: PodDNSConfig {
+            nameservers: Some(servers),
+            searches: (!searches.is_empty()).then_some(searches),
+            options: (!options.is_empty()).then_some(options),
+        },
+        policy_before: pod.spec.as_ref().and_then(|s| s.dns_policy.clone()),
+    }))
 }
 
 fn deny(reason: &'static str, message: String) -> Denial {
@@ -193,6 +316,8 @@ pub struct Injection {
     pub sidecar: Container,
     /// The volumes, appended after the Pod's own.
     pub volumes: Vec<Volume>,
+    /// The Pod's resolver, when its DNS goes through the tunnel.
+    pub resolver: Option<Resolver>,
     /// The resolved placement.
     pub mode: SidecarMode,
     /// Admission warnings.
@@ -225,6 +350,10 @@ impl Injection {
             .volumes
             .get_or_insert_with(Vec::new)
             .extend(self.volumes);
+        if let Some(resolver) = self.resolver {
+            pod_spec.dns_policy = Some("None".to_owned());
+            pod_spec.dns_config = Some(resolver.config);
+        }
         Outcome {
             pod,
             warnings: self.warnings,
@@ -254,6 +383,10 @@ impl Injection {
             .volumes
             .get_or_insert_with(Vec::new)
             .extend(&self.volumes);
+        if let Some(resolver) = &self.resolver {
+            parts.dns_policy = Some(Cow::Borrowed("None"));
+            parts.dns_config = Some(Cow::Borrowed(&resolver.config));
+        }
         Some(parts)
     }
 }
@@ -382,6 +515,7 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
     if mode == SidecarMode::Classic && runs_once(pod) {
         warnings.push(classic_run_once_warning());
     }
+    let resolver = tunnel_resolver(pod, &dns, profile, &mut warnings)?;
     let resources = resources(spec, config)?;
 
     let join = |items: Vec<String>| items.join(",");
@@ -553,6 +687,9 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
         mode: mode.as_str(),
         containers: vec![INIT_CONTAINER, SIDECAR_CONTAINER],
         volumes: volumes.iter().map(|v| v.name.as_str()).collect(),
+        dns: resolver.as_ref().map(|r| StatusDns {
+            policy_before: r.policy_before.as_deref(),
+        }),
     };
     let status = serde_json::to_string(&status).unwrap_or_default();
 
@@ -562,6 +699,7 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
         init,
         sidecar,
         volumes,
+        resolver,
         mode,
         warnings,
     })
@@ -573,6 +711,7 @@ pub fn plan(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Injectio
 pub fn uninject(pod: &Pod) -> Pod {
     let mut pod = pod.clone();
     let mut found = false;
+    let dns_before = status_dns(&pod);
     if let Some(spec) = pod.spec.as_mut() {
         if let Some(inits) = spec.init_containers.as_mut() {
             let before = inits.len();
@@ -592,6 +731,10 @@ pub fn uninject(pod: &Pod) -> Pod {
                     spec.volumes = None;
                 }
             }
+            if let Some(before) = dns_before {
+                spec.dns_config = None;
+                spec.dns_policy = before.policy;
+            }
         }
     }
     let metadata = &mut pod.metadata;
@@ -610,6 +753,23 @@ pub fn uninject(pod: &Pod) -> Pod {
         }
     }
     pod
+}
+
+/// What the status annotation says of a resolver the injector set.
+struct DnsBefore {
+    /// The Pod's `dnsPolicy` before (`None`: it had none).
+    policy: Option<String>,
+}
+
+/// [`DnsBefore`] from the status annotation; `None` when the injector did not set the resolver
+/// (or the annotation is gone).
+fn status_dns(pod: &Pod) -> Option<DnsBefore> {
+    let status = pod.metadata.annotations.as_ref()?.get(STATUS)?;
+    let value: serde_json::Value = serde_json::from_str(status).ok()?;
+    let dns = value.get("dns")?;
+    Some(DnsBefore {
+        policy: dns.get("policyBefore")?.as_str().map(str::to_owned),
+    })
 }
 
 /// Whether `pod` carries nothing [`uninject`] would remove (no injected container, no status

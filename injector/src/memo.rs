@@ -49,7 +49,8 @@ pub const DOORKEEPER_FACTOR: usize = 4;
 /// What the diff of a fresh Pod depends on besides the injection: whether each map or list the
 /// injection adds to exists, and how long the lists are; and what its warnings depend on
 /// besides the injection: whether the Pod runs once ([`inject::runs_once`]); and the one value
-/// the injection takes from the Pod, the classic-mode drain bound ([`inject::drain_seconds`]).
+/// the injection takes from the Pod, the classic-mode drain bound ([`inject::drain_seconds`]);
+/// and its resolver settings ([`DnsShape`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Shape {
     annotations: bool,
@@ -59,6 +60,36 @@ pub struct Shape {
     volumes: Option<usize>,
     runs_once: bool,
     drain_seconds: i64,
+    dns: DnsShape,
+}
+
+/// What the resolver part of the patch depends on: the Pod's own `dnsPolicy` (replaced, or
+/// added, and recorded in the status annotation) and whether it chose its own resolver (then it
+/// is left alone, with a warning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum DnsShape {
+    /// Its own resolver (`dnsPolicy: None` or a `dnsConfig`).
+    Own,
+    /// No `dnsPolicy`.
+    NoPolicy,
+    /// One of the policies Kubernetes knows, as written.
+    Policy(&'static str),
+}
+
+impl DnsShape {
+    /// `None` for a policy Kubernetes does not know (such a Pod is not remembered).
+    fn of(pod: &Pod) -> Option<Self> {
+        if inject::has_own_resolver(pod) {
+            return Some(Self::Own);
+        }
+        match pod.spec.as_ref()?.dns_policy.as_deref() {
+            None => Some(Self::NoPolicy),
+            Some(p) => ["ClusterFirst", "ClusterFirstWithHostNet", "Default"]
+                .into_iter()
+                .find(|known| *known == p)
+                .map(Self::Policy),
+        }
+    }
 }
 
 impl Shape {
@@ -74,6 +105,7 @@ impl Shape {
             volumes: spec.volumes.as_ref().map(Vec::len),
             runs_once: inject::runs_once(pod),
             drain_seconds: inject::drain_seconds(pod),
+            dns: DnsShape::of(pod)?,
         })
     }
 }
@@ -246,6 +278,7 @@ mod tests {
                 volumes: Some(1),
                 runs_once: false,
                 drain_seconds: 30,
+                dns: DnsShape::Policy("ClusterFirst"),
             },
         }
     }

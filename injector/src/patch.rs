@@ -23,7 +23,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use json_patch::jsonptr::PointerBuf;
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Volume};
+use k8s_openapi::api::core::v1::{Container, Pod, PodDNSConfig, PodSpec, Volume};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 use serde_json::value::{to_raw_value, RawValue};
@@ -165,6 +165,10 @@ pub struct Parts<'a> {
     pub labels: Option<Cow<'a, BTreeMap<String, String>>>,
     /// `spec.containers`.
     pub containers: Vec<&'a Container>,
+    /// `spec.dnsConfig`.
+    pub dns_config: Option<Cow<'a, PodDNSConfig>>,
+    /// `spec.dnsPolicy`.
+    pub dns_policy: Option<Cow<'a, str>>,
     /// `spec.initContainers`.
     pub init_containers: Option<Vec<&'a Container>>,
     /// `spec.volumes`.
@@ -181,6 +185,8 @@ impl<'a> Parts<'a> {
             annotations: pod.metadata.annotations.as_ref().map(Cow::Borrowed),
             labels: pod.metadata.labels.as_ref().map(Cow::Borrowed),
             containers: spec.containers.iter().collect(),
+            dns_config: spec.dns_config.as_ref().map(Cow::Borrowed),
+            dns_policy: spec.dns_policy.as_deref().map(Cow::Borrowed),
             init_containers: spec.init_containers.as_ref().map(|l| l.iter().collect()),
             volumes: spec.volumes.as_ref().map(|l| l.iter().collect()),
         })
@@ -194,8 +200,8 @@ impl<'a> Parts<'a> {
 /// When a changed element cannot be serialised.
 pub fn diff_parts(left: &Parts<'_>, right: &Parts<'_>) -> Result<Patch, serde_json::Error> {
     // The order of the operations is the one `walk` gives on the documents: keys in sorted
-    // order (`metadata` < `spec`; `annotations` < `labels`; `containers` < `initContainers` <
-    // `volumes`), removals of a level after its walk.
+    // order (`metadata` < `spec`; `annotations` < `labels`; `containers` < `dnsConfig` <
+    // `dnsPolicy` < `initContainers` < `volumes`), removals of a level after its walk.
     let mut ops = Vec::new();
     let mut pointer = PointerBuf::new();
     pointer.push_back("metadata");
@@ -227,6 +233,24 @@ pub fn diff_parts(left: &Parts<'_>, right: &Parts<'_>) -> Result<Patch, serde_js
     pointer.push_back("containers");
     list(&left.containers, &right.containers, &mut pointer, &mut ops)?;
     pointer.pop_back();
+    let (lc, rc) = (left.dns_config.as_deref(), right.dns_config.as_deref());
+    pointer.push_back("dnsConfig");
+    match (lc, rc) {
+        (None, Some(r)) => add(&pointer, to_raw_value(r)?, &mut ops),
+        // Never a change of the Pod's own dnsConfig (the injector leaves one alone): the walk
+        // would go into it; as one value it is the same document.
+        (Some(l), Some(r)) if l != r => replace(&pointer, to_raw_value(r)?, &mut ops),
+        _ => {}
+    }
+    pointer.pop_back();
+    let (lp, rp) = (left.dns_policy.as_deref(), right.dns_policy.as_deref());
+    pointer.push_back("dnsPolicy");
+    match (lp, rp) {
+        (None, Some(r)) => add(&pointer, to_raw_value(r)?, &mut ops),
+        (Some(l), Some(r)) if l != r => replace(&pointer, to_raw_value(r)?, &mut ops),
+        _ => {}
+    }
+    pointer.pop_back();
     let (li, ri) = (&left.init_containers, &right.init_containers);
     let (lv, rv) = (&left.volumes, &right.volumes);
     pointer.push_back("initContainers");
@@ -237,6 +261,8 @@ pub fn diff_parts(left: &Parts<'_>, right: &Parts<'_>) -> Result<Patch, serde_js
     pointer.pop_back();
     removals(
         &[
+            ("dnsConfig", lc.is_some(), rc.is_some()),
+            ("dnsPolicy", lp.is_some(), rp.is_some()),
             ("initContainers", li.is_some(), ri.is_some()),
             ("volumes", lv.is_some(), rv.is_some()),
         ],

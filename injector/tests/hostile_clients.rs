@@ -335,8 +335,10 @@ async fn idle_and_slowloris_clients_neither_starve_a_normal_client_nor_stay_open
     }
     assert_eq!(closed["idle"].len(), IDLE);
     assert_eq!(closed["slowloris"].len(), SLOWLORIS);
+    // Starved would be seconds (a header timeout); the 250 ms allowance keeps a loaded CI
+    // machine (other test binaries building) from failing a server that is fine.
     assert!(
-        loaded <= quiet * 2 + Duration::from_millis(5),
+        loaded <= quiet * 2 + Duration::from_millis(250),
         "p99 under attack {loaded:?} is more than 2x the quiet p99 {quiet:?}"
     );
     // And the server is still fine afterwards.

@@ -148,7 +148,8 @@ pub fn plan(args: &BootstrapArgs, accessor: &str) -> Plan {
     let gateway_policy = format!(
         "# Written by `wg-sidecar vault bootstrap`: the gateway {gw} reads its Pods' records and\n\
          # claims, releases them when a Pod is gone, writes its verdicts on refused Pods (and\n\
-         # deletes them), and reads its keys.\n\
+         # deletes them), reads its keys, and publishes its endpoints in its own public record\n\
+         # (`--endpoints`: check-and-set, created when absent; no other gateway's record).\n\
          path \"{kv}/data/{peers}/{gw}/*\" {{ capabilities = [\"read\"] }}\n\
          path \"{kv}/metadata/{peers}/{gw}/*\" {{ capabilities = [\"list\", \"read\", \"delete\"] }}\n\
          path \"{kv}/metadata/{peers}/{gw}\" {{ capabilities = [\"list\"] }}\n\
@@ -158,7 +159,7 @@ pub fn plan(args: &BootstrapArgs, accessor: &str) -> Plan {
          path \"{kv}/data/{verdicts}/{gw}/*\" {{ capabilities = [\"create\", \"update\", \"read\"] }}\n\
          path \"{kv}/metadata/{verdicts}/{gw}/*\" {{ capabilities = [\"list\", \"read\", \"delete\"] }}\n\
          path \"{kv}/metadata/{verdicts}/{gw}\" {{ capabilities = [\"list\"] }}\n\
-         path \"{gateway_record}\" {{ capabilities = [\"read\"] }}\n\
+         path \"{gateway_record}\" {{ capabilities = [\"create\", \"update\", \"read\"] }}\n\
          path \"{kv}/data/{gateway_keys}/{gw}\" {{ capabilities = [\"read\"] }}\n",
         gateway_keys = args.gateway_layout.gateway_keys_prefix,
     );
@@ -340,6 +341,27 @@ mod tests {
             3,
             "no other verdicts path: {gw}"
         );
+        // Its own public record only: read, and written (created when absent) for `--endpoints`.
+        assert!(
+            gw.contains("path \"secret/data/wg/gateways/vpn-gateway\" { capabilities = [\"create\", \"update\", \"read\"] }"),
+            "{gw}"
+        );
+        assert_eq!(
+            gw.matches("wg/gateways").count(),
+            1,
+            "no other gateway record, no folder wildcard: {gw}"
+        );
+        // Writes only below its own folders and to its own public record.
+        for line in gw
+            .lines()
+            .filter(|l| l.starts_with("path ") && (l.contains("update") || l.contains("create")))
+        {
+            assert!(
+                line.contains("wg/verdicts/vpn-gateway/")
+                    || line.contains("wg/gateways/vpn-gateway\""),
+                "unexpected write: {line}"
+            );
+        }
         // A release named like the chart keeps its name; explicit accounts win.
         assert_eq!(chart_service_account("corp-wg-gateway"), "corp-wg-gateway");
         let p = plan(

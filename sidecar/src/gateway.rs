@@ -33,8 +33,13 @@
 //! WireGuard peer is added, and nothing is applied before the policies are listed.
 //! Must never: touch a peer whose desired state did not change (its session must live on), log
 //! key material (preshared keys included), remove an admitted peer because a Vault read failed,
-//! let a peer run without its policy, or write to Vault other than verdicts on refused Pods and
-//! deleting what a gone Pod left behind.
+//! let a peer run without its policy, or write to Vault other than verdicts on refused Pods,
+//! deleting what a gone Pod left behind, and — with `--endpoints`, once at start — the
+//! `endpoints` of its own public record ([`crate::publish`]: check-and-set, no other field).
+//!
+//! On SIGTERM the gateway drains ([`drain`]): `/ready` answers 503 at once, the loop and the
+//! data plane go on for `--shutdown-delay` (the Service and load balancer take the Pod out
+//! meanwhile, and its peers keep their sessions), then the table and the interface are removed.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -198,6 +203,22 @@ pub struct GatewayArgs {
         default_missing_value = "true"
     )]
     pub default_deny: bool,
+    /// The endpoints sidecars dial, comma-separated `host:port` (`[v6]:port`; the chart's
+    /// `server.publicEndpoint`). At start the gateway writes them to its public record when it
+    /// lists others (check-and-set; nothing else in the record changes) and creates the record
+    /// when there is none ([`crate::publish`]). Empty: the record is left as it is.
+    #[arg(long, env = "WG_SIDECAR_ENDPOINTS", value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// Seconds between SIGTERM and the cleanup: `/ready` answers 503 at once while the peers are
+    /// still forwarded, so the Service and load balancer take the Pod out before its interface
+    /// goes (0: clean up at once). Keep terminationGracePeriodSeconds above it.
+    #[arg(
+        long,
+        env = "WG_SIDECAR_SHUTDOWN_DELAY",
+        default_value_t = 5,
+        value_name = "SECONDS"
+    )]
+    pub shutdown_delay: u64,
     /// Vault connection.
     #[command(flatten)]
     pub vault: VaultArgs,
@@ -257,6 +278,10 @@ pub struct GatewayConfig {
     pub default_deny: bool,
     /// Who may use the gateway (kubernetes mode).
     pub access: Access,
+    /// `--endpoints`, validated (empty: nothing is published).
+    pub endpoints: Vec<String>,
+    /// `--shutdown-delay`.
+    pub shutdown_delay: Duration,
 }
 
 impl GatewayArgs {
@@ -324,6 +349,7 @@ impl GatewayArgs {
         let addresses_path = folder("--vault-addresses-path", &self.vault_addresses_path)?;
         let verdicts_path = folder("--vault-verdicts-path", &self.vault_verdicts_path)?;
         let access = self.access(pod_source)?;
+        let endpoints = crate::publish::parse_endpoints(&self.endpoints).map_err(bad)?;
         if self.orphan_sweep_interval == 0 {
             return Err(bad(
                 "--orphan-sweep-interval must be at least 1 second".to_owned()
@@ -356,6 +382,8 @@ impl GatewayArgs {
             private_networks,
             default_deny: self.default_deny,
             access,
+            endpoints,
+            shutdown_delay: Duration::from_secs(self.shutdown_delay),
         })
     }
 }
@@ -973,6 +1001,8 @@ pub struct GatewayHealth {
     interface_up: AtomicBool,
     last_error: Mutex<Option<String>>,
     ticks: AtomicU64,
+    /// SIGTERM came: not ready, whatever else holds ([`drain`]).
+    draining: AtomicBool,
     /// Metrics served on `/metrics`.
     pub metrics: GatewayMetrics,
 }
@@ -987,6 +1017,7 @@ impl GatewayHealth {
             interface_up: AtomicBool::new(false),
             last_error: Mutex::new(None),
             ticks: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
             metrics: GatewayMetrics::new(),
         })
     }
@@ -1004,6 +1035,9 @@ impl GatewayHealth {
     /// the last known peer table serving).
     pub fn ready(&self) -> std::result::Result<(), String> {
         use std::sync::atomic::Ordering::Relaxed;
+        if self.draining.load(Relaxed) {
+            return Err("shutting down: draining (peers still forwarded)".into());
+        }
         if !self.interface_up.load(Relaxed) {
             return Err("interface not up".into());
         }
@@ -1623,10 +1657,86 @@ fn peer_pools(record: Option<&GatewayRecord>, own: &[IpNet]) -> Vec<IpNet> {
     }
 }
 
-/// Runs the gateway until `shutdown` completes; then removes the NAT table and the interface.
+/// After the shutdown signal: `/ready` answers 503 at once; when the gateway was serving, the
+/// caller's loop (and so the data plane) goes on for `delay` before the cleanup, so the Service
+/// and load balancer take the Pod out first (the injector's `--shutdown-delay` does the same).
+async fn drain(health: &GatewayHealth, delay: Duration) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let serving = health.interface_up.load(Relaxed);
+    health.draining.store(true, Relaxed);
+    health.metrics.ready.set(0);
+    if serving && !delay.is_zero() {
+        tracing::info!(
+            shutdown_delay_seconds = delay.as_secs(),
+            "shutting down: /ready answers 503; peers are still forwarded until the Pod leaves the Service"
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// `--endpoints` → the public record, once at start ([`crate::publish`]); every outcome is
+/// logged, a failure is a warning naming the fix and the gateway serves on.
+async fn publish_endpoints(cfg: &GatewayConfig, vault: &Vault, public_key: &str, own: &[IpNet]) {
+    let own = crate::publish::Own {
+        public_key: public_key.to_owned(),
+        pool: own.iter().map(IpNet::trunc).collect(),
+        allowed_ips: cfg.private_networks.clone(),
+        keepalive: cfg.peer_keepalive,
+    };
+    let new = cfg.endpoints.join(",");
+    let record = format!("{}/{}", cfg.kv_mount, cfg.gateway_path);
+    match crate::publish::publish(
+        vault,
+        &cfg.kv_mount,
+        &cfg.gateway_path,
+        &cfg.endpoints,
+        &own,
+    )
+    .await
+    {
+        Ok(crate::publish::Outcome::Unchanged) => {
+            tracing::info!(%record, endpoints = %new, "the public record already lists --endpoints");
+        }
+        Ok(crate::publish::Outcome::Updated { old, version }) => tracing::info!(
+            %record,
+            old = %old.join(","),
+            new = %new,
+            version,
+            "published --endpoints in the public record (endpoints: old -> new; no other field changed)"
+        ),
+        Ok(crate::publish::Outcome::Created { version }) => tracing::warn!(
+            %record,
+            endpoints = %new,
+            pool = %cidr_list(&own.pool),
+            allowed_ips = %cidr_list(&own.allowed_ips),
+            version,
+            "there was no public record: created it from the gateway's key and addresses (`wg-sidecar keys provision-gateway` writes it too)"
+        ),
+        Err(e) if status_of(&e) == Some(403) => tracing::warn!(
+            %record,
+            error = %e,
+            endpoints = %new,
+            "cannot publish --endpoints: the gateway's Vault policy does not allow writing its public record; run `wg-sidecar vault bootstrap` again (it grants exactly that) or `wg-sidecar keys provision-gateway --endpoints`"
+        ),
+        Err(e) => tracing::warn!(
+            %record,
+            error = %e,
+            endpoints = %new,
+            "cannot publish --endpoints in the public record; sidecars use what it lists (fix it with `wg-sidecar keys provision-gateway --endpoints`)"
+        ),
+    }
+}
+
+/// Runs the gateway until `shutdown` completes and the drain ([`drain`]) is over; then removes
+/// the NAT table and the interface.
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
-    tokio::pin!(shutdown);
     let health = GatewayHealth::new();
+    let (drain_health, delay) = (health.clone(), cfg.shutdown_delay);
+    let shutdown = async move {
+        shutdown.await;
+        drain(&drain_health, delay).await;
+    };
+    tokio::pin!(shutdown);
     let bound = bind(cfg.health_addr, health.clone())?;
     tracing::info!(addr = %bound, "health endpoints listening");
     // Kubernetes mode needs the API: without a usable client, fail now, naming the flag.
@@ -1639,6 +1749,9 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
         return Ok(());
     };
     let public_key = private.public_key()?;
+    if !cfg.endpoints.is_empty() {
+        publish_endpoints(&cfg, &vault, &public_key, &private.addresses).await;
+    }
     let record = match vault
         .read(&cfg.kv_mount, &cfg.gateway_path)
         .await
@@ -2780,6 +2893,52 @@ mod tests {
             err.contains("--private-networks") && err.contains("10.300.0.0/16"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn endpoints_are_validated_at_parse_time_and_the_shutdown_delay_defaults_to_5s() {
+        use std::time::Duration;
+        let cfg = gateway_args(&[]).into_config().unwrap();
+        assert!(
+            cfg.endpoints.is_empty(),
+            "nothing published without the flag"
+        );
+        assert_eq!(cfg.shutdown_delay, Duration::from_secs(5));
+        let cfg = gateway_args(&[
+            "--endpoints=vpn.example.com:51820, [2001:db8::1]:51820",
+            "--shutdown-delay=0",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(
+            cfg.endpoints,
+            ["vpn.example.com:51820", "[2001:db8::1]:51820"]
+        );
+        assert_eq!(cfg.shutdown_delay, Duration::ZERO);
+        let e = gateway_args(&["--endpoints=203.0.113.1"])
+            .into_config()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--endpoints") && e.contains("\"203.0.113.1\"") && e.contains("e.g."),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_draining_gateway_is_not_ready_at_once() {
+        use super::{drain, GatewayHealth};
+        use std::time::{Duration, Instant};
+        let h = GatewayHealth::new();
+        h.set(true, Some(Ok(())));
+        assert!(h.ready().is_ok());
+        let started = Instant::now();
+        drain(&h, Duration::ZERO).await;
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(h.ready().unwrap_err().contains("shutting down"));
+        // A later reconcile does not make it ready again.
+        h.set(true, Some(Ok(())));
+        assert!(h.ready().is_err());
     }
 
     #[test]

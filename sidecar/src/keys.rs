@@ -234,12 +234,9 @@ pub struct ProvisionGatewayArgs {
     /// Gateway name (`wg/gateways/<name>`, private key under `wg/gateway-keys/<name>`).
     pub name: String,
     /// Endpoints `host:port` the sidecars try in turn (every gateway replica shares the key).
-    #[arg(
-        long,
-        env = "WG_SIDECAR_ENDPOINTS",
-        value_delimiter = ',',
-        required = true
-    )]
+    /// Optional: the gateway publishes its own `--endpoints` (the chart's
+    /// `server.publicEndpoint`) at start; without this flag the record keeps the endpoints it has.
+    #[arg(long, env = "WG_SIDECAR_ENDPOINTS", value_delimiter = ',')]
     pub endpoints: Vec<String>,
     /// CIDRs reachable through the gateway (written to the public record).
     #[arg(long, env = "WG_SIDECAR_ALLOWED_IPS", value_delimiter = ',')]
@@ -967,6 +964,41 @@ pub async fn rotate(vault: &Vault, args: &RotateArgs) -> Result<Vec<Rotated>> {
     Ok(results)
 }
 
+/// The `endpoints` field of a gateway's public record (what [`GatewayRecord`] splits again):
+/// `host:port` values joined by commas. Shared by `keys provision-gateway` and the gateway's own
+/// publishing ([`crate::publish`]).
+///
+/// [`GatewayRecord`]: crate::keysource::GatewayRecord
+#[must_use]
+pub fn endpoints_field(endpoints: &[String]) -> (&'static str, Secret) {
+    ("endpoints", Secret::new(endpoints.join(",")))
+}
+
+/// Every field of a gateway's public record: `public_key`, `endpoints`, `allowed_ips`, `pool`
+/// (each pool's network) and `keepalive` when not 0.
+#[must_use]
+pub fn gateway_record_fields(
+    public_key: &str,
+    endpoints: &[String],
+    allowed_ips: &[IpNet],
+    pool: &[IpNet],
+    keepalive: u16,
+) -> BTreeMap<String, Secret> {
+    let mut f = BTreeMap::new();
+    f.insert("public_key".to_owned(), Secret::new(public_key.to_owned()));
+    let (k, v) = endpoints_field(endpoints);
+    f.insert(k.to_owned(), v);
+    f.insert("allowed_ips".to_owned(), Secret::new(join(allowed_ips)));
+    f.insert(
+        "pool".to_owned(),
+        Secret::new(join(&pool.iter().map(IpNet::trunc).collect::<Vec<_>>())),
+    );
+    if keepalive > 0 {
+        f.insert("keepalive".to_owned(), Secret::new(keepalive.to_string()));
+    }
+    f
+}
+
 /// `keys provision-gateway`: the gateway's private record (`private_key`, `address`) if absent,
 /// and its public record (`public_key`, `endpoints`, `allowed_ips`) always.
 pub async fn provision_gateway(vault: &Vault, args: &ProvisionGatewayArgs) -> Result<Provisioned> {
@@ -994,28 +1026,28 @@ pub async fn provision_gateway(vault: &Vault, args: &ProvisionGatewayArgs) -> Re
         vault.write(mount, &key_path, &f, Some(0)).await?;
         (public, join(&nets), true)
     };
-    let mut f = BTreeMap::new();
-    f.insert("public_key".to_owned(), Secret::new(public_key.clone()));
-    f.insert(
-        "endpoints".to_owned(),
-        Secret::new(args.endpoints.join(",")),
+    let endpoints = if args.endpoints.is_empty() {
+        // Keep what the record lists (the gateway may have published it).
+        match read_opt(vault, mount, &pub_path).await? {
+            Some(rec) => crate::keysource::GatewayRecord::from_fields(
+                &format!("{mount}/{pub_path}"),
+                &rec.data,
+                rec.version,
+            )
+            .map(|g| g.endpoints)
+            .unwrap_or_default(),
+            None => Vec::new(),
+        }
+    } else {
+        args.endpoints.clone()
+    };
+    let f = gateway_record_fields(
+        &public_key,
+        &endpoints,
+        &args.allowed_ips,
+        &args.pool,
+        args.peer_keepalive,
     );
-    f.insert(
-        "allowed_ips".to_owned(),
-        Secret::new(join(&args.allowed_ips)),
-    );
-    f.insert(
-        "pool".to_owned(),
-        Secret::new(join(
-            &args.pool.iter().map(IpNet::trunc).collect::<Vec<_>>(),
-        )),
-    );
-    if args.peer_keepalive > 0 {
-        f.insert(
-            "keepalive".to_owned(),
-            Secret::new(args.peer_keepalive.to_string()),
-        );
-    }
     vault.write(mount, &pub_path, &f, None).await?;
     Ok(Provisioned {
         identity: format!("gateway/{}", args.name),

@@ -26,6 +26,7 @@ pub mod pod_watch;
 pub mod policy;
 pub mod policy_watch;
 pub mod pool;
+pub mod publish;
 pub mod registration;
 pub mod rotation;
 pub mod routes;

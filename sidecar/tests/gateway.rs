@@ -342,7 +342,13 @@ fn provisioned_pod_reaches_the_private_network_through_the_gateway_and_loses_it_
         .unwrap();
     assert!(!web.to_string().contains(private.trim()));
 
-    let (mut gateway, gwlog) = lab.gateway(&lab.gwa, "http://192.168.77.2:8200", "a", &[]);
+    // No drain: the SIGTERM at the end checks the cleanup (tests/gateway_publish.rs: the drain).
+    let (mut gateway, gwlog) = lab.gateway(
+        &lab.gwa,
+        "http://192.168.77.2:8200",
+        "a",
+        &["--shutdown-delay=0"],
+    );
     let (_sc, sclog, _ifname) = lab.sidecar("web", &[]);
     assert!(
         wait_for(Duration::from_secs(15), || lab.pod_fetch().0 == 200),

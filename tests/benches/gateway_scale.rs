@@ -488,7 +488,7 @@ impl GatewayProcess {
         .args(["--profile", GATEWAY])
         .args(["--vault-gateway-path", &format!("wg/gateways/{GATEWAY}")])
         .args(["--interface", &interface, "--listen-port", "51820"])
-        .args(["--health-addr", &health])
+        .args(["--health-addr", &health, "--shutdown-delay", "0"])
         .args(["--vault-addr", vault_addr, "--vault-auth", "token"])
         .arg("--vault-token-file")
         .arg(token_file)

@@ -585,8 +585,18 @@ fn the_documented_gateway_install_command_renders_a_udp_load_balancer() {
         args.contains("--vault-gateway-path=wg/gateways/vpn-gateway"),
         "{args}"
     );
-    let env = container["env"].to_string();
-    assert!(env.contains("203.0.113.1:51820"), "{env}");
+    // server.publicEndpoint reaches the gateway as the flag it publishes in its Vault record
+    // (docs/gateway.md, "What the gateway writes at start"), and SIGTERM drains for 5 s inside
+    // the Pod's grace period.
+    assert!(
+        args.contains("\"--endpoints=203.0.113.1:51820\"") && args.contains("\"--shutdown-delay=5\""),
+        "{args}"
+    );
+    let pod = &of_kind(&objects, "Deployment")[0]["spec"]["template"]["spec"];
+    assert!(
+        pod["terminationGracePeriodSeconds"].as_u64().unwrap() > 5,
+        "{pod}"
+    );
     assert_eq!(of_kind(&objects, "CronJob").len(), 1);
 }
 

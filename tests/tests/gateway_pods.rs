@@ -447,6 +447,8 @@ impl Lab {
         .args(["--health-addr", &format!("0.0.0.0:{HEALTH_PORT}")])
         .args(["--masquerade=false", "--poll-interval", "2"])
         .args(["--orphan-sweep-interval", "2", "--orphan-grace", "3"])
+        // stop_gateway's SIGTERM cleans up at once (no drain).
+        .args(["--shutdown-delay", "0"])
         .args(["--vault-addr", &format!("http://{}", self.vault_relay)])
         .args(["--vault-auth", "token", "--vault-token-file"])
         .arg(&self.gateway_token)

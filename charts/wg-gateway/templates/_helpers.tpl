@@ -167,6 +167,8 @@ Exists → k; DoesNotExist → !k. Empty: every namespace.
 {{- include "wg-gateway.vaultCaArg" . }}
 - --vault-role={{ .Values.vault.role }}
 - --vault-gateway-path={{ include "wg-gateway.vaultGatewayPath" . }}
+- {{ printf "--endpoints=%s" (include "wg-gateway.publicEndpoint" .) | quote }}
+- --shutdown-delay={{ .Values.server.shutdownDelaySeconds }}
 - --health-addr=[::]:{{ .Values.healthPort }}
 - --pod-source={{ .Values.podSource }}
 - --poll-interval={{ .Values.pollIntervalSeconds }}
@@ -211,8 +213,6 @@ Exists → k; DoesNotExist → !k. Empty: every namespace.
   value: {{ .Values.vault.kvMount | quote }}
 - name: WG_SIDECAR_VAULT_TOKEN_FILE
   value: /var/run/secrets/wg-injector/token
-- name: WG_SIDECAR_ENDPOINTS
-  value: {{ include "wg-gateway.publicEndpoint" . | quote }}
 - name: WG_SIDECAR_LOG_FORMAT
   value: {{ .Values.logFormat | quote }}
 {{- end }}
