@@ -589,7 +589,8 @@ fn the_documented_gateway_install_command_renders_a_udp_load_balancer() {
     // (docs/gateway.md, "What the gateway writes at start"), and SIGTERM drains for 5 s inside
     // the Pod's grace period.
     assert!(
-        args.contains("\"--endpoints=203.0.113.1:51820\"") && args.contains("\"--shutdown-delay=5\""),
+        args.contains("\"--endpoints=203.0.113.1:51820\"")
+            && args.contains("\"--shutdown-delay=5\""),
         "{args}"
     );
     let pod = &of_kind(&objects, "Deployment")[0]["spec"]["template"]["spec"];
