@@ -626,6 +626,20 @@ pub fn apply_diff(
     Ok(())
 }
 
+/// The `reason` label values of `wg_gateway_peers_refused_total` ([`pod_index::Refusal::reason`]),
+/// exported from zero.
+const REFUSAL_REASONS: [&str; 9] = [
+    "not_injected",
+    "namespace_not_selected",
+    "service_account_not_allowed",
+    "identity_mismatch",
+    "no_pod_identity",
+    "outside_pool",
+    "address_conflict",
+    "duplicate_key",
+    "invalid_record",
+];
+
 /// Gateway metrics (`wg_gateway_*`).
 #[derive(Clone)]
 pub struct GatewayMetrics {
@@ -636,7 +650,15 @@ pub struct GatewayMetrics {
     pub active_peers: Gauge,
     peer_rx: Family<Vec<(String, String)>, Counter>,
     peer_tx: Family<Vec<(String, String)>, Counter>,
+    /// Unix time of the peer's last completed handshake (no series before its first one).
+    peer_handshake: Family<Vec<(String, String)>, Gauge>,
     last_seen: Arc<Mutex<HashMap<String, (u64, u64)>>>,
+    /// KV version of the gateway key in use (set at every key check).
+    pub key_version: Gauge,
+    /// Unix time the key in use took effect: its `not_before`, else when its version was written.
+    key_activation: Gauge,
+    /// `not_before` of a written key the gateway holds back until then (0: none).
+    pub key_pending_activation: Gauge,
     /// Reconcile duration (Vault read + diff + apply).
     pub reconcile_duration: Histogram,
     /// Failed reconciles.
@@ -704,7 +726,11 @@ impl GatewayMetrics {
             active_peers: Gauge::default(),
             peer_rx: Family::default(),
             peer_tx: Family::default(),
+            peer_handshake: Family::default(),
             last_seen: Arc::default(),
+            key_version: Gauge::default(),
+            key_activation: Gauge::default(),
+            key_pending_activation: Gauge::default(),
             reconcile_duration: Histogram::new([
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),
@@ -777,6 +803,7 @@ impl GatewayMetrics {
             "1 when the gateway is ready",
             m.ready.clone(),
         );
+        m.register_handshake_and_key_metrics(&mut r);
         m.register_pod_metrics(&mut r);
         m.register_policy_metrics(&mut r);
         Self {
@@ -785,9 +812,43 @@ impl GatewayMetrics {
         }
     }
 
+    /// Registers the peers' handshake times and the gateway key's metrics.
+    fn register_handshake_and_key_metrics(&self, r: &mut Registry) {
+        let m = self;
+        r.register(
+            "wg_gateway_peer_last_handshake_timestamp_seconds",
+            "Unix time of the peer's last completed handshake (no series before the first one)",
+            m.peer_handshake.clone(),
+        );
+        r.register(
+            "wg_gateway_key_version",
+            "KV version of the gateway's private key in use",
+            m.key_version.clone(),
+        );
+        r.register(
+            "wg_gateway_key_activation_timestamp_seconds",
+            "Unix time the gateway key in use took effect (its not_before, else when that KV \
+             version was written); 0 until the first key check",
+            m.key_activation.clone(),
+        );
+        r.register(
+            "wg_gateway_key_pending_activation_timestamp_seconds",
+            "not_before of a rotated gateway key written but held back until then (0: none)",
+            m.key_pending_activation.clone(),
+        );
+    }
+
     /// Registers the kubernetes mode's metrics.
     fn register_pod_metrics(&self, r: &mut Registry) {
         let m = self;
+        // Every reason from zero: a rate from the first refusal on, and the dashboard and the
+        // chart's test (tests/gateway_observability.rs) see the family before any refusal.
+        for reason in REFUSAL_REASONS {
+            drop(
+                m.peers_refused
+                    .get_or_create(&Self::labels(&[("reason", reason)])),
+            );
+        }
         r.register(
             "wg_gateway_pods_watched",
             "Live Pods of the profile the gateway watches",
@@ -909,14 +970,43 @@ impl GatewayMetrics {
             let dtx = p.tx_bytes.checked_sub(ptx).unwrap_or(p.tx_bytes);
             self.peer_rx.get_or_create(&labels).inc_by(drx);
             self.peer_tx.get_or_create(&labels).inc_by(dtx);
+            match p
+                .last_handshake
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            {
+                Some(t) => {
+                    self.peer_handshake
+                        .get_or_create(&labels)
+                        .set(i64::try_from(t.as_secs()).unwrap_or(i64::MAX));
+                }
+                None => {
+                    self.peer_handshake.remove(&labels);
+                }
+            }
             seen.insert(p.public_key.clone(), (p.rx_bytes, p.tx_bytes));
         }
         for gone in last.keys().filter(|k| !seen.contains_key(*k)) {
             let labels = vec![("public_key".to_owned(), gone.clone())];
             self.peer_rx.remove(&labels);
             self.peer_tx.remove(&labels);
+            self.peer_handshake.remove(&labels);
         }
         *last = seen;
+    }
+
+    /// Records the gateway key in use (`rec`, read from Vault) and a held-back one (`pending`).
+    pub fn record_key(&self, rec: &crate::vault::KvRecord, pending: Option<Timestamp>) {
+        let not_before = rec
+            .data
+            .get("not_before")
+            .and_then(|v| v.expose().parse::<Timestamp>().ok());
+        if let Some(t) = not_before.or(rec.created_time) {
+            self.key_activation.set(t.as_second());
+        }
+        self.key_version
+            .set(i64::try_from(rec.version).unwrap_or(i64::MAX));
+        self.key_pending_activation
+            .set(pending.map_or(0, Timestamp::as_second));
     }
 
     /// Records the table's drop counters (read every statistics tick).
@@ -1265,6 +1355,7 @@ impl Gateway {
     /// Applies a new gateway key in place once its `not_before` has come.
     fn apply_key(&mut self, rec: &crate::vault::KvRecord) -> Result<()> {
         if rec.version == self.key_version {
+            self.health.metrics.record_key(rec, self.key_due);
             return Ok(());
         }
         let p = PrivateRecord::from_fields(
@@ -1278,11 +1369,16 @@ impl Gateway {
                 tracing::info!(version = rec.version, not_before = %t, "new gateway key waits for its not_before");
             }
             self.key_due = Some(t);
+            self.health
+                .metrics
+                .key_pending_activation
+                .set(t.as_second());
             return Ok(());
         }
         self.tunnel.set_private_key(&p.private_key)?;
         self.key_version = rec.version;
         self.key_due = None;
+        self.health.metrics.record_key(rec, None);
         tracing::info!(version = rec.version, public_key = %p.public_key()?, "gateway key rotated in place");
         Ok(())
     }
@@ -2793,6 +2889,52 @@ mod tests {
     }
 
     #[test]
+    fn endpoints_are_validated_at_parse_time_and_the_shutdown_delay_defaults_to_5s() {
+        use std::time::Duration;
+        let cfg = gateway_args(&[]).into_config().unwrap();
+        assert!(
+            cfg.endpoints.is_empty(),
+            "nothing published without the flag"
+        );
+        assert_eq!(cfg.shutdown_delay, Duration::from_secs(5));
+        let cfg = gateway_args(&[
+            "--endpoints=vpn.example.com:51820, [2001:db8::1]:51820",
+            "--shutdown-delay=0",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(
+            cfg.endpoints,
+            ["vpn.example.com:51820", "[2001:db8::1]:51820"]
+        );
+        assert_eq!(cfg.shutdown_delay, Duration::ZERO);
+        let e = gateway_args(&["--endpoints=203.0.113.1"])
+            .into_config()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--endpoints") && e.contains("\"203.0.113.1\"") && e.contains("e.g."),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_draining_gateway_is_not_ready_at_once() {
+        use super::{drain, GatewayHealth};
+        use std::time::{Duration, Instant};
+        let h = GatewayHealth::new();
+        h.set(true, Some(Ok(())));
+        assert!(h.ready().is_ok());
+        let started = Instant::now();
+        drain(&h, Duration::ZERO).await;
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(h.ready().unwrap_err().contains("shutting down"));
+        // A later reconcile does not make it ready again.
+        h.set(true, Some(Ok(())));
+        assert!(h.ready().is_err());
+    }
+
+    #[test]
     fn the_chart_flags_parse_and_the_private_record_path_is_derived() {
         let cfg = gateway_args(&["--listen-port=51820", "--health-addr=0.0.0.0:9901"])
             .into_config()
@@ -2893,52 +3035,6 @@ mod tests {
             err.contains("--private-networks") && err.contains("10.300.0.0/16"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn endpoints_are_validated_at_parse_time_and_the_shutdown_delay_defaults_to_5s() {
-        use std::time::Duration;
-        let cfg = gateway_args(&[]).into_config().unwrap();
-        assert!(
-            cfg.endpoints.is_empty(),
-            "nothing published without the flag"
-        );
-        assert_eq!(cfg.shutdown_delay, Duration::from_secs(5));
-        let cfg = gateway_args(&[
-            "--endpoints=vpn.example.com:51820, [2001:db8::1]:51820",
-            "--shutdown-delay=0",
-        ])
-        .into_config()
-        .unwrap();
-        assert_eq!(
-            cfg.endpoints,
-            ["vpn.example.com:51820", "[2001:db8::1]:51820"]
-        );
-        assert_eq!(cfg.shutdown_delay, Duration::ZERO);
-        let e = gateway_args(&["--endpoints=203.0.113.1"])
-            .into_config()
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("--endpoints") && e.contains("\"203.0.113.1\"") && e.contains("e.g."),
-            "{e}"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_draining_gateway_is_not_ready_at_once() {
-        use super::{drain, GatewayHealth};
-        use std::time::{Duration, Instant};
-        let h = GatewayHealth::new();
-        h.set(true, Some(Ok(())));
-        assert!(h.ready().is_ok());
-        let started = Instant::now();
-        drain(&h, Duration::ZERO).await;
-        assert!(started.elapsed() < Duration::from_secs(1));
-        assert!(h.ready().unwrap_err().contains("shutting down"));
-        // A later reconcile does not make it ready again.
-        h.set(true, Some(Ok(())));
-        assert!(h.ready().is_err());
     }
 
     #[test]
@@ -3159,6 +3255,73 @@ mod tests {
             text.contains("wg_gateway_dropped_packets_total{reason=\"policy\"} 2"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn handshake_times_and_the_key_in_use_are_exported_and_a_gone_peer_loses_its_series() {
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+        let m = super::GatewayMetrics::new();
+        let peer = |k: &str, hs: Option<u64>| PeerStats {
+            public_key: k.to_owned(),
+            endpoint: None,
+            rx_bytes: 1,
+            tx_bytes: 1,
+            last_handshake: hs.map(|s| UNIX_EPOCH + Duration::from_secs(s)),
+        };
+        let now = UNIX_EPOCH + Duration::from_secs(1_900_000_100);
+        m.record(&[peer("a", Some(1_900_000_000)), peer("b", None)], now);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "wg_gateway_peer_last_handshake_timestamp_seconds{public_key=\"a\"} 1900000000"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("timestamp_seconds{public_key=\"b\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wg_gateway_peers_refused_total{reason=\"not_injected\"} 0"),
+            "every refusal reason from zero: {text}"
+        );
+        m.record(&[peer("b", Some(1_900_000_050))], SystemTime::now());
+        let text = m.encode();
+        assert!(!text.contains("public_key=\"a\""), "{text}");
+        assert!(text.contains("{public_key=\"b\"} 1900000050"), "{text}");
+
+        let rec = |version, not_before: Option<&str>| crate::vault::KvRecord {
+            data: not_before
+                .map(|t| {
+                    (
+                        "not_before".to_owned(),
+                        crate::secret::Secret::new(t.to_owned()),
+                    )
+                })
+                .into_iter()
+                .collect(),
+            version,
+            created_time: Some("2030-03-17T17:46:40Z".parse().unwrap()),
+        };
+        m.record_key(&rec(3, None), Some("2030-03-18T00:00:00Z".parse().unwrap()));
+        let text = m.encode();
+        for line in [
+            "wg_gateway_key_version 3",
+            "wg_gateway_key_activation_timestamp_seconds 1900000000",
+            "wg_gateway_key_pending_activation_timestamp_seconds 1900022400",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
+        // A rotated key takes effect at its not_before, not when it was written.
+        m.record_key(&rec(4, Some("2030-03-17T17:48:20Z")), None);
+        let text = m.encode();
+        for line in [
+            "wg_gateway_key_version 4",
+            "wg_gateway_key_activation_timestamp_seconds 1900000100",
+            "wg_gateway_key_pending_activation_timestamp_seconds 0",
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
     }
 
     #[test]
