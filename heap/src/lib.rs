@@ -6,8 +6,8 @@
 //! It locks each arena in turn, so call it from a quiet moment (the webhook does, after a second
 //! with no request), never on a hot path.
 //!
-//! This crate is the workspace's only `unsafe` code: one call to a glibc function that has no
-//! preconditions. On other C libraries (musl, macOS) it does nothing.
+//! This crate holds one of the workspace's two `unsafe` calls (the other is in
+//! `sidecar/src/tunnel/userspace.rs`): one call to a glibc function that has no preconditions. On other C libraries (musl, macOS) it does nothing.
 
 /// Ask the allocator to return free memory to the OS; `true` when glibc says it returned some.
 #[must_use]

@@ -927,9 +927,9 @@ fn after_sigkill_or_with_a_leftover_interface_the_restarted_sidecar_goes_ready()
     sidecar.child.kill().unwrap();
     sidecar.child.wait().unwrap();
     let second = dir.path().join("second.log");
-    let _restarted = spawn_sidecar(&pod, &args, &second).unwrap();
+    let restarted = spawn_sidecar(&pod, &args, &second).unwrap();
     ready(&second);
-    drop(_restarted);
+    drop(restarted);
 
     assert!(wait_for(Duration::from_secs(5), || pod
         .ip(&["link", "show", &ifname])

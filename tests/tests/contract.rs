@@ -141,7 +141,7 @@ fn check(pod: &Pod, origin: &str) -> usize {
                 "{origin}: {command:?}"
             );
             let mut hook_argv = command.clone();
-            hook_argv[0] = "wg-sidecar".to_owned();
+            "wg-sidecar".clone_into(&mut hook_argv[0]);
             let parsed = Cli::try_parse_from(&hook_argv).unwrap_or_else(|e| {
                 panic!("{origin}: the postStart hook does not parse: {e}\n{command:?}")
             });
