@@ -1613,8 +1613,8 @@ impl Gateway {
         Ok(())
     }
 
-    /// Statistics tick. Returns false when the userspace device has stopped: BoringTun takes
-    /// SIGTERM/SIGINT through its own signalfd, so the signal may reach it instead of us.
+    /// Statistics tick. Returns false when the userspace device has stopped answering (it no
+    /// longer takes SIGTERM itself: `tunnel/userspace.rs` replaces its signalfd).
     fn tick(&self) -> bool {
         self.health.tick();
         match self
@@ -1631,7 +1631,7 @@ impl Gateway {
                 true
             }
             Err(e) if self.tunnel.mode() == crate::tunnel::Mode::Userspace => {
-                tracing::warn!(error = %e, "the userspace WireGuard device stopped answering (it exits on SIGTERM); shutting down");
+                tracing::warn!(error = %e, "the userspace WireGuard device stopped answering; shutting down");
                 false
             }
             Err(e) => {

@@ -245,7 +245,7 @@ async fn quitquitquit(
             (StatusCode::OK, "shutting down\n")
         }
         _ => {
-            tracing::warn!(peer = ?peer, "refused /quitquitquit from outside the Pod's loopback");
+            tracing::warn!(peer = %crate::logfmt::opt(peer), "refused /quitquitquit from outside the Pod's loopback");
             (
                 StatusCode::FORBIDDEN,
                 "only the Pod's own containers (over localhost) may stop the sidecar\n",

@@ -19,10 +19,10 @@ pub async fn init(args: &InitArgs) -> Result<()> {
     let routes = Routes::connect()?;
     routes.install_rules(&cidrs, &exclude).await?;
     if !args.kill_switch {
-        tracing::warn!(routes = ?cidrs, "kill switch disabled: traffic for the tunnelled CIDRs may leave by the default route while the tunnel is down");
+        tracing::warn!(routes = %crate::logfmt::list(&cidrs), "kill switch disabled: traffic for the tunnelled CIDRs may leave by the default route while the tunnel is down");
         return Ok(());
     }
     routes.install_kill_switch(&cidrs).await?;
-    tracing::info!(routes = ?cidrs, exclude = ?exclude, table = TABLE, metric = KILL_SWITCH_METRIC, "policy routing and kill switch installed");
+    tracing::info!(routes = %crate::logfmt::list(&cidrs), exclude = %crate::logfmt::list(&exclude), table = TABLE, metric = KILL_SWITCH_METRIC, "policy routing and kill switch installed");
     Ok(())
 }

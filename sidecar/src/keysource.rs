@@ -412,7 +412,7 @@ impl RegisteredKeySource {
                 folded.activate_at = None;
                 match self.publish(&folded).await {
                     Ok(version) => {
-                        tracing::info!(pod = %self.pod.display(), public_key = %folded.public_key, rotates_at = ?folded.rotates_at, record_version = version, "key rotation: the next key is the key");
+                        tracing::info!(pod = %self.pod.display(), public_key = %folded.public_key, rotates_at = %crate::logfmt::opt(folded.rotates_at.as_ref()), record_version = version, "key rotation: the next key is the key");
                         folded.version = version;
                         reg.published = folded;
                     }

@@ -19,6 +19,7 @@ pub mod init;
 pub mod keys;
 pub mod keysource;
 pub mod lifecycle;
+pub mod logfmt;
 pub mod metrics;
 pub mod nat;
 pub mod pod_index;

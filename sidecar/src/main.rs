@@ -13,6 +13,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -37,9 +38,15 @@ async fn shutdown_signal() {
     }
 }
 
-/// The default log filter: `info`, except the Vault client's own error line for every 404 (an
-/// empty folder in a listing is not an error here; the caller logs what matters).
-const DEFAULT_LOG_FILTER: &str = "info,vaultrs=off,rustify=off";
+/// The default log filter: `info`, without the libraries' own lines. The Vault client logs an
+/// error for every 404 (an empty folder in a listing is not an error here); the WireGuard
+/// libraries log ERROR for a kernel without WireGuard (then the userspace device is used), for a
+/// packet to a peer that has not connected yet, and one INFO line per peer configured (10 000 at
+/// a large gateway's start). Every failure they have reaches the sidecar as a value and is logged
+/// with its context, so a healthy system logs no ERROR (issue 18). `WG_SIDECAR_LOG` brings them
+/// back, e.g. `info,defguard_boringtun=debug`.
+const DEFAULT_LOG_FILTER: &str =
+    "info,vaultrs=off,rustify=off,defguard_wireguard_rs=off,defguard_boringtun=off";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -234,7 +234,7 @@ impl<S: KeySource> Controller<S> {
 
     async fn apply_peer(&mut self) -> Result<()> {
         let spec = self.peer_spec().await;
-        tracing::info!(peer = %spec.public_key, endpoint = ?spec.endpoint, "gateway peer configured");
+        tracing::info!(peer = %spec.public_key, endpoint = %crate::logfmt::opt(spec.endpoint.as_ref()), "gateway peer configured");
         replace_peers(&mut self.tunnel, std::slice::from_ref(&spec))?;
         self.switched_at = Instant::now();
         self.rx_seen = (0, 0, Instant::now());
@@ -264,10 +264,9 @@ impl<S: KeySource> Controller<S> {
     /// One tick: statistics, readiness, failover. Returns whether the sidecar is ready, or
     /// `None` when the userspace device has stopped.
     ///
-    /// The embedded BoringTun device reads SIGTERM/SIGINT through its own signalfd and exits its
-    /// event loop; whichever of it and our handler dequeues the signal first wins. A device that
-    /// answers no UAPI request twice in a row has stopped, so the sidecar shuts down as if it had
-    /// seen the signal itself.
+    /// A userspace device that answers no UAPI request twice in a row has stopped (it no longer
+    /// takes SIGTERM itself: `tunnel/userspace.rs` replaces its signalfd), so the sidecar shuts
+    /// down rather than report a tunnel it no longer has.
     async fn tick(&mut self) -> Option<bool> {
         self.health.tick();
         let now = SystemTime::now();
@@ -279,7 +278,7 @@ impl<S: KeySource> Controller<S> {
             Ok(s) => s,
             Err(e) => {
                 if self.tunnel.mode() == crate::tunnel::Mode::Userspace {
-                    tracing::warn!(error = %e, "the userspace WireGuard device stopped answering (it exits on SIGTERM); shutting down");
+                    tracing::warn!(error = %e, "the userspace WireGuard device stopped answering; shutting down");
                     return None;
                 }
                 if self
@@ -338,7 +337,7 @@ impl<S: KeySource> Controller<S> {
             self.endpoint_index = (self.endpoint_index + 1) % n;
             self.health.metrics.endpoint_failovers.inc();
             tracing::warn!(
-                endpoint = ?self.endpoints().get(self.endpoint_index),
+                endpoint = %crate::logfmt::opt(self.endpoints().get(self.endpoint_index)),
                 "no handshake within --failover-after; switching endpoint (re-resolving)"
             );
             if let Err(e) = self.apply_peer().await {
@@ -405,7 +404,7 @@ impl<S: KeySource> Controller<S> {
         };
         if p.key_waiting && self.waiting_logged != private.version {
             self.waiting_logged = private.version;
-            tracing::info!(version = private.version, not_before = ?private.not_before, "new private key waits for its not_before");
+            tracing::info!(version = private.version, not_before = %crate::logfmt::opt(private.not_before.as_ref()), "new private key waits for its not_before");
         }
         if p.apply_key {
             if private.addresses != self.private.addresses {
@@ -509,7 +508,7 @@ async fn run_with<S: KeySource>(
         .add_tunnel_routes(&ctl.cfg.interface, &ctl.cfg.routes)
         .await?;
     ctl.apply_peer().await?;
-    tracing::info!(interface = %ctl.cfg.interface, mode = ctl.tunnel.mode().as_str(), routes = ?ctl.cfg.routes, "tunnel up");
+    tracing::info!(interface = %ctl.cfg.interface, mode = ctl.tunnel.mode().as_str(), routes = %crate::logfmt::list(&ctl.cfg.routes), "tunnel up");
 
     let mut next_poll = Instant::now() + jittered(ctl.cfg.poll_interval, unit());
     let mut ready = false;

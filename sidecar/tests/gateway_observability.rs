@@ -506,6 +506,20 @@ fn every_chart_expression_names_a_metric_the_running_gateway_exports() {
         "{text}"
     );
 
+    // Issue 18, item 11: a healthy gateway and sidecar (no kernel WireGuard here, a peer that
+    // connected after the gateway started) log no ERROR, and text logs written to a file carry
+    // no colour codes.
+    for (what, text) in [("gateway", log(&gwlog)), ("sidecar", log(&sclog))] {
+        assert!(
+            !text.contains("ERROR"),
+            "the healthy {what} logged an ERROR:\n{text}"
+        );
+        assert!(
+            !text.contains('\u{1b}'),
+            "colour codes in the {what}'s log file:\n{text}"
+        );
+    }
+
     eprintln!(
         "{} expressions, {} metric names, all exported (external: {EXTERNAL:?})",
         exprs.len(),
