@@ -172,7 +172,10 @@ pub fn evaluate_owned_by(pod: &Pod, owner: Option<&Owner>, config: &Config) -> V
 /// carries nothing of an earlier injection (every Pod the apiserver sends, but for
 /// reinvocation) the twin is not built: the injection is diffed as a view over `pod`
 /// ([`Injection::place`]), which gives the same patch without cloning the Pod (debug builds
-/// check it against the twin).
+/// check it against the twin). A re-invoked Pod is diffed against its twin, which keeps what
+/// other webhooks changed in the injected containers and injection does not decide (an image
+/// mirror's `image`, a policy engine's `resources`, env and mounts of their own:
+/// [`inject::Injection::keep_edits`]), so an unchanged injected Pod still gets an empty patch.
 #[must_use]
 pub fn decide(pod: &Pod, namespace: &str, config: &Config) -> Decision {
     match screen(pod, namespace, config) {

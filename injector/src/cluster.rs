@@ -7,6 +7,17 @@
 //!
 //! This module owns the renewal *plan* ([`plan`], pure: stored material + clock in, new material
 //! out) and the thin Kubernetes edge around it ([`SelfManaged`], [`discover_native_sidecars`]).
+//!
+//! Native sidecars need both halves of the cluster: the apiserver (it keeps `restartPolicy` on
+//! an init container) and the kubelet of whichever node the Pod lands on (it starts the sidecar
+//! and goes on to the next init container; an older kubelet waits for it to exit, forever).
+//! Kubelets may lag the apiserver by up to three minors (version skew), and the node is not
+//! known at admission, so `sidecar-mode: auto` is native only when the apiserver and every
+//! Node's kubelet (`status.nodeInfo.kubeletVersion`) are at least 1.29: [`native_sidecars`]
+//! decides (pure), [`discover_native_sidecars`] reads `/version` and lists the Nodes at start,
+//! and [`spawn_version_refresh`] keeps the answer current: `/version` on a timer and, on an
+//! apiserver of 1.29 or later, a watch of the Nodes into a [`KubeletIndex`] (plain data, fed by
+//! watch events), so a Node with an old kubelet turns `auto` classic as soon as it registers.
 //! It never decides anything about Pods, never logs key material, and writes private keys only
 //! into the Secret it was given.
 //!
@@ -30,9 +41,10 @@ use std::time::Duration;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Node, Secret};
 use k8s_openapi::ByteString;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
 use wg_certs::{generate_ca, issue_serving_cert, CertificateAuthority, ReloadingResolver};
 
 use crate::error::Error;
@@ -100,11 +112,12 @@ pub struct ClusterArgs {
     /// lifetime, at most 60 s).
     #[arg(long, env = "WG_INJECTOR_CERT_CHECK_SECONDS")]
     pub cert_check_seconds: Option<u64>,
-    /// How `sidecar-mode: auto` learns the cluster version: `true` asks the apiserver at start
-    /// and every `--version-refresh-seconds`; `false` keeps the config file's `nativeSidecars`.
+    /// How `sidecar-mode: auto` learns the cluster version: `true` asks the apiserver (its
+    /// version, and every Node's kubelet version) at start and every
+    /// `--version-refresh-seconds`; `false` keeps the config file's `nativeSidecars`.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "WG_INJECTOR_DISCOVER_VERSION")]
     pub discover_version: bool,
-    /// How often the apiserver version is re-read.
+    /// How often the apiserver and kubelet versions are re-read.
     #[arg(
         long,
         default_value_t = 600,
@@ -664,59 +677,432 @@ pub fn supports_native_sidecars(version: (u32, u32)) -> bool {
     version >= NATIVE_SIDECARS_SINCE
 }
 
+/// A Node and the version its kubelet reports (`status.nodeInfo.kubeletVersion`, such as
+/// `v1.28.3` or `v1.30.1+k3s1`; empty when the Node has no status yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kubelet {
+    /// The Node's name.
+    pub node: String,
+    /// The version as the kubelet reports it.
+    pub version: String,
+}
+
+/// Parse a kubelet's `gitVersion`-style version (`v1.29.0`, `1.29.0-eks-5e0fdde`) into
+/// `(major, minor)`.
+#[must_use]
+pub fn parse_kubelet_version(version: &str) -> Option<(u32, u32)> {
+    let version = version.trim();
+    let mut parts = version.strip_prefix('v').unwrap_or(version).split('.');
+    let major = parts.next()?;
+    let minor = parts.next()?;
+    if major.is_empty() || !major.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    parse_version(major, minor).filter(|_| minor.starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// What `sidecar-mode: auto` resolves to, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NativeSidecars {
+    /// The apiserver and every kubelet run native sidecars (a cluster with no Node yet: the
+    /// apiserver alone decides, until the next refresh sees its Nodes).
+    Supported,
+    /// The apiserver is older than 1.29 (its `(major, minor)`).
+    OldApiserver((u32, u32)),
+    /// These kubelets are older than 1.29, or report a version that does not parse (then
+    /// nothing says they start native sidecars).
+    OldKubelets(Vec<Kubelet>),
+}
+
+impl NativeSidecars {
+    /// Whether `auto` means native.
+    #[must_use]
+    pub fn native(&self) -> bool {
+        *self == NativeSidecars::Supported
+    }
+}
+
+/// Decide `sidecar-mode: auto` from the apiserver's version and every Node's kubelet (pure;
+/// see the module docs). Every Node counts, Ready or not, cordoned or not: a Pod admitted now
+/// may be scheduled later, onto a Node that is back or uncordoned by then.
+#[must_use]
+pub fn native_sidecars(apiserver: (u32, u32), kubelets: &[Kubelet]) -> NativeSidecars {
+    if !supports_native_sidecars(apiserver) {
+        return NativeSidecars::OldApiserver(apiserver);
+    }
+    let old: Vec<Kubelet> = kubelets
+        .iter()
+        .filter(|k| !parse_kubelet_version(&k.version).is_some_and(supports_native_sidecars))
+        .cloned()
+        .collect();
+    if old.is_empty() {
+        NativeSidecars::Supported
+    } else {
+        NativeSidecars::OldKubelets(old)
+    }
+}
+
+/// Every Node's kubelet version (`list nodes`: the chart's `<fullname>-nodes` `ClusterRole` grants it).
+pub async fn kubelet_versions(client: &kube::Client) -> Result<Vec<Kubelet>, Error> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut kubelets = Vec::new();
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = nodes.list(&params).await.map_err(kube_error(
+            "list Nodes to read their kubelet versions (RBAC: list nodes)".to_owned(),
+        ))?;
+        kubelets.extend(page.items.into_iter().map(|node| {
+            Kubelet {
+                node: node.metadata.name.unwrap_or_default(),
+                version: node
+                    .status
+                    .and_then(|s| s.node_info)
+                    .map(|i| i.kubelet_version)
+                    .unwrap_or_default(),
+            }
+        }));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
+        }
+    }
+    Ok(kubelets)
+}
+
 /// Ask the apiserver for its version (`/version`, readable by every authenticated user: no
-/// RBAC grant needed) and say whether it runs native sidecars.
+/// RBAC grant needed) and, when it is at least 1.29, for its Nodes' kubelet versions
+/// ([`kubelet_versions`]), and say whether `sidecar-mode: auto` is native ([`native_sidecars`]).
 pub async fn discover_native_sidecars(client: &kube::Client) -> Result<bool, Error> {
+    let version = apiserver_version(client).await?;
+    let kubelets = if supports_native_sidecars(version) {
+        kubelet_versions(client).await?
+    } else {
+        Vec::new()
+    };
+    let decision = native_sidecars(version, &kubelets);
+    tracing::info!(
+        major = version.0,
+        minor = version.1,
+        nodes = kubelets.len(),
+        native_sidecars = decision.native(),
+        "apiserver version"
+    );
+    log_decision(&decision);
+    Ok(decision.native())
+}
+
+/// The apiserver's `(major, minor)` from `/version`.
+async fn apiserver_version(client: &kube::Client) -> Result<(u32, u32), Error> {
     let info = client
         .apiserver_version()
         .await
         .map_err(kube_error("read the apiserver version".to_owned()))?;
-    let version =
-        parse_version(&info.major, &info.minor).ok_or_else(|| Error::UnknownClusterVersion {
-            major: info.major.clone(),
-            minor: info.minor.clone(),
-        })?;
-    tracing::info!(
-        major = version.0,
-        minor = version.1,
-        native_sidecars = supports_native_sidecars(version),
-        "apiserver version"
-    );
-    Ok(supports_native_sidecars(version))
+    parse_version(&info.major, &info.minor).ok_or(Error::UnknownClusterVersion {
+        major: info.major,
+        minor: info.minor,
+    })
 }
 
-/// Re-read the version every `interval` and call `on_change` with the new answer when it
-/// differs from `current`. Failures are logged; the last answer stays.
+/// The kubelet version of every Node, as a watch of the Nodes reports them: plain data, fed
+/// [`watcher::Event`]s by [`spawn_version_refresh`] (and by tests, without a cluster).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KubeletIndex {
+    /// Node name → kubelet version, as of the last complete list.
+    nodes: BTreeMap<String, String>,
+    /// The Nodes of a (re)list in progress, which replace `nodes` when it is done.
+    relisting: Option<BTreeMap<String, String>>,
+    /// Whether one list has completed: before it, the index knows nothing.
+    synced: bool,
+}
+
+impl KubeletIndex {
+    /// Take one watch event.
+    pub fn apply(&mut self, event: watcher::Event<Node>) {
+        let entry = |node: Node| {
+            let version = node
+                .status
+                .and_then(|s| s.node_info)
+                .map(|i| i.kubelet_version)
+                .unwrap_or_default();
+            (node.metadata.name.unwrap_or_default(), version)
+        };
+        match event {
+            watcher::Event::Init => self.relisting = Some(BTreeMap::new()),
+            watcher::Event::InitApply(node) => {
+                let (name, version) = entry(node);
+                self.relisting
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(name, version);
+            }
+            watcher::Event::InitDone => {
+                self.nodes = self.relisting.take().unwrap_or_default();
+                self.synced = true;
+            }
+            watcher::Event::Apply(node) => {
+                let (name, version) = entry(node);
+                self.nodes.insert(name, version);
+            }
+            watcher::Event::Delete(node) => {
+                self.nodes
+                    .remove(node.metadata.name.as_deref().unwrap_or_default());
+            }
+        }
+    }
+
+    /// Whether a complete list of the Nodes has been seen.
+    #[must_use]
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// The Nodes and their kubelet versions, by name.
+    #[must_use]
+    pub fn kubelets(&self) -> Vec<Kubelet> {
+        self.nodes
+            .iter()
+            .map(|(node, version)| Kubelet {
+                node: node.clone(),
+                version: version.clone(),
+            })
+            .collect()
+    }
+}
+
+/// The watch of every Node (`list` and `watch nodes`: the chart's `<fullname>-nodes`
+/// `ClusterRole`), re-listing with backoff after errors.
+pub fn kubelet_events(
+    client: &kube::Client,
+) -> impl futures_util::Stream<Item = Result<watcher::Event<Node>, watcher::Error>> + Send {
+    use kube::runtime::WatchStreamExt as _;
+    watcher::watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff()
+}
+
+/// Read `/version` every `interval` and, while the apiserver is 1.29 or later, watch the Nodes
+/// ([`kubelet_events`] into a [`KubeletIndex`]); call `on_change` with the new answer of
+/// [`native_sidecars`] when it differs from `current`. Failures are logged (once until the next
+/// success); the last answer stays.
 pub fn spawn_version_refresh(
     client: kube::Client,
     interval: Duration,
     mut current: bool,
     on_change: impl Fn(bool) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
+    use futures_util::StreamExt as _;
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker.tick().await;
+        let mut apiserver: Option<(u32, u32)> = None;
+        let mut index = KubeletIndex::default();
+        let mut nodes: Option<
+            futures_util::stream::BoxStream<'static, Result<watcher::Event<Node>, watcher::Error>>,
+        > = None;
+        let mut watch_failing = false;
         loop {
-            ticker.tick().await;
-            match discover_native_sidecars(&client).await {
-                Ok(native) if native != current => {
-                    current = native;
-                    on_change(native);
+            tokio::select! {
+                _ = ticker.tick() => match apiserver_version(&client).await {
+                    Ok(version) => {
+                        apiserver = Some(version);
+                        if !supports_native_sidecars(version) {
+                            nodes = None;
+                            index = KubeletIndex::default();
+                        } else if nodes.is_none() {
+                            nodes = Some(kubelet_events(&client).boxed());
+                        }
+                    }
+                    Err(err) => tracing::warn!(error = %err, "apiserver version refresh failed"),
+                },
+                Some(event) = async {
+                    match nodes.as_mut() {
+                        Some(stream) => stream.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => match event {
+                    Ok(event) => {
+                        watch_failing = false;
+                        index.apply(event);
+                    }
+                    Err(err) => {
+                        if !watch_failing {
+                            tracing::warn!(error = %err, "watching Nodes for their kubelet versions failed (RBAC: list, watch nodes); retrying");
+                        }
+                        watch_failing = true;
+                    }
+                },
+            }
+            let decision = match apiserver {
+                Some(version) if !supports_native_sidecars(version) => {
+                    native_sidecars(version, &[])
                 }
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::warn!(error = %err, "apiserver version refresh failed");
-                }
+                Some(version) if index.synced() => native_sidecars(version, &index.kubelets()),
+                // Not known yet (no version, or the Nodes not listed): the last answer stays.
+                _ => continue,
+            };
+            if decision.native() != current {
+                current = decision.native();
+                log_decision(&decision);
+                on_change(current);
             }
         }
     })
+}
+
+fn log_decision(decision: &NativeSidecars) {
+    match decision {
+        NativeSidecars::Supported => {
+            tracing::info!(
+                "sidecar-mode auto is native: the apiserver and every kubelet are 1.29 or later"
+            );
+        }
+        NativeSidecars::OldApiserver((major, minor)) => {
+            tracing::info!(
+                major,
+                minor,
+                "sidecar-mode auto is classic: the apiserver is older than 1.29"
+            );
+        }
+        NativeSidecars::OldKubelets(old) => {
+            let named: Vec<String> = old
+                .iter()
+                .take(5)
+                .map(|k| format!("{} ({})", k.node, k.version))
+                .collect();
+            tracing::info!(
+                old_kubelets = old.len(),
+                examples = %named.join(", "),
+                "sidecar-mode auto is classic: kubelets older than 1.29 do not start native sidecars"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn kubelet(node: &str, version: &str) -> Kubelet {
+        Kubelet {
+            node: node.to_owned(),
+            version: version.to_owned(),
+        }
+    }
+
+    #[test]
+    fn kubelet_versions_of_every_distribution_parse_to_major_and_minor() {
+        for (version, expected) in [
+            ("v1.29.0", Some((1, 29))),
+            ("v1.28.15-eks-5e0fdde", Some((1, 28))),
+            ("v1.30.1+k3s1", Some((1, 30))),
+            ("1.31.2", Some((1, 31))),
+            ("v1.32.0-gke.1000", Some((1, 32))),
+            ("", None),
+            ("v1", None),
+            ("vx.29.0", None),
+            ("v1.x", None),
+        ] {
+            assert_eq!(parse_kubelet_version(version), expected, "{version:?}");
+        }
+    }
+
+    #[test]
+    fn auto_is_native_only_when_the_apiserver_and_every_kubelet_are_at_least_1_29() {
+        let new = [kubelet("a", "v1.29.3"), kubelet("b", "v1.31.0+k3s1")];
+        assert_eq!(native_sidecars((1, 30), &new), NativeSidecars::Supported);
+        assert!(native_sidecars((1, 29), &new).native());
+        // No Node yet: nothing contradicts the apiserver.
+        assert!(native_sidecars((1, 29), &[]).native());
+    }
+
+    #[test]
+    fn one_kubelet_older_than_1_29_under_version_skew_makes_auto_classic_and_is_named() {
+        let skewed = [
+            kubelet("new", "v1.30.0"),
+            kubelet("old", "v1.28.9"),
+            kubelet("older", "v1.27.1-eks-1"),
+        ];
+        let decision = native_sidecars((1, 30), &skewed);
+        assert!(!decision.native());
+        assert_eq!(
+            decision,
+            NativeSidecars::OldKubelets(vec![
+                kubelet("old", "v1.28.9"),
+                kubelet("older", "v1.27.1-eks-1")
+            ])
+        );
+    }
+
+    #[test]
+    fn a_kubelet_without_a_readable_version_counts_as_old() {
+        let decision = native_sidecars((1, 33), &[kubelet("fresh", ""), kubelet("vk", "latest")]);
+        assert_eq!(
+            decision,
+            NativeSidecars::OldKubelets(vec![kubelet("fresh", ""), kubelet("vk", "latest")])
+        );
+    }
+
+    fn node(name: &str, version: &str) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "status": {"nodeInfo": {"kubeletVersion": version, "architecture": "", "bootID": "",
+                "containerRuntimeVersion": "", "kernelVersion": "", "kubeProxyVersion": "",
+                "machineID": "", "operatingSystem": "", "osImage": "", "systemUUID": ""}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_kubelet_index_knows_nothing_until_a_list_completes_and_then_follows_each_node() {
+        let mut index = KubeletIndex::default();
+        index.apply(watcher::Event::Init);
+        index.apply(watcher::Event::InitApply(node("a", "v1.30.0")));
+        assert!(!index.synced(), "half a list is not the cluster");
+        index.apply(watcher::Event::InitApply(node("b", "v1.29.1")));
+        index.apply(watcher::Event::InitDone);
+        assert!(index.synced());
+        assert!(native_sidecars((1, 30), &index.kubelets()).native());
+        // A Node with an old kubelet registers: classic at once, naming it.
+        index.apply(watcher::Event::Apply(node("old", "v1.28.2")));
+        assert_eq!(
+            native_sidecars((1, 30), &index.kubelets()),
+            NativeSidecars::OldKubelets(vec![kubelet("old", "v1.28.2")])
+        );
+        // It is upgraded in place, then deleted.
+        index.apply(watcher::Event::Apply(node("old", "v1.29.0")));
+        assert!(native_sidecars((1, 30), &index.kubelets()).native());
+        index.apply(watcher::Event::Apply(node("old", "v1.27.0")));
+        index.apply(watcher::Event::Delete(node("old", "v1.27.0")));
+        assert_eq!(
+            index.kubelets(),
+            [kubelet("a", "v1.30.0"), kubelet("b", "v1.29.1")]
+        );
+    }
+
+    #[test]
+    fn a_relist_replaces_the_index_only_when_it_is_complete() {
+        let mut index = KubeletIndex::default();
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(node("old", "v1.28.0")),
+            watcher::Event::InitDone,
+            // The watch restarts (an expired resourceVersion): the old Node went meanwhile.
+            watcher::Event::Init,
+            watcher::Event::InitApply(node("new", "v1.31.0")),
+        ] {
+            index.apply(event);
+        }
+        assert_eq!(index.kubelets(), [kubelet("old", "v1.28.0")]);
+        index.apply(watcher::Event::InitDone);
+        assert_eq!(index.kubelets(), [kubelet("new", "v1.31.0")]);
+    }
+
+    #[test]
+    fn an_apiserver_older_than_1_29_is_classic_whatever_the_kubelets_say() {
+        assert_eq!(
+            native_sidecars((1, 28), &[kubelet("a", "v1.29.0")]),
+            NativeSidecars::OldApiserver((1, 28))
+        );
+        assert!(!native_sidecars((1, 20), &[]).native());
+    }
 
     const LIFETIMES: Lifetimes = Lifetimes {
         ca: Duration::from_secs(3_000),

@@ -12,10 +12,22 @@
 //! `wg-sidecar` follows it directly, so the tunnel is up (startup probe on `/ready`) before
 //! those init containers run. In classic mode `wg-sidecar` is the first app container.
 //!
-//! Idempotence: `inject(p) == inject(uninject(p))`, and `uninject` recognises the injected
-//! containers from the containers themselves (name and `wg-sidecar` subcommand), not from the
-//! status annotation, so injecting an injected Pod yields the same Pod, and a spoofed status
-//! annotation changes nothing.
+//! Idempotence: `uninject` recognises the injected containers from the containers themselves
+//! (name and `wg-sidecar` subcommand), not from the status annotation, so injecting an injected
+//! Pod yields the same Pod (an empty patch), and a spoofed status annotation changes nothing.
+//!
+//! Reinvocation (`reinvocationPolicy: IfNeeded`, or an injected template created again): the
+//! injection is planned on `uninject(p)` and then takes from the containers `p` already carries
+//! what another webhook changed there and injection does not decide ([`Injection::keep_edits`]):
+//! `image` and `imagePullPolicy` (an image mirror), `resources` (a policy engine, a VPA), env vars
+//! of names it does not render, volumeMounts of volumes it does not add, `envFrom`,
+//! `workingDir`, `volumeDevices`, `resizePolicy`, the tty fields, and the `securityContext`
+//! fields it leaves unset (`seLinuxOptions`, `appArmorProfile`, …). Everything it decides is
+//! re-asserted: `args`, `command`, its env names, `ports`, probes, `lifecycle`,
+//! `restartPolicy`, `terminationMessagePolicy`, the `securityContext` fields it sets, its
+//! volumes (sources included), its mounts, the order (`wg-init` first), the tunnel label and the
+//! status annotation. The Pod's other labels, annotations, containers and volumes were never
+//! touched. So `inject(inject(p)) == inject(p)`, and `uninject(inject(p)) == uninject(p)`.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -361,6 +373,18 @@ impl Injection {
         }
     }
 
+    /// Reinvocation: carry into the injected containers what another webhook changed in the
+    /// ones `pod` already carries and injection does not decide (see the module docs; `pod` is
+    /// the Pod before [`uninject`]). A Pod without them changes nothing.
+    pub fn keep_edits(&mut self, pod: &Pod) {
+        if let Some(found) = injected_container(pod, INIT_CONTAINER) {
+            keep_container_edits(&mut self.init, found);
+        }
+        if let Some(found) = injected_container(pod, SIDECAR_CONTAINER) {
+            keep_container_edits(&mut self.sidecar, found);
+        }
+    }
+
     /// The parts of `pod` that injection changes, as they are after [`Injection::apply`],
     /// borrowing the Pod's own elements: what the webhook diffs against
     /// [`Parts::of`]`(pod)`. `None` when the Pod has no spec.
@@ -447,11 +471,141 @@ fn exclusions(routes: &[ipnet::IpNet], protected: &[routes::Protected]) -> Vec<i
     covered
 }
 
-/// Inject the sidecar into `pod`. Pure: no IO. An already injected Pod comes back unchanged.
+/// Inject the sidecar into `pod`. Pure: no IO. An already injected Pod comes back unchanged;
+/// one that another webhook changed keeps the changes injection does not decide
+/// ([`Injection::keep_edits`]).
 pub fn inject(pod: &Pod, spec: &InjectionSpec, config: &Config) -> Result<Outcome, Denial> {
-    let pod = uninject(pod);
-    let injection = plan(&pod, spec, config)?;
-    Ok(injection.apply(pod))
+    let base = uninject(pod);
+    let mut injection = plan(&base, spec, config)?;
+    injection.keep_edits(pod);
+    Ok(injection.apply(base))
+}
+
+/// The container named `name` that injection added to `pod` (init containers first, so a Pod
+/// that moved between classic and native mode is found either way).
+fn injected_container<'a>(pod: &'a Pod, name: &str) -> Option<&'a Container> {
+    let spec = pod.spec.as_ref()?;
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .find(|c| c.name == name && is_injected(c))
+}
+
+/// `ours`, as [`plan`] renders it, with what `found` (the same container in the Pod, after other
+/// webhooks) holds where injection does not decide. Destructured field by field, so a field a
+/// new Kubernetes version adds is a compile error until someone decides whose it is.
+fn keep_container_edits(ours: &mut Container, found: &Container) {
+    let Container {
+        // Ours: what runs and how the kubelet treats it.
+        name: _,
+        args: _,
+        command: _,
+        lifecycle: _,
+        liveness_probe: _,
+        ports: _,
+        readiness_probe: _,
+        restart_policy: _,
+        startup_probe: _,
+        termination_message_policy: _,
+        // Merged: ours first, then the Pod's of other names.
+        env,
+        volume_mounts,
+        security_context,
+        // The Pod's when it has one, else ours.
+        image,
+        image_pull_policy,
+        resources,
+        // The Pod's: injection renders none.
+        env_from,
+        resize_policy,
+        stdin,
+        stdin_once,
+        termination_message_path,
+        tty,
+        volume_devices,
+        working_dir,
+    } = found.clone();
+
+    let our_env: Vec<String> = ours.env.iter().flatten().map(|e| e.name.clone()).collect();
+    let other_env: Vec<EnvVar> = env
+        .into_iter()
+        .flatten()
+        .filter(|e| !our_env.contains(&e.name))
+        .collect();
+    if !other_env.is_empty() {
+        ours.env.get_or_insert_with(Vec::new).extend(other_env);
+    }
+    let our_paths: Vec<String> = ours
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.clone())
+        .collect();
+    let other_mounts: Vec<VolumeMount> = volume_mounts
+        .into_iter()
+        .flatten()
+        .filter(|m| {
+            !INJECTED_VOLUMES.contains(&m.name.as_str()) && !our_paths.contains(&m.mount_path)
+        })
+        .collect();
+    if !other_mounts.is_empty() {
+        ours.volume_mounts
+            .get_or_insert_with(Vec::new)
+            .extend(other_mounts);
+    }
+    if let Some(theirs) = security_context {
+        ours.security_context = Some(overlay_security_context(
+            ours.security_context.take().unwrap_or_default(),
+            theirs,
+        ));
+    }
+
+    ours.image = image.or(ours.image.take());
+    ours.image_pull_policy = image_pull_policy.or(ours.image_pull_policy.take());
+    ours.resources = resources.or(ours.resources.take());
+
+    ours.env_from = env_from;
+    ours.resize_policy = resize_policy;
+    ours.stdin = stdin;
+    ours.stdin_once = stdin_once;
+    ours.termination_message_path = termination_message_path;
+    ours.tty = tty;
+    ours.volume_devices = volume_devices;
+    ours.working_dir = working_dir;
+}
+
+/// Every field `ours` sets, else the Pod's (`theirs`).
+fn overlay_security_context(ours: SecurityContext, theirs: SecurityContext) -> SecurityContext {
+    let SecurityContext {
+        allow_privilege_escalation,
+        app_armor_profile,
+        capabilities,
+        privileged,
+        proc_mount,
+        read_only_root_filesystem,
+        run_as_group,
+        run_as_non_root,
+        run_as_user,
+        se_linux_options,
+        seccomp_profile,
+        windows_options,
+    } = ours;
+    SecurityContext {
+        allow_privilege_escalation: allow_privilege_escalation
+            .or(theirs.allow_privilege_escalation),
+        app_armor_profile: app_armor_profile.or(theirs.app_armor_profile),
+        capabilities: capabilities.or(theirs.capabilities),
+        privileged: privileged.or(theirs.privileged),
+        proc_mount: proc_mount.or(theirs.proc_mount),
+        read_only_root_filesystem: read_only_root_filesystem.or(theirs.read_only_root_filesystem),
+        run_as_group: run_as_group.or(theirs.run_as_group),
+        run_as_non_root: run_as_non_root.or(theirs.run_as_non_root),
+        run_as_user: run_as_user.or(theirs.run_as_user),
+        se_linux_options: se_linux_options.or(theirs.se_linux_options),
+        seccomp_profile: seccomp_profile.or(theirs.seccomp_profile),
+        windows_options: windows_options.or(theirs.windows_options),
+    }
 }
 
 /// What [`inject`] adds to `pod`, which must carry none of it (see [`is_pristine`]; [`inject`]
@@ -1287,6 +1441,92 @@ mod tests {
                 "{restart_policy:?}"
             );
         }
+    }
+
+    /// `pod` injected in `mode`, then changed by `edit` as another webhook would.
+    fn injected_then_edited(mode: &str, edit: impl Fn(&mut Container)) -> Pod {
+        let pod = pod_with_restart_policy(mode, None);
+        let spec = annotations::parse(pod.metadata.annotations.as_ref().unwrap()).unwrap();
+        let config = Config {
+            native_sidecars: true,
+            ..Config::default()
+        };
+        let mut injected = inject(&pod, &spec, &config).unwrap().pod;
+        let pod_spec = injected.spec.as_mut().unwrap();
+        for c in pod_spec
+            .init_containers
+            .iter_mut()
+            .flatten()
+            .chain(&mut pod_spec.containers)
+            .filter(|c| is_injected(c))
+        {
+            edit(c);
+        }
+        injected
+    }
+
+    fn reinjected(pod: &Pod, mode: &str) -> Pod {
+        let mut annotations = pod.metadata.annotations.clone().unwrap();
+        annotations.insert(annotations::SIDECAR_MODE.to_owned(), mode.to_owned());
+        let spec = annotations::parse(&annotations).unwrap();
+        let config = Config {
+            native_sidecars: true,
+            ..Config::default()
+        };
+        inject(pod, &spec, &config).unwrap().pod
+    }
+
+    #[test]
+    fn a_mirror_image_survives_a_reinvocation_that_moves_the_sidecar_to_another_mode() {
+        let mirrored = injected_then_edited("native", |c| {
+            c.image = Some("mirror.example.internal/wg-sidecar:1".to_owned());
+        });
+        let classic = reinjected(&mirrored, "classic");
+        let spec = classic.spec.as_ref().unwrap();
+        assert_eq!(spec.containers[0].name, SIDECAR_CONTAINER);
+        assert_eq!(spec.init_containers.as_ref().unwrap().len(), 1);
+        for c in spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers[..1])
+        {
+            assert_eq!(
+                c.image.as_deref(),
+                Some("mirror.example.internal/wg-sidecar:1"),
+                "{}",
+                c.name
+            );
+        }
+    }
+
+    #[test]
+    fn a_second_webhooks_mount_over_ours_or_of_our_volumes_is_dropped_and_its_own_kept() {
+        let edited = injected_then_edited("native", |c| {
+            let mounts = c.volume_mounts.get_or_insert_with(Vec::new);
+            mounts.push(mount("other", RUNTIME_DIR, false));
+            mounts.push(mount(RUNTIME_VOLUME, "/elsewhere", false));
+            mounts.push(mount("trust", "/etc/ssl/certs", true));
+        });
+        let again = reinjected(&edited, "native");
+        let sidecar = injected_container(&again, SIDECAR_CONTAINER).unwrap();
+        let paths: Vec<&str> = sidecar
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert_eq!(paths, [RUNTIME_DIR, TOKEN_DIR, TUN_PATH, "/etc/ssl/certs"]);
+        let init = injected_container(&again, INIT_CONTAINER).unwrap();
+        assert_eq!(
+            init.volume_mounts.as_ref().unwrap(),
+            &[
+                mount("other", RUNTIME_DIR, false),
+                mount("trust", "/etc/ssl/certs", true)
+            ],
+            "wg-init mounts nothing of its own: only the mount of our volume goes"
+        );
+        assert_eq!(reinjected(&again, "native"), again, "and it stays that way");
     }
 
     #[test]

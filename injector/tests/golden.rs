@@ -11,8 +11,12 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 use wg_injector::admission::{decide, evaluate, Decision, Verdict};
 use wg_injector::annotations::STATUS;
+use wg_injector::annotations::TUNNEL_LABEL;
 use wg_injector::config::Config;
-use wg_injector::inject::{is_injected_pod, uninject};
+use wg_injector::inject::{
+    is_injected_pod, uninject, INIT_CONTAINER, INJECTED_VOLUMES, NAMESPACE_ENV, POD_NAME_ENV,
+    POD_UID_ENV, SERVICE_ACCOUNT_ENV, SIDECAR_CONTAINER,
+};
 
 fn testdata() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata")
@@ -157,4 +161,129 @@ fn the_example_config_and_manifests_are_accepted() {
             "default"
         );
     }
+}
+
+fn golden_pod(name: &str) -> Pod {
+    let path = testdata().join("golden").join(format!("{name}.yaml"));
+    serde_yaml_ng::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn container<'a>(pod: &'a Pod, name: &str) -> Option<&'a k8s_openapi::api::core::v1::Container> {
+    let spec = pod.spec.as_ref()?;
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .find(|c| c.name == name)
+}
+
+/// Reinvocation (`reinvocationPolicy: IfNeeded`, or an injected template created again): what
+/// another webhook changed in an injected Pod and injection does not decide survives. In the
+/// injected containers: the image and its pull policy (an image mirror), the resources (a
+/// policy engine, a VPA), env vars and volumeMounts of other names; in the Pod: its other
+/// labels, annotations, containers and volumes.
+#[test]
+fn a_second_webhooks_edits_to_an_injected_pod_survive_reinvocation() {
+    let config = golden_config();
+    let ours = [
+        NAMESPACE_ENV,
+        SERVICE_ACCOUNT_ENV,
+        POD_NAME_ENV,
+        POD_UID_ENV,
+    ];
+    let mut seen = 0;
+    for entry in std::fs::read_dir(testdata().join("golden")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let pod = golden_pod(&name);
+        if !is_injected_pod(&pod) {
+            continue;
+        }
+        let Verdict::Inject(outcome) = evaluate(&pod, &config) else {
+            panic!("{name}: an injected Pod must be injected again")
+        };
+        seen += 1;
+        let after = &outcome.pod;
+        for ours_name in [INIT_CONTAINER, SIDECAR_CONTAINER] {
+            let (Some(b), Some(a)) = (container(&pod, ours_name), container(after, ours_name))
+            else {
+                panic!("{name}: {ours_name} missing")
+            };
+            assert_eq!(a.image, b.image, "{name}: {ours_name} image");
+            assert_eq!(
+                a.image_pull_policy, b.image_pull_policy,
+                "{name}: {ours_name} imagePullPolicy"
+            );
+            assert_eq!(a.resources, b.resources, "{name}: {ours_name} resources");
+            for env in b.env.iter().flatten() {
+                if !ours.contains(&env.name.as_str()) {
+                    assert!(
+                        a.env.iter().flatten().any(|e| e == env),
+                        "{name}: {ours_name} lost env {env:?}"
+                    );
+                }
+            }
+            for m in b.volume_mounts.iter().flatten() {
+                if !INJECTED_VOLUMES.contains(&m.name.as_str()) {
+                    assert!(
+                        a.volume_mounts.iter().flatten().any(|x| x == m),
+                        "{name}: {ours_name} lost volumeMount {m:?}"
+                    );
+                }
+            }
+        }
+        for (key, value) in pod.metadata.labels.iter().flatten() {
+            if key != TUNNEL_LABEL {
+                assert_eq!(
+                    after.metadata.labels.as_ref().and_then(|l| l.get(key)),
+                    Some(value),
+                    "{name}: label {key}"
+                );
+            }
+        }
+        for (key, value) in pod.metadata.annotations.iter().flatten() {
+            if key != STATUS {
+                assert_eq!(
+                    after.metadata.annotations.as_ref().and_then(|l| l.get(key)),
+                    Some(value),
+                    "{name}: annotation {key}"
+                );
+            }
+        }
+        let spec = pod.spec.as_ref().unwrap();
+        for c in spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+        {
+            if c.name != INIT_CONTAINER && c.name != SIDECAR_CONTAINER {
+                assert_eq!(container(after, &c.name), Some(c), "{name}: {}", c.name);
+            }
+        }
+        let after_volumes = after.spec.as_ref().unwrap().volumes.iter().flatten();
+        for v in spec.volumes.iter().flatten() {
+            if !INJECTED_VOLUMES.contains(&v.name.as_str()) {
+                assert!(
+                    after_volumes.clone().any(|x| x == v),
+                    "{name}: volume {}",
+                    v.name
+                );
+            }
+        }
+    }
+    assert!(seen >= 3, "only {seen} injected Pods among the goldens");
+}
+
+/// The image mirror's case exactly: nothing but what a second webhook may change differs from
+/// the injector's own output, so re-invoked the injector has nothing to do.
+#[test]
+fn a_mirror_image_and_a_second_webhooks_label_and_app_env_get_an_empty_patch() {
+    let pod =
+        golden_pod("reinvocation-keeps-a-mirror-image-and-a-second-webhooks-label-and-app-env");
+    let Decision::Patch { patch, .. } = decide(&pod, "shop", &golden_config()) else {
+        panic!("an injected Pod must be patched")
+    };
+    assert!(patch.0.is_empty(), "{patch:?}");
 }

@@ -491,7 +491,7 @@ fn webhook_configuration_carries_the_admission_contract() {
 }
 
 #[test]
-fn self_managed_mode_rbac_is_scoped_by_resource_names_and_other_modes_get_none() {
+fn self_managed_mode_rbac_is_scoped_by_resource_names_and_other_modes_get_only_the_node_read() {
     let objects = render_defaults("wg-injector", "1.33.0", &[]);
     let secret = of_kind(&objects, "Secret")[0];
     let webhook = of_kind(&objects, "MutatingWebhookConfiguration")[0];
@@ -544,12 +544,23 @@ fn self_managed_mode_rbac_is_scoped_by_resource_names_and_other_modes_get_none()
                 &format!("certificates.existingSecret.caBundle={CA_BUNDLE}"),
             ],
         );
-        for rbac_kind in ["Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"] {
+        for rbac_kind in ["Role", "RoleBinding"] {
             assert!(
                 of_kind(&objects, rbac_kind).is_empty(),
                 "{rbac_kind} with {mode}"
             );
         }
+        // Only the read of the Nodes' kubelet versions (`sidecar-mode: auto`) is left.
+        let cluster_roles = of_kind(&objects, "ClusterRole");
+        assert_eq!(cluster_roles.len(), 1, "{mode}");
+        assert!(name(cluster_roles[0]).ends_with("-nodes"), "{mode}");
+        assert_eq!(
+            cluster_roles[0]["rules"],
+            json!([{"apiGroups": [""], "resources": ["nodes"],
+                    "verbs": ["get", "list", "watch"]}]),
+            "{mode}"
+        );
+        assert_eq!(of_kind(&objects, "ClusterRoleBinding").len(), 1, "{mode}");
     }
 }
 
