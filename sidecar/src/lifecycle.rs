@@ -161,8 +161,8 @@ pub async fn wait_ready(addr: SocketAddr, timeout: Duration) -> Result<Duration,
     let mut last = String::from("no answer yet");
     while start.elapsed() < timeout {
         match tokio::time::timeout(Duration::from_secs(2), ready_status(addr)).await {
-            Ok(Ok(200)) => return Ok(start.elapsed()),
-            Ok(Ok(code)) => last = format!("HTTP {code}"),
+            Ok(Ok((200, _))) => return Ok(start.elapsed()),
+            Ok(Ok((code, why))) => last = format!("HTTP {code}: {why}"),
             Ok(Err(e)) => last = e.to_string(),
             Err(_) => "no answer within 2s".clone_into(&mut last),
         }
@@ -175,18 +175,34 @@ pub async fn wait_ready(addr: SocketAddr, timeout: Duration) -> Result<Duration,
     })
 }
 
-/// The status code of one `GET /ready` (HTTP/1.0, the connection closes after the answer).
-async fn ready_status(addr: SocketAddr) -> std::io::Result<u16> {
+/// Longest `/ready` answer read: the status line, the headers and the reason (`not ready: …`),
+/// which [`NotReady`] carries so the kubelet's `FailedPostStartHook` event says why.
+const READY_ANSWER_MAX: u64 = 2048;
+
+/// The status code and the body's first line of one `GET /ready` (HTTP/1.0, the connection
+/// closes after the answer).
+async fn ready_status(addr: SocketAddr) -> std::io::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(b"GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n")
         .await?;
-    let mut head = [0u8; 64];
-    let n = s.read(&mut head).await?;
-    let line = String::from_utf8_lossy(&head[..n]);
-    line.split_whitespace()
+    let mut answer = Vec::new();
+    (&mut s)
+        .take(READY_ANSWER_MAX)
+        .read_to_end(&mut answer)
+        .await?;
+    let answer = String::from_utf8_lossy(&answer);
+    let code = answer
+        .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {line:?}")))
+        .ok_or_else(|| {
+            let line = answer.lines().next().unwrap_or_default();
+            std::io::Error::other(format!("not an HTTP answer: {line:?}"))
+        })?;
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| {
+        body.lines().next().unwrap_or_default().trim()
+    });
+    Ok((code, body.to_owned()))
 }
 
 #[cfg(test)]
@@ -242,5 +258,35 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("127.0.0.1:9"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_sidecar_that_is_not_ready_fails_the_wait_with_its_reason() {
+        // What the kubelet's FailedPostStartHook event then shows.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut req = [0u8; 256];
+                let _ = s.read(&mut req).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.0 503 Service Unavailable\r\ncontent-length: 64\r\n\r\n\
+                          not ready: refused by gateway corp: namespace shop is not selected\n",
+                    )
+                    .await;
+            }
+        });
+        let e = wait_ready(addr, Duration::from_millis(500))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "HTTP 503: not ready: refused by gateway corp: namespace shop is not selected"
+            ),
+            "{e}"
+        );
     }
 }

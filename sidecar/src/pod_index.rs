@@ -72,6 +72,12 @@ use crate::{
     secret::Secret,
 };
 
+/// The sidecar instance of a classic-mode Pod whose kubelet has not reported the running
+/// container yet (it reports it only after the `postStart` hook, which waits for the tunnel):
+/// its record is read as for a new instance, and the instance the kubelet reports next is
+/// the same sidecar (see [`PodIndex::apply`]).
+pub const STARTING_SIDECAR: &str = "starting";
+
 /// Delay between first seeing a running sidecar instance and reading its record.
 pub const FIRST_READ_DELAY: Duration = Duration::from_millis(250);
 
@@ -103,8 +109,8 @@ fn retry_delay(failures: u32) -> Duration {
 pub struct WatchedPod {
     /// Namespace, service account, name, UID.
     pub identity: PodIdentity,
-    /// The running `wg-sidecar` container instance (its container ID); `None` while it does not
-    /// run.
+    /// The running `wg-sidecar` container instance (its container ID), [`STARTING_SIDECAR`]
+    /// while a classic-mode sidecar starts unreported, `None` while it does not run.
     pub sidecar: Option<String>,
     /// Phase `Succeeded` or `Failed`: the Pod will never run again.
     pub finished: bool,
@@ -783,7 +789,16 @@ impl PodIndex {
             return;
         }
         if let Some(instance) = &st.pod.sidecar {
-            if st.read.instance.as_ref() != Some(instance) {
+            if st.read.instance.as_deref() == Some(STARTING_SIDECAR) && instance != STARTING_SIDECAR
+            {
+                // The kubelet now reports the sidecar that was starting: the same instance, whose
+                // record may be read already. A read in flight under the old name is asked again.
+                st.read.instance = Some(instance.clone());
+                if st.read.in_flight {
+                    st.read.in_flight = false;
+                    st.read.due = Some(now);
+                }
+            } else if st.read.instance.as_ref() != Some(instance) {
                 st.read = ReadState {
                     instance: Some(instance.clone()),
                     due: Some(now + delay),
@@ -1625,6 +1640,68 @@ mod tests {
         ix.apply(PodEvent::Delete(job), t0 + ms(700));
         assert!(ix.take_releases().is_empty());
         assert!(ix.due_reads(t0 + Duration::from_secs(60), 64).is_empty());
+    }
+
+    #[test]
+    fn a_classic_sidecar_held_in_its_post_start_hook_is_read_and_adopted_without_a_second_read() {
+        // The kubelet reports the container only after the hook, which waits for the tunnel:
+        // the record is read while the sidecar is "starting", and the instance reported later is
+        // the same sidecar.
+        let t0 = Instant::now();
+        let mut ix = synced(t0);
+        let starting = running("web-1", "0001", STARTING_SIDECAR);
+        ix.apply(PodEvent::Apply(starting), t0);
+        serve(&mut ix, t0 + FIRST_READ_DELAY, |r| {
+            assert_eq!(r.instance, STARTING_SIDECAR);
+            RecordRead::Found(record(&r.pod, 1, "10.99.0.2/32", 3))
+        });
+        assert_eq!(show(&ix.peers(t0).table), ["k1 10.99.0.2/32 psk"]);
+        let t1 = t0 + Duration::from_secs(3);
+        ix.apply(
+            PodEvent::Apply(running("web-1", "0001", "containerd://first")),
+            t1,
+        );
+        assert_eq!(ix.next_due(), None, "the reported instance is read no more");
+        assert!(ix.due_reads(t1 + Duration::from_secs(60), 64).is_empty());
+        assert_eq!(show(&ix.peers(t1).table), ["k1 10.99.0.2/32 psk"]);
+        // It crashes and restarts under the hook again: starting, then a newer record.
+        let t2 = t1 + Duration::from_secs(30);
+        ix.apply(
+            PodEvent::Apply(running("web-1", "0001", STARTING_SIDECAR)),
+            t2,
+        );
+        let reads = ix.due_reads(t2 + FIRST_READ_DELAY, 64);
+        assert_eq!(reads.len(), 1);
+        ix.record_read(
+            &reads[0],
+            RecordRead::Found(record(&reads[0].pod, 1, "10.99.0.2/32", 3)),
+            t2 + FIRST_READ_DELAY,
+        );
+        let t3 = ix.next_due().unwrap();
+        serve(&mut ix, t3, |r| {
+            RecordRead::Found(record(&r.pod, 2, "10.99.0.2/32", 4))
+        });
+        assert_eq!(show(&ix.peers(t3).table), ["k2 10.99.0.2/32 psk"]);
+        // A read still in flight when the kubelet reports the instance is asked again.
+        let t4 = t3 + Duration::from_secs(30);
+        ix.apply(
+            PodEvent::Apply(running("web-1", "0001", "containerd://second")),
+            t3 + Duration::from_secs(29),
+        );
+        ix.apply(
+            PodEvent::Apply(running("web-1", "0001", STARTING_SIDECAR)),
+            t4,
+        );
+        let stale = ix.due_reads(t4 + FIRST_READ_DELAY, 64);
+        assert_eq!(stale.len(), 1);
+        ix.apply(
+            PodEvent::Apply(running("web-1", "0001", "containerd://third")),
+            t4 + ms(300),
+        );
+        ix.record_read(&stale[0], RecordRead::NotFound, t4 + ms(400));
+        let again = ix.due_reads(t4 + ms(400), 64);
+        assert_eq!(again.len(), 1, "asked again under the reported instance");
+        assert_eq!(again[0].instance, "containerd://third");
     }
 
     #[test]

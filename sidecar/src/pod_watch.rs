@@ -18,7 +18,7 @@
 //! Must never: write to the Kubernetes API, or decide anything (the index does).
 
 use futures_util::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{ContainerStatus, Namespace, Pod};
+use k8s_openapi::api::core::v1::{Container, ContainerStatus, Namespace, Pod, PodStatus};
 use kube::{
     core::PartialObjectMeta,
     runtime::{watcher, WatchStreamExt},
@@ -27,7 +27,7 @@ use kube::{
 
 use crate::{
     error::{Result, SidecarError},
-    pod_index::{NamespaceEvent, PodEvent, WatchedNamespace, WatchedPod},
+    pod_index::{NamespaceEvent, PodEvent, WatchedNamespace, WatchedPod, STARTING_SIDECAR},
     registration::PodIdentity,
 };
 
@@ -79,6 +79,21 @@ fn running_sidecar(statuses: Option<&Vec<ContainerStatus>>) -> Option<String> {
         .filter(|id| !id.is_empty())
 }
 
+/// [`STARTING_SIDECAR`] when a classic-mode `wg-sidecar` (a regular container) should be starting
+/// but the kubelet reports no running instance: the Pod is initialized and not finished, and the
+/// container is not seen running. The kubelet reports a container only after its `postStart`
+/// hook returns, and the injected hook waits for `/ready`, which needs the gateway to have read
+/// the Pod's record: reading it only once a running instance is reported would never happen.
+fn starting_sidecar(status: &PodStatus, containers: &[Container]) -> Option<String> {
+    let initialized = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Initialized" && c.status == "True");
+    let classic = containers.iter().any(|c| c.name == SIDECAR_CONTAINER);
+    (initialized && classic).then(|| STARTING_SIDECAR.to_owned())
+}
+
 /// Maps a Pod object; `None` when it lacks a namespace, name or UID, or a name is not valid.
 #[must_use]
 pub fn watched_pod(pod: &Pod) -> Option<WatchedPod> {
@@ -102,6 +117,7 @@ pub fn watched_pod(pod: &Pod) -> Option<WatchedPod> {
     let sidecar = status.and_then(|s| {
         running_sidecar(s.init_container_statuses.as_ref())
             .or_else(|| running_sidecar(s.container_statuses.as_ref()))
+            .or_else(|| starting_sidecar(s, &spec?.containers))
     });
     let injected = m
         .annotations
@@ -261,6 +277,30 @@ mod tests {
             "phase": "Succeeded", "containerStatuses": sidecar("terminated")})))
         .unwrap();
         assert!(done.finished && done.sidecar.is_none());
+    }
+
+    #[test]
+    fn an_initialized_classic_pod_whose_sidecar_is_not_reported_yet_is_starting() {
+        let mut p = pod(&serde_json::json!({
+            "phase": "Pending", "containerStatuses": sidecar("waiting"),
+            "conditions": [{"type": "Initialized", "status": "True"}]}));
+        p.spec.as_mut().unwrap().containers.insert(
+            0,
+            serde_json::from_value(serde_json::json!({"name": "wg-sidecar"})).unwrap(),
+        );
+        assert_eq!(
+            watched_pod(&p).unwrap().sidecar.as_deref(),
+            Some(STARTING_SIDECAR)
+        );
+        // Not initialized yet (wg-init runs): nothing to read.
+        p.status.as_mut().unwrap().conditions = None;
+        assert_eq!(watched_pod(&p).unwrap().sidecar, None);
+        // A native sidecar (an init container) is reported running before the app starts.
+        p.spec.as_mut().unwrap().containers.remove(0);
+        p.status.as_mut().unwrap().conditions =
+            serde_json::from_value(serde_json::json!([{"type": "Initialized", "status": "True"}]))
+                .unwrap();
+        assert_eq!(watched_pod(&p).unwrap().sidecar, None);
     }
 
     #[test]

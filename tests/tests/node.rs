@@ -1785,12 +1785,35 @@ fn access_by_namespace(node: &Node, image: &str, ca_path: &str) {
     )
     .unwrap();
     assert!(body.starts_with("client="), "{body}");
-    // The other namespace's Pod: running, never ready, and its sidecar says why.
+    // The other namespace's Pod: never ready, and its sidecar says why. In classic mode (this
+    // 1.20 node) its app container is held by the sidecar's postStart hook, so the reason is read
+    // the way the hook reads it (`wg-sidecar wait`, in the sidecar container), which is also
+    // what the kubelet's FailedPostStartHook event would show.
     let why = Node::wait_for(
         "the stranger's /ready to name the refusal",
         Duration::from_secs(90),
         || {
-            let (_, text) = exec_get(node, "elsewhere", "stranger", "http://127.0.0.1:9901/ready");
+            let out = node.run(
+                "kubectl",
+                &[
+                    "-n",
+                    "elsewhere",
+                    "exec",
+                    "stranger",
+                    "-c",
+                    "wg-sidecar",
+                    "--",
+                    "/usr/local/bin/wg-sidecar",
+                    "wait",
+                    "--addr=127.0.0.1:9901",
+                    "--timeout=1s",
+                ],
+            )?;
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
             Ok(text.contains("refused by gateway").then_some(text))
         },
     )
@@ -1813,6 +1836,7 @@ fn access_by_namespace(node: &Node, image: &str, ca_path: &str) {
         refused_at_gateway.iter().all(|n| *n >= 1.0),
         "{refused_at_gateway:?}"
     );
+    // Held, its app has not started: it reaches nothing (nor could it: see the kill switch).
     let (ok, text) = exec_get(node, "elsewhere", "stranger", SERVICE_URL);
     assert!(!ok, "the refused Pod reached the service: {text}");
     eprintln!(
