@@ -80,7 +80,7 @@ use crate::{
     policy_watch::{self, PolicyStore, PolicyWatchUpdate},
     registration::{gateway_name, Claim, Layout, PodIdentity, Verdict},
     tunnel::{PeerSpec, PeerStats, Tunnel, WgTunnel},
-    vault::Vault,
+    vault::{TokenCounters, Vault},
 };
 
 pub use crate::pod_index::{Peer, PeerTable};
@@ -701,6 +701,9 @@ pub struct GatewayMetrics {
     dropped: Family<Vec<(String, String)>, Counter>,
     /// The table's counters at the last read (a re-install starts them from zero).
     last_dropped: Arc<Mutex<nat::DropCounters>>,
+    /// `/metrics` scrapes that served the last recorded peer statistics (the interface read
+    /// failed or took longer than [`crate::health::REFRESH_TIMEOUT`]).
+    pub metrics_refresh_failures: Counter,
 }
 
 impl std::fmt::Debug for GatewayMetrics {
@@ -757,11 +760,18 @@ impl GatewayMetrics {
             pod_key_rotations: Counter::default(),
             dropped: Family::default(),
             last_dropped: Arc::default(),
+            metrics_refresh_failures: Counter::default(),
         };
         r.register(
             "wg_gateway_peers",
             "Peers in the running table",
             m.peers.clone(),
+        );
+        r.register(
+            "wg_gateway_metrics_refresh_failures",
+            "Scrapes of /metrics that served the last recorded peer statistics because reading \
+             the interface failed or took longer than 1 s",
+            m.metrics_refresh_failures.clone(),
         );
         r.register(
             "wg_gateway_active_peers",
@@ -946,6 +956,35 @@ impl GatewayMetrics {
 
     /// Records statistics: peer counts, active peers and per-peer byte counters.
     pub fn record(&self, stats: &[PeerStats], now: SystemTime) {
+        let mut last = self
+            .last_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.record_locked(&mut last, stats, now);
+    }
+
+    /// Reads the interface's statistics with `read` and records them as one step: the loop's
+    /// tick and a `/metrics` scrape both come this way, so an earlier read is never recorded
+    /// after a later one (that would read as a counter reset and count its bytes twice).
+    pub fn refresh_peers(
+        &self,
+        read: impl FnOnce() -> Result<Vec<PeerStats>>,
+    ) -> Result<Vec<PeerStats>> {
+        let mut last = self
+            .last_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stats = read()?;
+        self.record_locked(&mut last, &stats, SystemTime::now());
+        Ok(stats)
+    }
+
+    fn record_locked(
+        &self,
+        last: &mut HashMap<String, (u64, u64)>,
+        stats: &[PeerStats],
+        now: SystemTime,
+    ) {
         let active = stats
             .iter()
             .filter(|p| {
@@ -958,10 +997,6 @@ impl GatewayMetrics {
             .set(i64::try_from(stats.len()).unwrap_or(i64::MAX));
         self.active_peers
             .set(i64::try_from(active).unwrap_or(i64::MAX));
-        let mut last = self
-            .last_seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut seen = HashMap::with_capacity(stats.len());
         for p in stats {
             let labels = vec![("public_key".to_owned(), p.public_key.clone())];
@@ -1095,12 +1130,15 @@ pub struct GatewayHealth {
     draining: AtomicBool,
     /// Metrics served on `/metrics`.
     pub metrics: GatewayMetrics,
+    /// Reads the peers' current byte counters before `/metrics` encodes them.
+    refresh: crate::health::ScrapeRefresh,
 }
 
 impl GatewayHealth {
     /// Fresh state: alive, not ready.
     #[must_use]
     pub fn new() -> Arc<Self> {
+        let metrics = GatewayMetrics::new();
         Arc::new(Self {
             last_tick: Mutex::new(Instant::now()),
             reconciled: AtomicBool::new(false),
@@ -1108,7 +1146,8 @@ impl GatewayHealth {
             last_error: Mutex::new(None),
             ticks: AtomicU64::new(0),
             draining: AtomicBool::new(false),
-            metrics: GatewayMetrics::new(),
+            refresh: crate::health::ScrapeRefresh::new(metrics.metrics_refresh_failures.clone()),
+            metrics,
         })
     }
 
@@ -1190,6 +1229,7 @@ async fn ready(State(s): State<Arc<GatewayHealth>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<Arc<GatewayHealth>>) -> impl IntoResponse {
+    s.refresh.refresh(crate::health::REFRESH_TIMEOUT).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -1331,6 +1371,8 @@ struct Gateway {
     key_version: u64,
     /// `not_before` of a held-back gateway key (see `docs/rotation.md`).
     key_due: Option<Timestamp>,
+    /// Who each peer is, for the connection events ([`crate::events`]).
+    events: crate::events::GatewayEvents,
 }
 
 async fn read_key(vault: &Vault, cfg: &GatewayConfig) -> Result<crate::vault::KvRecord> {
@@ -1380,6 +1422,7 @@ impl Gateway {
         self.key_due = None;
         self.health.metrics.record_key(rec, None);
         tracing::info!(version = rec.version, public_key = %p.public_key()?, "gateway key rotated in place");
+        crate::events::emit(&self.events.key_rotated(&p.public_key()?, rec.version));
         Ok(())
     }
 
@@ -1592,7 +1635,8 @@ impl Gateway {
             tracing::warn!(identity = %id, error = %e, kept_last_known = kept, "peer record not read");
         }
         let records = keep_last_known(fresh, &errors, &mut self.last_records);
-        let desired = desired_peers(&records, Timestamp::now());
+        let now = Timestamp::now();
+        let desired = desired_peers(&records, now);
         for (id, why) in &desired.conflicts {
             tracing::warn!(identity = %id, reason = %why, "peer left out");
         }
@@ -1602,6 +1646,7 @@ impl Gateway {
             .set(i64::try_from(desired.conflicts.len() + errors.len()).unwrap_or(i64::MAX));
         // No NetworkPolicies in vault mode: every peer gets the table's default.
         self.apply_table(&desired.peers, &BTreeMap::new())?;
+        crate::events::emit_all(self.events.on_records(&records, &desired.conflicts, now));
         self.next_activation = match (desired.next_activation, self.key_due) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1615,17 +1660,21 @@ impl Gateway {
 
     /// Statistics tick. Returns false when the userspace device has stopped answering (it no
     /// longer takes SIGTERM itself: `tunnel/userspace.rs` replaces its signalfd).
-    fn tick(&self) -> bool {
+    fn tick(&mut self) -> bool {
         self.health.tick();
+        let tunnel = &self.tunnel;
         match self
-            .tunnel
-            .peer_stats()
-            .or_else(|_| self.tunnel.peer_stats())
+            .health
+            .metrics
+            .refresh_peers(|| tunnel.peer_stats().or_else(|_| tunnel.peer_stats()))
         {
             Ok(s) => {
-                self.health.metrics.record(&s, SystemTime::now());
+                crate::events::emit_all(self.events.on_stats(&s, SystemTime::now()));
                 match self.nat.drop_counters() {
-                    Ok(d) => self.health.metrics.record_drops(d),
+                    Ok(d) => {
+                        self.health.metrics.record_drops(d);
+                        crate::events::emit_all(self.events.on_drops(d, Instant::now()));
+                    }
                     Err(e) => tracing::debug!(error = %e, "reading the drop counters failed"),
                 }
                 true
@@ -1640,6 +1689,27 @@ impl Gateway {
             }
         }
     }
+}
+
+/// Creates the gateway's interface, and makes `/metrics` read its byte counters at scrape time
+/// (the loop records them once a second; a scrape should not see them up to a second late).
+fn create_tunnel(
+    cfg: &GatewayConfig,
+    private: &PrivateRecord,
+    health: &Arc<GatewayHealth>,
+) -> Result<WgTunnel> {
+    let tunnel = WgTunnel::create_listening(
+        &cfg.interface,
+        cfg.mtu,
+        &private.addresses,
+        &private.private_key,
+        cfg.listen_port,
+    )?;
+    let (reader, metrics) = (tunnel.stats_reader(), health.metrics.clone());
+    health.refresh.set(Arc::new(move || {
+        metrics.refresh_peers(|| reader.peer_stats()).map(drop)
+    }));
+    Ok(tunnel)
 }
 
 /// Logs in and reads the gateway's private record, retrying with backoff; `None` on shutdown.
@@ -1840,7 +1910,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
         PodSource::Kubernetes => Some(pod_watch::client().await?),
         PodSource::Vault => None,
     };
-    let vault = Arc::new(Vault::new(cfg.vault.clone())?);
+    // The token is renewed while the gateway runs and revoked on the way out (issue 18).
+    let (vault, renewal) = Vault::with_renewal(cfg.vault.clone(), TokenCounters::default())?;
     let Some(private) = load_gateway_key(&cfg, &vault, &health, &mut shutdown).await else {
         return Ok(());
     };
@@ -1868,13 +1939,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
         }
     };
     let pools = peer_pools(record.as_ref(), &private.addresses);
-    let tunnel = WgTunnel::create_listening(
-        &cfg.interface,
-        cfg.mtu,
-        &private.addresses,
-        &private.private_key,
-        cfg.listen_port,
-    )?;
+    let tunnel = create_tunnel(&cfg, &private, &health)?;
     tracing::info!(interface = %cfg.interface, port = cfg.listen_port, %public_key, mode = tunnel.mode().as_str(), "gateway interface up");
     // After the interface exists: without a writable /proc/sys, IPv4 forwarding is turned on
     // per interface, and only interfaces present now get it.
@@ -1899,6 +1964,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
         }
     };
     let mut gw = Gateway {
+        events: crate::events::GatewayEvents::new(&cfg.gateway_name, &public_key),
         cfg,
         vault,
         health: health.clone(),
@@ -1924,6 +1990,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()> + Send) 
     if let Err(e) = gw.nat.remove() {
         tracing::warn!(error = %e, "removing the nftables table failed");
     }
+    renewal.finish().await;
     gw.tunnel.remove()
 }
 
@@ -2335,6 +2402,8 @@ struct KubeLoop {
     next_sweep: Option<Instant>,
     key_reading: bool,
     next_key: Instant,
+    /// Kubernetes Events on refused Pods ([`crate::events::PodEvents`]).
+    pod_events: crate::events::PodEvents,
 }
 
 impl Gateway {
@@ -2419,6 +2488,7 @@ impl Gateway {
             next_sweep: None,
             key_reading: false,
             next_key: Instant::now() + Self::jittered(self.cfg.poll_interval),
+            pod_events: crate::events::PodEvents::new(client.clone(), &self.cfg.gateway_name),
         };
         self.health.set(
             true,
@@ -2595,6 +2665,8 @@ impl Gateway {
         let out = st.index.peers(now);
         for c in &out.changes {
             log_change(c, &self.health.metrics);
+            crate::events::emit(&self.events.on_change(c));
+            st.pod_events.tell(c);
         }
         st.verdicts.extend(out.verdicts);
         self.health

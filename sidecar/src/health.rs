@@ -5,8 +5,10 @@
 //! handshake with the gateway younger than 180 s", and the [`ShutdownRequest`] that
 //! `/quitquitquit` raises (so a Job's app container can stop a classic-mode sidecar, like
 //! Istio's pilot-agent endpoint of the same name).
-//! Must never: do WireGuard or Vault IO itself; it only reports what the control loop recorded,
-//! and a shutdown request only raises a flag that `run` and `main` treat like SIGTERM.
+//! Must never: do WireGuard or Vault IO itself; it reports what the control loop recorded, plus
+//! what the [`MetricsRefresh`] hook the loop registered reads at scrape time (the peers' byte
+//! counters, bounded by [`REFRESH_TIMEOUT`]); a shutdown request only raises a flag that `run`
+//! and `main` treat like SIGTERM.
 //!
 //! Also owns [`listen`], how the health port is bound for the sidecar and the gateway alike: the
 //! default `[::]` is one socket for IPv6 and IPv4 (`IPV6_V6ONLY` off on the socket itself), with
@@ -98,6 +100,82 @@ pub fn with_verdict(r: Readiness, verdict: Option<&crate::registration::Verdict>
     }
 }
 
+/// Reads current statistics into the metrics just before `/metrics` encodes them (the control
+/// loop records them once a second; a scrape should not see them up to a second late).
+pub type MetricsRefresh = Arc<dyn Fn() -> Result<()> + Send + Sync>;
+
+/// Longest a scrape waits for the [`MetricsRefresh`] hook before it serves the last recorded
+/// values (a stuck device must not hang a scrape).
+pub const REFRESH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The scrape-time refresh of `/metrics`, shared by the sidecar's and the gateway's health
+/// servers: at most one read of the interface at a time (a scrape that finds one running waits
+/// for it, within [`REFRESH_TIMEOUT`]), and a read that failed or timed out is counted and
+/// leaves the last values.
+pub struct ScrapeRefresh {
+    hook: Mutex<Option<MetricsRefresh>>,
+    /// Held by the blocking read itself, so a read that outlives its scrape still blocks the
+    /// next one: a stuck device costs one thread, not one per scrape.
+    running: Arc<tokio::sync::Mutex<()>>,
+    failures: prometheus_client::metrics::counter::Counter,
+}
+
+impl std::fmt::Debug for ScrapeRefresh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScrapeRefresh")
+    }
+}
+
+impl ScrapeRefresh {
+    /// No hook yet; failures are counted in `failures`.
+    #[must_use]
+    pub fn new(failures: prometheus_client::metrics::counter::Counter) -> Self {
+        Self {
+            hook: Mutex::new(None),
+            running: Arc::default(),
+            failures,
+        }
+    }
+
+    /// Registers the hook (replacing an earlier one).
+    pub fn set(&self, hook: MetricsRefresh) {
+        *self
+            .hook
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(hook);
+    }
+
+    /// Runs the hook (if any) within `timeout`; returns false when it failed or timed out.
+    pub async fn refresh(&self, timeout: Duration) -> bool {
+        let Some(hook) = self
+            .hook
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+        else {
+            return true;
+        };
+        let running = self.running.clone();
+        let read = async move {
+            let turn = running.lock_owned().await;
+            tokio::task::spawn_blocking(move || {
+                let _turn = turn;
+                hook()
+            })
+            .await
+        };
+        let why = match tokio::time::timeout(timeout, read).await {
+            Ok(Ok(Ok(()))) => return true,
+            Ok(Ok(Err(e))) => e.to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {} ms", timeout.as_millis()),
+        };
+        self.failures.inc();
+        tracing::debug!(reason = %why, "scrape-time refresh of the peer statistics failed; serving the last values");
+        false
+    }
+}
+
 /// A sticky "shut down now" flag: raised by `POST /quitquitquit`, awaited like SIGTERM.
 /// Clones share the flag.
 #[derive(Debug, Clone)]
@@ -144,6 +222,7 @@ pub struct HealthState {
     pub metrics: Metrics,
     /// Raised by `POST /quitquitquit`.
     pub shutdown: ShutdownRequest,
+    refresh: ScrapeRefresh,
 }
 
 impl HealthState {
@@ -153,9 +232,15 @@ impl HealthState {
         Arc::new(Self {
             last_tick: Mutex::new(Instant::now()),
             readiness: Mutex::new(Readiness::NotReady("starting".into())),
+            refresh: ScrapeRefresh::new(metrics.metrics_refresh_failures.clone()),
             metrics,
             shutdown,
         })
+    }
+
+    /// Registers what `/metrics` runs before it encodes (the tunnel's current statistics).
+    pub fn set_metrics_refresh(&self, hook: impl Fn() -> Result<()> + Send + Sync + 'static) {
+        self.refresh.set(Arc::new(hook));
     }
 
     /// The control loop is alive.
@@ -218,6 +303,7 @@ async fn ready(State(s): State<Arc<HealthState>>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<Arc<HealthState>>) -> impl IntoResponse {
+    s.refresh.refresh(REFRESH_TIMEOUT).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -384,6 +470,43 @@ mod tests {
 
     fn post(path: &str) -> Request<Body> {
         Request::post(path).body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stuck_refresh_gives_up_within_its_timeout_counts_a_failure_and_runs_one_at_a_time() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let failures = prometheus_client::metrics::counter::Counter::default();
+        let r = super::ScrapeRefresh::new(failures.clone());
+        // No hook yet: nothing to do, nothing counted.
+        assert!(r.refresh(Duration::from_millis(100)).await);
+        let (calls, release) = (
+            std::sync::Arc::new(AtomicU32::new(0)),
+            std::sync::Arc::new(std::sync::Barrier::new(2)),
+        );
+        let (c, b) = (calls.clone(), release.clone());
+        r.set(std::sync::Arc::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+            b.wait();
+            Ok(())
+        }));
+        let started = std::time::Instant::now();
+        assert!(!r.refresh(Duration::from_millis(100)).await);
+        assert!(!r.refresh(Duration::from_millis(100)).await);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(failures.get(), 2);
+        // The second scrape did not start a second read while the first was stuck.
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        release.wait();
+        r.set(std::sync::Arc::new(|| {
+            Err(crate::error::SidecarError::InvalidConfig(
+                "device gone".into(),
+            ))
+        }));
+        assert!(!r.refresh(Duration::from_secs(1)).await);
+        assert_eq!(failures.get(), 3);
+        r.set(std::sync::Arc::new(|| Ok(())));
+        assert!(r.refresh(Duration::from_secs(1)).await);
+        assert_eq!(failures.get(), 3);
     }
 
     #[test]

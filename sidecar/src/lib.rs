@@ -12,6 +12,7 @@ pub mod backoff;
 pub mod bootstrap;
 pub mod cli;
 pub mod error;
+pub mod events;
 pub mod forwarding;
 pub mod gateway;
 pub mod health;

@@ -15,7 +15,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::tunnel::{Mode, PeerStats};
+use crate::{
+    error::Result,
+    tunnel::{Mode, PeerStats},
+    vault::TokenCounters,
+};
 
 type Labels = Vec<(String, String)>;
 
@@ -43,6 +47,11 @@ pub struct Metrics {
     pub endpoint_failovers: Counter,
     /// 1 when `/ready` answers 200.
     pub ready: Gauge,
+    /// `/metrics` scrapes that served the last recorded peer statistics because reading the
+    /// interface failed or took too long.
+    pub metrics_refresh_failures: Counter,
+    /// The Vault token's renewals, new logins and revocations (given to the Vault client).
+    pub vault_token: TokenCounters,
     mode: Family<Labels, Gauge>,
     registration_failures: Family<Labels, Counter>,
     gateway_refused: Family<Labels, Gauge>,
@@ -72,6 +81,7 @@ impl Metrics {
     #[must_use]
     pub fn new() -> Self {
         let mut r = Registry::default();
+        let vault_login_failures = Counter::default();
         let m = Self {
             registry: Arc::new(Registry::default()),
             peer_rx: Family::default(),
@@ -80,12 +90,17 @@ impl Metrics {
             last_seen: Arc::default(),
             key_version: Gauge::default(),
             gateway_version: Gauge::default(),
-            vault_login_failures: Counter::default(),
+            vault_token: TokenCounters {
+                login_failures: vault_login_failures.clone(),
+                ..TokenCounters::default()
+            },
+            vault_login_failures,
             vault_read_failures: Counter::default(),
             key_rotations: Counter::default(),
             peer_updates: Counter::default(),
             endpoint_failovers: Counter::default(),
             ready: Gauge::default(),
+            metrics_refresh_failures: Counter::default(),
             mode: Family::default(),
             registration_failures: Family::default(),
             gateway_refused: Family::default(),
@@ -128,16 +143,6 @@ impl Metrics {
             m.gateway_version.clone(),
         );
         r.register(
-            "wg_sidecar_vault_login_failures",
-            "Failed Vault logins",
-            m.vault_login_failures.clone(),
-        );
-        r.register(
-            "wg_sidecar_vault_read_failures",
-            "Failed Vault or key-folder reads",
-            m.vault_read_failures.clone(),
-        );
-        r.register(
             "wg_sidecar_key_rotations",
             "Private keys applied in place",
             m.key_rotations.clone(),
@@ -157,6 +162,7 @@ impl Metrics {
             "1 when the tunnel is ready",
             m.ready.clone(),
         );
+        m.register_vault_and_scrape_metrics(&mut r);
         r.register(
             "wg_sidecar_mode",
             "WireGuard implementation in use (label mode)",
@@ -166,6 +172,28 @@ impl Metrics {
             registry: Arc::new(r),
             ..m
         }
+    }
+
+    /// Registers the Vault client's metrics and the scrape-time refresh's failures.
+    fn register_vault_and_scrape_metrics(&self, r: &mut Registry) {
+        let m = self;
+        r.register(
+            "wg_sidecar_vault_login_failures",
+            "Failed Vault logins",
+            m.vault_login_failures.clone(),
+        );
+        r.register(
+            "wg_sidecar_vault_read_failures",
+            "Failed Vault or key-folder reads",
+            m.vault_read_failures.clone(),
+        );
+        r.register(
+            "wg_sidecar_metrics_refresh_failures",
+            "Scrapes of /metrics that served the last recorded peer statistics because reading \
+             the interface failed or took longer than 1 s",
+            m.metrics_refresh_failures.clone(),
+        );
+        m.vault_token.register(r, "wg_sidecar");
     }
 
     /// Records the gateway's refusal of this Pod: 1 for `reason` (`None`: not refused, the
@@ -194,6 +222,32 @@ impl Metrics {
             .last_seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.record_locked(&mut last, peers, now);
+    }
+
+    /// Reads the interface's statistics with `read` and records them, as one step: the control
+    /// loop's tick and a `/metrics` scrape both come this way, so a read that started earlier
+    /// is never recorded after one that started later (which would look like a counter reset
+    /// and count its bytes twice). Returns what was read.
+    pub fn refresh_peers(
+        &self,
+        read: impl FnOnce() -> Result<Vec<PeerStats>>,
+    ) -> Result<Vec<PeerStats>> {
+        let mut last = self
+            .last_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let peers = read()?;
+        self.record_locked(&mut last, &peers, SystemTime::now());
+        Ok(peers)
+    }
+
+    fn record_locked(
+        &self,
+        last: &mut HashMap<String, (u64, u64)>,
+        peers: &[PeerStats],
+        now: SystemTime,
+    ) {
         for p in peers {
             let labels = vec![("public_key".to_owned(), p.public_key.clone())];
             let (prx, ptx) = last.get(&p.public_key).copied().unwrap_or((0, 0));
@@ -246,6 +300,36 @@ mod tests {
 
     use super::Metrics;
     use crate::tunnel::{Mode, PeerStats};
+
+    #[test]
+    fn a_refresh_records_what_it_read_and_a_failed_read_keeps_the_last_values() {
+        let m = Metrics::new();
+        let stats = |tx| {
+            vec![PeerStats {
+                public_key: "PUB".into(),
+                endpoint: None,
+                rx_bytes: 0,
+                tx_bytes: tx,
+                last_handshake: None,
+            }]
+        };
+        assert_eq!(m.refresh_peers(|| Ok(stats(100))).ok(), Some(stats(100)));
+        assert!(m
+            .refresh_peers(|| Err(crate::error::SidecarError::InvalidConfig("gone".into())))
+            .is_err());
+        assert!(m.refresh_peers(|| Ok(stats(250))).is_ok());
+        let text = m.encode();
+        assert!(
+            text.contains("wg_sidecar_peer_transmit_bytes_total{public_key=\"PUB\"} 250"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wg_sidecar_metrics_refresh_failures_total 0")
+                && text.contains("wg_sidecar_vault_token_renewals_total 0")
+                && text.contains("wg_sidecar_vault_token_revocations_total 0"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn exposition_has_unit_suffixed_names_and_peer_labels() {

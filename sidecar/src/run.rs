@@ -72,8 +72,10 @@ pub async fn run(
             gateway_path,
             registration,
         } => {
-            let vault = Arc::new(Vault::new(settings.clone())?);
-            match (registration, key_path) {
+            // The token is renewed while the sidecar runs and revoked on the way out (issue 18).
+            let (vault, renewal) =
+                Vault::with_renewal(settings.clone(), health.metrics.vault_token.clone())?;
+            let ran = match (registration, key_path) {
                 (Some((pod, layout)), static_key) => {
                     let src = RegisteredKeySource::new(
                         vault,
@@ -97,7 +99,9 @@ pub async fn run(
                 (None, None) => Err(SidecarError::InvalidConfig(
                     "--key-source vault needs the Pod identity or --vault-key-path".into(),
                 )),
-            }
+            };
+            renewal.finish().await;
+            ran
         }
         KeySourceConfig::File { dir } => {
             let src = FileKeySource::new(dir.clone());
@@ -201,6 +205,8 @@ struct Controller<S> {
     next_verdict: Option<Instant>,
     /// A failed verdict read was logged (once until one succeeds).
     verdict_error_logged: bool,
+    /// The Pod and its session with the gateway, for the connection events.
+    events: crate::events::SidecarEvents,
 }
 
 impl<S: KeySource> Controller<S> {
@@ -270,11 +276,12 @@ impl<S: KeySource> Controller<S> {
     async fn tick(&mut self) -> Option<bool> {
         self.health.tick();
         let now = SystemTime::now();
-        let stats = match self
-            .tunnel
-            .peer_stats()
-            .or_else(|_| self.tunnel.peer_stats())
-        {
+        // Read and recorded as one step, in turn with `/metrics` scrapes (see `refresh_peers`).
+        let stats = match self.health.metrics.refresh_peers(|| {
+            self.tunnel
+                .peer_stats()
+                .or_else(|_| self.tunnel.peer_stats())
+        }) {
             Ok(s) => s,
             Err(e) => {
                 if self.tunnel.mode() == crate::tunnel::Mode::Userspace {
@@ -290,7 +297,7 @@ impl<S: KeySource> Controller<S> {
                 return Some(false);
             }
         };
-        self.health.metrics.record_peers(&stats, now);
+        crate::events::emit_all(self.events.on_stats(&stats, &self.gateway.public_key, now));
         let gw_stats = stats
             .iter()
             .find(|p| p.public_key == self.gateway.public_key);
@@ -320,22 +327,32 @@ impl<S: KeySource> Controller<S> {
                 Readiness::NotReady(why) => tracing::warn!(reason = %why, "not ready"),
             }
         }
-        if should_fail_over(
+        let stale = should_fail_over(
             last_hs,
             self.switched_at.elapsed(),
             self.cfg.failover_after,
             now,
-        ) || session_silent(
-            // Only a gateway that advertises keepalives is expected never to be silent.
-            last_hs.is_some() && self.gateway.keepalive.is_some(),
-            sent_since_rx,
-            self.rx_seen.2.elapsed(),
-            self.switched_at.elapsed(),
-            self.cfg.failover_after,
-        ) {
+        );
+        if stale
+            || session_silent(
+                // Only a gateway that advertises keepalives is expected never to be silent.
+                last_hs.is_some() && self.gateway.keepalive.is_some(),
+                sent_since_rx,
+                self.rx_seen.2.elapsed(),
+                self.switched_at.elapsed(),
+                self.cfg.failover_after,
+            )
+        {
+            let previous = self.endpoints().get(self.endpoint_index).cloned();
             let n = self.endpoints().len().max(1);
             self.endpoint_index = (self.endpoint_index + 1) % n;
             self.health.metrics.endpoint_failovers.inc();
+            let why = crate::events::failover_reason(stale, last_hs.is_some());
+            crate::events::emit(&self.events.failover(
+                previous.as_ref(),
+                self.endpoints().get(self.endpoint_index),
+                why,
+            ));
             tracing::warn!(
                 endpoint = %crate::logfmt::opt(self.endpoints().get(self.endpoint_index)),
                 "no handshake within --failover-after; switching endpoint (re-resolving)"
@@ -358,6 +375,7 @@ impl<S: KeySource> Controller<S> {
                         "refused by the gateway: no peer for this Pod until that changes"
                     );
                     self.health.metrics.set_gateway_refused(Some(&v.reason));
+                    crate::events::emit(&self.events.refused(&v.reason, &v.message));
                     self.verdict = Some(v);
                 }
             }
@@ -413,6 +431,9 @@ impl<S: KeySource> Controller<S> {
             match self.tunnel.set_private_key(&private.private_key) {
                 Ok(()) => {
                     tracing::info!(version = private.version, public_key = %private.public_key().unwrap_or_default(), "private key rotated in place");
+                    if let Ok(k) = private.public_key() {
+                        crate::events::emit(&self.events.key_rotated(&k, private.version));
+                    }
                     self.applied.key_version = private.version;
                     set_version(&self.health.metrics.key_version, private.version);
                     self.health.metrics.key_rotations.inc();
@@ -476,9 +497,13 @@ async fn run_with<S: KeySource>(
         crate::routes::FWMARK,
     )?;
     health.metrics.set_mode(tunnel.mode());
+    // `/metrics` reads the byte counters at scrape time, not as of the last tick (issue 18).
+    let (reader, metrics) = (tunnel.stats_reader(), health.metrics.clone());
+    health.set_metrics_refresh(move || metrics.refresh_peers(|| reader.peer_stats()).map(drop));
     set_version(&health.metrics.key_version, private.version);
     set_version(&health.metrics.gateway_version, gateway.version);
     let mut ctl = Controller {
+        events: crate::events::SidecarEvents::new(&cfg, private.public_key().ok().as_deref()),
         applied: Applied {
             key_version: private.version,
             gateway_version: gateway.version,

@@ -216,6 +216,133 @@ fn to_peer(spec: &PeerSpec) -> Result<Peer> {
     Ok(p)
 }
 
+/// Reads peer statistics over UAPI with a short timeout. (The library's reader retries a
+/// timed-out read forever; a stuck device must not stall the control loop.)
+fn uapi_get(name: &str) -> std::io::Result<Vec<PeerStats>> {
+    let path = format!("/var/run/wireguard/{name}.sock");
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(UAPI_TIMEOUT))?;
+    s.set_write_timeout(Some(UAPI_TIMEOUT))?;
+    s.write_all(b"get=1\n\n")?;
+    let mut peers: Vec<PeerStats> = Vec::new();
+    let (mut secs, mut nanos) = (0u64, 0u64);
+    let finish = |peers: &mut Vec<PeerStats>, secs: u64, nanos: u64| {
+        if let Some(p) = peers.last_mut() {
+            if secs > 0 || nanos > 0 {
+                p.last_handshake = Some(
+                    SystemTime::UNIX_EPOCH
+                        + Duration::from_secs(secs)
+                        + Duration::from_nanos(nanos),
+                );
+            }
+        }
+    };
+    for line in BufReader::new(s).lines() {
+        let line = line?;
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        match k {
+            "public_key" => {
+                finish(&mut peers, secs, nanos);
+                (secs, nanos) = (0, 0);
+                let key = Key::decode(v)
+                    .map_err(|_| std::io::Error::other("bad public_key in UAPI answer"))?;
+                peers.push(PeerStats {
+                    public_key: key.to_string(),
+                    endpoint: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    last_handshake: None,
+                });
+            }
+            "endpoint" => {
+                if let Some(p) = peers.last_mut() {
+                    p.endpoint = v.parse().ok();
+                }
+            }
+            "rx_bytes" => {
+                if let Some(p) = peers.last_mut() {
+                    p.rx_bytes = v.parse().unwrap_or_default();
+                }
+            }
+            "tx_bytes" => {
+                if let Some(p) = peers.last_mut() {
+                    p.tx_bytes = v.parse().unwrap_or_default();
+                }
+            }
+            "last_handshake_time_sec" => secs = v.parse().unwrap_or_default(),
+            "last_handshake_time_nsec" => nanos = v.parse().unwrap_or_default(),
+            "errno" => {
+                finish(&mut peers, secs, nanos);
+                return if v.trim() == "0" {
+                    Ok(peers)
+                } else {
+                    Err(std::io::Error::other(format!("UAPI errno {v}")))
+                };
+            }
+            _ => {}
+        }
+    }
+    Err(std::io::Error::other("UAPI closed without errno"))
+}
+
+/// Per-peer statistics of the userspace interface `name`, over UAPI (bounded).
+fn userspace_stats(name: &str) -> Result<Vec<PeerStats>> {
+    uapi_get(name).map_err(|e| SidecarError::Tunnel {
+        op: "read statistics of",
+        interface: name.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Per-peer statistics of the kernel interface `name`, over netlink (through `kernel`).
+fn kernel_stats(name: &str, kernel: &dyn WireguardInterfaceApi) -> Result<Vec<PeerStats>> {
+    let host = kernel
+        .read_interface_data()
+        .map_err(|e| SidecarError::Tunnel {
+            op: "read",
+            interface: name.to_owned(),
+            reason: e.to_string(),
+        })?;
+    Ok(host
+        .peers
+        .into_values()
+        .map(|p| PeerStats {
+            public_key: p.public_key.to_string(),
+            endpoint: p.endpoint,
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
+            last_handshake: p.last_handshake.filter(|t| *t > SystemTime::UNIX_EPOCH),
+        })
+        .collect())
+}
+
+/// Reads one interface's peer statistics apart from its [`WgTunnel`], from any thread (the
+/// `/metrics` handler reads the counters at scrape time while the control loop owns the
+/// tunnel). Reads only; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StatsReader {
+    name: String,
+    mode: Mode,
+}
+
+impl StatsReader {
+    /// Per-peer statistics now (a userspace read is bounded like the control loop's).
+    pub fn peer_stats(&self) -> Result<Vec<PeerStats>> {
+        if self.mode == Mode::Userspace {
+            return userspace_stats(&self.name);
+        }
+        let kernel =
+            WGApi::<Kernel>::new(self.name.as_str()).map_err(|e| SidecarError::Tunnel {
+                op: "prepare",
+                interface: self.name.clone(),
+                reason: e.to_string(),
+            })?;
+        kernel_stats(&self.name, &kernel)
+    }
+}
+
 /// True when `e` is the "no DNS backend" failure `remove_interface` reports after removal.
 #[must_use]
 pub fn is_dns_backend_error(e: &WireguardInterfaceError) -> bool {
@@ -330,6 +457,15 @@ impl WgTunnel {
         Ok(t)
     }
 
+    /// A reader of this interface's statistics for another thread (see [`StatsReader`]).
+    #[must_use]
+    pub fn stats_reader(&self) -> StatsReader {
+        StatsReader {
+            name: self.name.clone(),
+            mode: self.mode(),
+        }
+    }
+
     fn iface(&self) -> &dyn WireguardInterfaceApi {
         match &self.api {
             Api::Kernel(a) => a,
@@ -362,77 +498,6 @@ impl WgTunnel {
         let mut prvkey = cfg.prvkey;
         zeroize::Zeroize::zeroize(&mut prvkey);
         res.map_err(self.tunnel_err("configure"))
-    }
-
-    /// Reads peer statistics over UAPI with a short timeout. (The library's reader retries a
-    /// timed-out read forever; a stuck device must not stall the control loop.)
-    fn uapi_get(&self) -> std::io::Result<Vec<PeerStats>> {
-        let path = format!("/var/run/wireguard/{}.sock", self.name);
-        let mut s = UnixStream::connect(path)?;
-        s.set_read_timeout(Some(UAPI_TIMEOUT))?;
-        s.set_write_timeout(Some(UAPI_TIMEOUT))?;
-        s.write_all(b"get=1\n\n")?;
-        let mut peers: Vec<PeerStats> = Vec::new();
-        let (mut secs, mut nanos) = (0u64, 0u64);
-        let finish = |peers: &mut Vec<PeerStats>, secs: u64, nanos: u64| {
-            if let Some(p) = peers.last_mut() {
-                if secs > 0 || nanos > 0 {
-                    p.last_handshake = Some(
-                        SystemTime::UNIX_EPOCH
-                            + Duration::from_secs(secs)
-                            + Duration::from_nanos(nanos),
-                    );
-                }
-            }
-        };
-        for line in BufReader::new(s).lines() {
-            let line = line?;
-            let Some((k, v)) = line.split_once('=') else {
-                continue;
-            };
-            match k {
-                "public_key" => {
-                    finish(&mut peers, secs, nanos);
-                    (secs, nanos) = (0, 0);
-                    let key = Key::decode(v)
-                        .map_err(|_| std::io::Error::other("bad public_key in UAPI answer"))?;
-                    peers.push(PeerStats {
-                        public_key: key.to_string(),
-                        endpoint: None,
-                        rx_bytes: 0,
-                        tx_bytes: 0,
-                        last_handshake: None,
-                    });
-                }
-                "endpoint" => {
-                    if let Some(p) = peers.last_mut() {
-                        p.endpoint = v.parse().ok();
-                    }
-                }
-                "rx_bytes" => {
-                    if let Some(p) = peers.last_mut() {
-                        p.rx_bytes = v.parse().unwrap_or_default();
-                    }
-                }
-                "tx_bytes" => {
-                    if let Some(p) = peers.last_mut() {
-                        p.tx_bytes = v.parse().unwrap_or_default();
-                    }
-                }
-                "last_handshake_time_sec" => secs = v.parse().unwrap_or_default(),
-                "last_handshake_time_nsec" => nanos = v.parse().unwrap_or_default(),
-                "errno" => {
-                    finish(&mut peers, secs, nanos);
-                    return if v.trim() == "0" {
-                        Ok(peers)
-                    } else {
-                        Err(std::io::Error::other(format!("UAPI errno {v}")))
-                    };
-                }
-                _ => {}
-            }
-        }
-        Err(std::io::Error::other("UAPI closed without errno"))
     }
 
     /// Sends one `set=1` UAPI request to the userspace device.
@@ -575,28 +640,10 @@ impl Tunnel for WgTunnel {
     }
 
     fn peer_stats(&self) -> Result<Vec<PeerStats>> {
-        if matches!(self.api, Api::Userspace(..)) {
-            return self.uapi_get().map_err(|e| SidecarError::Tunnel {
-                op: "read statistics of",
-                interface: self.name.clone(),
-                reason: e.to_string(),
-            });
+        match self.api {
+            Api::Userspace(..) => userspace_stats(&self.name),
+            Api::Kernel(ref a) => kernel_stats(&self.name, a),
         }
-        let host = self
-            .iface()
-            .read_interface_data()
-            .map_err(self.tunnel_err("read"))?;
-        Ok(host
-            .peers
-            .into_values()
-            .map(|p| PeerStats {
-                public_key: p.public_key.to_string(),
-                endpoint: p.endpoint,
-                rx_bytes: p.rx_bytes,
-                tx_bytes: p.tx_bytes,
-                last_handshake: p.last_handshake.filter(|t| *t > SystemTime::UNIX_EPOCH),
-            })
-            .collect())
     }
 
     fn remove(&mut self) -> Result<()> {

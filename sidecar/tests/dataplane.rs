@@ -1038,3 +1038,71 @@ fn wait_holds_until_ready_and_sigterm_drains_while_the_app_holds_connections() {
         "interface kept"
     );
 }
+
+/// Issue 18: `/metrics` reads the peer's byte counters at scrape time. Ten 1200-byte pings go
+/// through the tunnel and `/metrics` is scraped at once, well within the 1 s tick: both
+/// counters already count them (before, they lagged until the next tick). Three rounds, so a
+/// tick that happens to fall between the pings and the scrape cannot make it pass by chance.
+#[test]
+fn metrics_byte_counters_count_traffic_sent_just_before_the_scrape() {
+    require_root();
+    let pod = Netns::new("hbpod").unwrap();
+    let gw = Netns::new("hbgw").unwrap();
+    let (_vp, _vg) = veth(&pod, "192.168.77.2/24", &gw, "192.168.77.1/24").unwrap();
+    pod.ip(&["route", "add", "default", "via", "192.168.77.1"])
+        .unwrap();
+    let dir = scratch();
+    let gwpeer = gateway_for_file_keys(&gw, dir.path());
+    let log = dir.path().join("sidecar.log");
+    let ifname = lab::unique("ws");
+    let _sidecar = spawn_sidecar(
+        &pod,
+        &file_key_run(&ifname, dir.path(), "127.0.0.1:9901", &[]),
+        &log,
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || get_ready(&pod) == 200),
+        "never ready: {}",
+        log_of(&log)
+    );
+    let series = |dir: &str| {
+        format!(
+            "wg_sidecar_peer_{dir}_bytes_total{{public_key=\"{}\"}}",
+            gwpeer.public_key
+        )
+    };
+    let counters = || {
+        let m = get_metrics(&pod);
+        let tx = metric(&m, &series("transmit")).unwrap_or_else(|| panic!("no tx series: {m}"));
+        let rx = metric(&m, &series("receive")).unwrap_or_else(|| panic!("no rx series: {m}"));
+        (tx, rx)
+    };
+    // 10 echo requests of 1200 payload bytes: 1228-byte IP packets each way, before WireGuard's
+    // own overhead (which only adds to the counters).
+    let least = 10.0 * 1228.0;
+    for round in 0..3 {
+        let (tx0, rx0) = counters();
+        let started = Instant::now();
+        pod.run(
+            "ping",
+            &["-c10", "-i0.01", "-s1200", "-W2", "-q", GW_TUN_IP],
+        )
+        .unwrap();
+        let (tx1, rx1) = counters();
+        let took = started.elapsed();
+        assert!(
+            tx1 - tx0 >= least && rx1 - rx0 >= least,
+            "round {round}: {least} bytes each way went through the tunnel and /metrics was \
+             scraped right after ({took:?} for both), and it counted tx +{} rx +{}",
+            tx1 - tx0,
+            rx1 - rx0
+        );
+    }
+    let m = get_metrics(&pod);
+    assert_eq!(
+        metric(&m, "wg_sidecar_metrics_refresh_failures_total"),
+        Some(0.0),
+        "{m}"
+    );
+}

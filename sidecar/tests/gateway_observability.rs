@@ -506,6 +506,45 @@ fn every_chart_expression_names_a_metric_the_running_gateway_exports() {
         "{text}"
     );
 
+    // Issue 18, item 12: the per-peer byte counters are read at scrape time, not as of the last
+    // 1 s tick. The gateway answers pings to an address of its own in the advertised network.
+    gw.ip(&["addr", "add", "10.21.0.1/32", "dev", "lo"])
+        .unwrap();
+    let rx = format!("wg_gateway_peer_receive_bytes_total{{public_key=\"{web_key}\"}}");
+    let tx = format!("wg_gateway_peer_transmit_bytes_total{{public_key=\"{web_key}\"}}");
+    // 10 echo requests of 1200 payload bytes: 1228-byte IP packets each way.
+    let least = 10.0 * 1228.0;
+    for round in 0..3 {
+        let m = scrape();
+        let (rx0, tx0) = (
+            metric(&m, &rx).unwrap_or(0.0),
+            metric(&m, &tx).unwrap_or(0.0),
+        );
+        let started = std::time::Instant::now();
+        pod.run(
+            "ping",
+            &["-c10", "-i0.01", "-s1200", "-W2", "-q", "10.21.0.1"],
+        )
+        .unwrap();
+        let m = scrape();
+        let took = started.elapsed();
+        let (rx1, tx1) = (
+            metric(&m, &rx).unwrap_or(0.0),
+            metric(&m, &tx).unwrap_or(0.0),
+        );
+        assert!(
+            rx1 - rx0 >= least && tx1 - tx0 >= least,
+            "round {round}: {least} bytes each way went through the tunnel and the gateway's \
+             /metrics was scraped right after ({took:?} for both): rx +{} tx +{}",
+            rx1 - rx0,
+            tx1 - tx0
+        );
+    }
+    assert_eq!(
+        metric(&scrape(), "wg_gateway_metrics_refresh_failures_total"),
+        Some(0.0)
+    );
+
     // Issue 18, item 11: a healthy gateway and sidecar (no kernel WireGuard here, a peer that
     // connected after the gateway started) log no ERROR, and text logs written to a file carry
     // no colour codes.
