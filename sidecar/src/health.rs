@@ -324,7 +324,7 @@ async fn quitquitquit(
 ) -> impl IntoResponse {
     let peer = peer.ok().map(|ConnectInfo(addr)| addr);
     match peer {
-        Some(peer) if peer.ip().to_canonical().is_loopback() => {
+        Some(peer) if from_own_container(peer.ip()) => {
             if s.shutdown.raise() {
                 tracing::info!(%peer, "shutdown requested over /quitquitquit");
             }
@@ -337,6 +337,17 @@ async fn quitquitquit(
                 "only the Pod's own containers (over localhost) may stop the sidecar\n",
             )
         }
+    }
+}
+
+/// Whether a `/quitquitquit` caller is one of the Pod's own containers: exactly `127.0.0.1` or
+/// `::1` (v4-mapped too), not all of `127.0.0.0/8`. A service mesh's inbound proxy hands
+/// connections from other Pods to the app with a loopback source of its own (Istio's
+/// `127.0.0.6`), so the rest of the range may be a stranger (docs/service-mesh.md).
+fn from_own_container(ip: std::net::IpAddr) -> bool {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => v4 == std::net::Ipv4Addr::LOCALHOST,
+        std::net::IpAddr::V6(v6) => v6 == std::net::Ipv6Addr::LOCALHOST,
     }
 }
 
@@ -631,6 +642,9 @@ mod tests {
             "10.244.1.7:40000",
             "[fd00::7]:40000",
             "[::ffff:10.0.0.1]:40000",
+            // A mesh's inbound proxy passing another Pod's request on (Istio: 127.0.0.6).
+            "127.0.0.6:40000",
+            "[::ffff:127.0.0.6]:40000",
         ] {
             let r = from(peer, &s).oneshot(post("/quitquitquit")).await.unwrap();
             assert_eq!(r.status(), 403, "{peer}");
