@@ -30,7 +30,7 @@ pub const ROUTES: &str = "wg-injector.io/routes";
 pub const DNS: &str = "wg-injector.io/dns";
 /// Comma-separated `host:port` gateway endpoints, overriding the profile's.
 pub const ENDPOINTS: &str = "wg-injector.io/endpoints";
-/// Interface MTU.
+/// Interface MTU: `auto` or an integer ([`Mtu`]).
 pub const MTU: &str = "wg-injector.io/mtu";
 /// Persistent keepalive seconds.
 pub const KEEPALIVE: &str = "wg-injector.io/keepalive";
@@ -85,6 +85,77 @@ pub const KNOWN_ANNOTATIONS: &[&str] = &[
 pub const MTU_MIN: u16 = 1280;
 /// Largest MTU accepted (jumbo frames).
 pub const MTU_MAX: u16 = 9000;
+
+/// What is allowed for an MTU, in denials and config errors.
+pub const MTU_ALLOWED: &str = "allowed is \"auto\" or an integer from 1280 to 9000";
+
+/// The interface MTU of the `mtu` annotation and `defaults.mtu`, rendered as the sidecar's
+/// `--mtu`: `auto` (the sidecar takes the path MTU to the gateway endpoint minus WireGuard's
+/// overhead, see `wg-sidecar`'s `mtu` module) or a fixed size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Mtu {
+    /// Measured by the sidecar (the default).
+    #[default]
+    Auto,
+    /// As given ([`MTU_MIN`]–[`MTU_MAX`]).
+    Fixed(u16),
+}
+
+impl Mtu {
+    /// `"auto"` or an integer from [`MTU_MIN`] to [`MTU_MAX`]; anything else is `None`.
+    #[must_use]
+    pub fn parse(v: &str) -> Option<Self> {
+        if v == "auto" {
+            return Some(Self::Auto);
+        }
+        v.parse::<u16>()
+            .ok()
+            .filter(|m| (MTU_MIN..=MTU_MAX).contains(m))
+            .map(Self::Fixed)
+    }
+}
+
+impl fmt::Display for Mtu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for Mtu {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Auto => s.serialize_str("auto"),
+            Self::Fixed(n) => s.serialize_u16(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Mtu {
+    /// `auto` or an integer (also as a string); the range is checked by `Config::validate`,
+    /// which names the key.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(i64),
+            Text(String),
+        }
+        let bad = |v: &dyn fmt::Display| {
+            serde::de::Error::custom(format!("mtu {v} is invalid: {MTU_ALLOWED}"))
+        };
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => u16::try_from(n).map(Self::Fixed).map_err(|_| bad(&n)),
+            Raw::Text(t) if t == "auto" => Ok(Self::Auto),
+            Raw::Text(t) => t
+                .parse::<u16>()
+                .map(Self::Fixed)
+                .map_err(|_| bad(&format!("{t:?}"))),
+        }
+    }
+}
 
 /// Placeholder for the Pod's namespace in Vault role and path templates.
 pub const NAMESPACE_PLACEHOLDER: &str = "{namespace}";
@@ -218,7 +289,7 @@ pub struct InjectionSpec {
     /// Gateway endpoints overriding the profile's.
     pub endpoints: Option<Vec<Endpoint>>,
     /// Interface MTU.
-    pub mtu: Option<u16>,
+    pub mtu: Option<Mtu>,
     /// Persistent keepalive seconds.
     pub keepalive: Option<u16>,
     /// Where keys come from.
@@ -338,18 +409,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<InjectionSpec, De
         })
         .transpose()?;
     let mtu = get(MTU)
-        .map(|v| {
-            v.parse::<u16>()
-                .ok()
-                .filter(|m| (MTU_MIN..=MTU_MAX).contains(m))
-                .ok_or_else(|| {
-                    bad(
-                        MTU,
-                        v,
-                        &format!("allowed is an integer from {MTU_MIN} to {MTU_MAX}"),
-                    )
-                })
-        })
+        .map(|v| Mtu::parse(v).ok_or_else(|| bad(MTU, v, MTU_ALLOWED)))
         .transpose()?;
     let keepalive = get(KEEPALIVE)
         .map(|v| {
@@ -780,7 +840,7 @@ mod tests {
         );
         assert_eq!(
             (spec.mtu, spec.keepalive, spec.kill_switch),
-            (Some(1380), Some(0), Some(false))
+            (Some(Mtu::Fixed(1380)), Some(0), Some(false))
         );
         assert_eq!(spec.sidecar_mode, Some(SidecarMode::Classic));
         assert_eq!(spec.resources.memory_limit.as_deref(), Some("128Mi"));
@@ -870,19 +930,25 @@ mod tests {
     }
 
     #[test]
-    fn mtu_outside_1280_to_9000_is_denied() {
-        for value in ["1279", "9001", "abc", "-1"] {
+    fn mtu_is_auto_or_1280_to_9000_and_anything_else_is_denied() {
+        for value in ["1279", "9001", "abc", "-1", "Auto", "auto ", ""] {
             let d = denial(&[(MTU, value)]);
-            assert_eq!(d.message, format!("annotation wg-injector.io/mtu={value:?} is invalid: allowed is an integer from 1280 to 9000"));
+            assert_eq!(d.message, format!("annotation wg-injector.io/mtu={value:?} is invalid: allowed is \"auto\" or an integer from 1280 to 9000"));
         }
         assert_eq!(
             parse(&annotations(&[(MTU, "1280")])).unwrap().mtu,
-            Some(1280)
+            Some(Mtu::Fixed(1280))
         );
         assert_eq!(
             parse(&annotations(&[(MTU, "9000")])).unwrap().mtu,
-            Some(9000)
+            Some(Mtu::Fixed(9000))
         );
+        assert_eq!(
+            parse(&annotations(&[(MTU, "auto")])).unwrap().mtu,
+            Some(Mtu::Auto)
+        );
+        assert_eq!(Mtu::Auto.to_string(), "auto");
+        assert_eq!(Mtu::Fixed(1380).to_string(), "1380");
     }
 
     #[test]

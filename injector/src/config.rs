@@ -162,8 +162,9 @@ pub struct VaultSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct Defaults {
-    /// Interface MTU.
-    pub mtu: u16,
+    /// Interface MTU: `auto` (the default: the sidecar measures the path to the gateway
+    /// endpoint) or 1280–9000.
+    pub mtu: annotations::Mtu,
     /// Persistent keepalive in seconds (0 = off).
     pub keepalive: u16,
     /// Sidecar mode when a Pod sets none.
@@ -262,7 +263,7 @@ impl Default for VaultSettings {
 impl Default for Defaults {
     fn default() -> Self {
         Self {
-            mtu: 1420,
+            mtu: annotations::Mtu::Auto,
             keepalive: 25,
             sidecar_mode: SidecarMode::Auto,
             kill_switch: true,
@@ -441,13 +442,10 @@ impl Config {
             .map_err(|allowed| format!("vault.authMount: {allowed}"))?;
         annotations::validate_mount(&self.vault.kv_mount)
             .map_err(|allowed| format!("vault.kvMount: {allowed}"))?;
-        if !(annotations::MTU_MIN..=annotations::MTU_MAX).contains(&self.defaults.mtu) {
-            return Err(format!(
-                "defaults.mtu is {}: allowed is {}–{}",
-                self.defaults.mtu,
-                annotations::MTU_MIN,
-                annotations::MTU_MAX
-            ));
+        if let annotations::Mtu::Fixed(n) = self.defaults.mtu {
+            if !(annotations::MTU_MIN..=annotations::MTU_MAX).contains(&n) {
+                return Err(format!("defaults.mtu is {n}: {}", annotations::MTU_ALLOWED));
+            }
         }
         let r = &self.defaults.resources;
         for (key, value) in [
@@ -580,7 +578,7 @@ mod tests {
         let corp = config.gateway("corp").unwrap();
         assert_eq!(corp.endpoints.len(), 2);
         assert_eq!(corp.endpoints[1].to_string(), "[2001:db8::1]:51820");
-        assert_eq!(config.defaults.mtu, 1420);
+        assert_eq!(config.defaults.mtu, crate::annotations::Mtu::Auto);
     }
 
     #[test]
@@ -593,6 +591,23 @@ mod tests {
     fn a_default_gateway_missing_from_the_profiles_is_refused() {
         let err = Config::from_yaml_str("defaultGateway: nope\n").unwrap_err();
         assert!(err.to_string().contains("defaultGateway \"nope\""), "{err}");
+    }
+
+    #[test]
+    fn defaults_mtu_is_auto_or_an_integer_from_1280_to_9000() {
+        use crate::annotations::Mtu;
+        let mtu = |yaml: &str| Config::from_yaml_str(&format!("defaults:\n  mtu: {yaml}\n"));
+        assert_eq!(mtu("auto").unwrap().defaults.mtu, Mtu::Auto);
+        assert_eq!(mtu("1380").unwrap().defaults.mtu, Mtu::Fixed(1380));
+        assert_eq!(mtu("'1380'").unwrap().defaults.mtu, Mtu::Fixed(1380));
+        for bad in ["1279", "99999", "big", "-1"] {
+            let err = mtu(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("mtu")
+                    && err.contains("allowed is \"auto\" or an integer from 1280 to 9000"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -261,7 +261,7 @@ mod tests {
                 routes: None,
                 dns: None,
                 endpoints: None,
-                mtu: Some(mtu),
+                mtu: Some(crate::annotations::Mtu::Fixed(mtu)),
                 keepalive: None,
                 key_source: KeySource::Vault,
                 vault_role: None,

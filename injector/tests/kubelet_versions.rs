@@ -195,6 +195,9 @@ impl ControlPlane {
         )
         .await
         .unwrap();
+        // As `wg-injector serve` does at start: the workspace's crate graph enables two rustls
+        // providers, so kube cannot pick one by itself.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = kube::Client::try_from(config).unwrap();
         loop {
             match client.apiserver_version().await {

@@ -79,8 +79,8 @@ fn value_for(key: &'static str) -> BoxedStrategy<String> {
             ],
         ),
         annotations::MTU => (
-            &["1280", "1420", "9000"],
-            &["1279", "9001", "70000", "abc", "-1"],
+            &["1280", "1420", "9000", "auto"],
+            &["1279", "9001", "70000", "abc", "-1", "Auto"],
         ),
         annotations::KEEPALIVE => (&["0", "25", "65535"], &["65536", "-1", "x"]),
         annotations::KEY_SOURCE => (

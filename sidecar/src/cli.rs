@@ -15,6 +15,7 @@ use ipnet::IpNet;
 
 use crate::{
     error::{Result, SidecarError},
+    mtu::MtuSetting,
     registration::{Layout, PodIdentity},
     vault::{VaultAuth, VaultSettings},
 };
@@ -157,9 +158,10 @@ pub struct RunArgs {
     /// DNS servers reached through the tunnel.
     #[arg(long, env = "WG_SIDECAR_DNS", value_delimiter = ',')]
     pub dns: Vec<IpAddr>,
-    /// Interface MTU.
-    #[arg(long, env = "WG_SIDECAR_MTU", default_value_t = 1420, value_parser = clap::value_parser!(u32).range(1280..=9000))]
-    pub mtu: u32,
+    /// Interface MTU: `auto` (the path MTU to the gateway endpoint minus WireGuard's overhead,
+    /// see `mtu`) or 1280–9000.
+    #[arg(long, env = "WG_SIDECAR_MTU", default_value = "1420", value_parser = clap::value_parser!(MtuSetting))]
+    pub mtu: MtuSetting,
     /// Persistent keepalive seconds (0 = off).
     #[arg(long, env = "WG_SIDECAR_KEEPALIVE", default_value_t = 25)]
     pub keepalive: u16,
@@ -306,8 +308,8 @@ pub struct RunConfig {
     pub routes: Vec<IpNet>,
     /// CIDRs kept outside the tunnel (`--exclude`).
     pub exclude: Vec<IpNet>,
-    /// Interface MTU.
-    pub mtu: u32,
+    /// Interface MTU: fixed or `auto`.
+    pub mtu: MtuSetting,
     /// Persistent keepalive (None = off).
     pub keepalive: Option<u16>,
     /// Keep the kill switch while running.
@@ -523,7 +525,7 @@ mod tests {
         .into_config()
         .unwrap();
         assert_eq!(cfg.keepalive, None);
-        assert_eq!(cfg.mtu, 1380);
+        assert_eq!(cfg.mtu, crate::mtu::MtuSetting::Fixed(1380));
         // 10.0.0.53 is inside 10.0.0.0/8; 192.168.1.1 becomes a host route.
         assert_eq!(cfg.routes.len(), 3);
         match cfg.key_source {
@@ -626,15 +628,32 @@ mod tests {
     }
 
     #[test]
-    fn mtu_outside_1280_to_9000_is_refused() {
-        assert!(Cli::try_parse_from([
-            "wg-sidecar",
-            "run",
-            "--gateway=g",
-            "--routes=10.0.0.0/8",
-            "--mtu=500"
-        ])
-        .is_err());
+    fn mtu_is_auto_or_1280_to_9000_and_1420_when_not_given() {
+        use crate::mtu::MtuSetting;
+        let mtu = |extra: &[&str]| {
+            let mut args = vec!["--gateway=g", "--routes=10.0.0.0/8", "--key-source=file"];
+            args.extend_from_slice(extra);
+            run(&args).into_config().unwrap().mtu
+        };
+        assert_eq!(mtu(&["--mtu=auto"]), MtuSetting::Auto);
+        assert_eq!(mtu(&["--mtu", "1280"]), MtuSetting::Fixed(1280));
+        assert_eq!(mtu(&["--mtu=9000"]), MtuSetting::Fixed(9000));
+        assert_eq!(mtu(&[]), MtuSetting::Fixed(1420));
+        for bad in ["--mtu=500", "--mtu=9001", "--mtu=Auto"] {
+            let e = Cli::try_parse_from([
+                "wg-sidecar",
+                "run",
+                "--gateway=g",
+                "--routes=10.0.0.0/8",
+                bad,
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("allowed are \"auto\" and an integer from 1280 to 9000"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! Owns: the sidecar's library pieces — CLI contract ([`cli`]), Vault client ([`vault`]), key
 //! sources ([`keysource`]), the WireGuard interface seam ([`tunnel`]), routes and kill switch
-//! ([`routes`]), health and metrics ([`health`], [`metrics`]), the pure decisions
+//! ([`routes`]), the interface MTU ([`mtu`]), health and metrics ([`health`], [`metrics`]), the pure decisions
 //! ([`backoff`], [`rotation`]) and the two commands ([`init`], [`run`]). The gateway and key
 //! operations reuse these modules.
 //! Must never: put key material in argv, environment, logs, metrics or errors.
@@ -22,6 +22,7 @@ pub mod keysource;
 pub mod lifecycle;
 pub mod logfmt;
 pub mod metrics;
+pub mod mtu;
 pub mod nat;
 pub mod pod_index;
 pub mod pod_watch;

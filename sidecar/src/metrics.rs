@@ -47,6 +47,8 @@ pub struct Metrics {
     pub endpoint_failovers: Counter,
     /// 1 when `/ready` answers 200.
     pub ready: Gauge,
+    /// The WireGuard interface's MTU (fixed, or chosen by `--mtu auto`); 0 before it exists.
+    pub interface_mtu: Gauge,
     /// `/metrics` scrapes that served the last recorded peer statistics because reading the
     /// interface failed or took too long.
     pub metrics_refresh_failures: Counter,
@@ -100,6 +102,7 @@ impl Metrics {
             peer_updates: Counter::default(),
             endpoint_failovers: Counter::default(),
             ready: Gauge::default(),
+            interface_mtu: Gauge::default(),
             metrics_refresh_failures: Counter::default(),
             mode: Family::default(),
             registration_failures: Family::default(),
@@ -161,6 +164,12 @@ impl Metrics {
             "wg_sidecar_ready",
             "1 when the tunnel is ready",
             m.ready.clone(),
+        );
+        r.register(
+            "wg_sidecar_interface_mtu_bytes",
+            "MTU of the WireGuard interface (--mtu, or chosen by --mtu auto from the path to the \
+             gateway endpoint)",
+            m.interface_mtu.clone(),
         );
         m.register_vault_and_scrape_metrics(&mut r);
         r.register(
@@ -346,6 +355,7 @@ mod tests {
         m.record_peers(&[p(100, 50)], now);
         m.record_peers(&[p(150, 70)], now);
         m.vault_login_failures.inc();
+        m.interface_mtu.set(1340);
         m.set_gateway_refused(Some("service_account_not_allowed"));
         m.set_gateway_refused(Some("namespace_not_selected"));
         let text = m.encode();
@@ -375,6 +385,10 @@ mod tests {
         );
         assert!(
             text.contains("wg_sidecar_vault_login_failures_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wg_sidecar_interface_mtu_bytes 1340"),
             "{text}"
         );
     }

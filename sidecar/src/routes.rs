@@ -15,6 +15,8 @@
 //!   for a tunnelled destination falls through to `main`, whatever `main` says (its default
 //!   route included, so `0.0.0.0/0` and `::/0` work).
 //!
+//! Also measures the path MTU to the gateway endpoint for `--mtu auto` (see `mtu`).
+//!
 //! `wg-init` writes the rules and the kill switch; `wg-sidecar run` writes them again (same
 //! values) and adds the tunnel routes. Every write is idempotent (routes replace, rules that
 //! exist already are kept).
@@ -27,7 +29,8 @@ use futures_util::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::{
     packet_route::{
-        route::{RouteHeader, RouteMessage, RouteScope, RouteType},
+        link::LinkAttribute,
+        route::{RouteAttribute, RouteHeader, RouteMessage, RouteMetric, RouteScope, RouteType},
         rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
         AddressFamily,
     },
@@ -61,6 +64,17 @@ const _: () =
 const EEXIST: i32 = 17;
 /// `ESRCH`: no such route.
 const ESRCH: i32 = 3;
+
+/// The path MTU towards one destination ([`Routes::path_mtu`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathMtu {
+    /// Bytes.
+    pub mtu: u32,
+    /// The interface the route leaves by.
+    pub interface: String,
+    /// True when the route's own `mtu` metric gave it, false when the interface's MTU did.
+    pub from_route: bool,
+}
 
 /// A netlink route handle bound to the current network namespace.
 #[derive(Debug, Clone)]
@@ -217,6 +231,86 @@ impl Routes {
                 "failed to look up interface {name}: {e}"
             ))),
         }
+    }
+
+    /// The path MTU towards `dst` as the WireGuard socket's packets see it: the route is looked
+    /// up (`ip route get <dst> mark FWMARK`) with the socket's mark, so the rules send the lookup
+    /// past the tunnel's table just as they send the packets. The route's `mtu` metric when it
+    /// has one (configured, or learned by path MTU discovery), else the MTU of the interface it
+    /// leaves by.
+    pub async fn path_mtu(&self, dst: IpAddr) -> Result<PathMtu> {
+        let err = |what: &str, e: &dyn std::fmt::Display| {
+            SidecarError::Netlink(format!("failed to {what} for the path MTU to {dst}: {e}"))
+        };
+        let dst = dst.to_canonical();
+        // A bare lookup, as `ip route get` sends it: family, destination, mark.
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = if dst.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        msg.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
+        msg.attributes.push(RouteAttribute::Destination(dst.into()));
+        msg.attributes.push(RouteAttribute::Mark(FWMARK));
+        let route = self
+            .handle
+            .route()
+            .get(msg)
+            .execute()
+            .try_next()
+            .await
+            .map_err(|e| err("look up the route", &e))?
+            .ok_or_else(|| err("look up the route", &"no route"))?;
+        let oif = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        let metric = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Metrics(m) => m.iter().find_map(|m| match m {
+                RouteMetric::Mtu(mtu) if *mtu > 0 => Some(*mtu),
+                _ => None,
+            }),
+            _ => None,
+        });
+        let oif = oif.ok_or_else(|| err("look up the route", &"no output interface"))?;
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_index(oif)
+            .execute()
+            .try_next()
+            .await
+            .map_err(|e| err("read the output interface", &e))?
+            .ok_or_else(|| err("read the output interface", &format!("no link {oif}")))?;
+        let interface = link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| oif.to_string());
+        let link_mtu = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        });
+        let (mtu, from_route) = match (metric, link_mtu) {
+            (Some(m), _) => (m, true),
+            (None, Some(m)) => (m, false),
+            (None, None) => {
+                return Err(err(
+                    "read the output interface",
+                    &format!("{interface} reports no MTU"),
+                ))
+            }
+        };
+        Ok(PathMtu {
+            mtu,
+            interface,
+            from_route,
+        })
     }
 
     /// Installs the rules of [`policy_rules`]; rules that exist already are kept.

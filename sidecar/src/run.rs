@@ -6,7 +6,8 @@
 //! handshake (2 s, doubling to 10 s; a refusal becomes `/ready`'s reason,
 //! `wg_sidecar_gateway_refused` and one log line; no check once handshaken) and shutdown
 //! (remove the interface, keep the rules and the kill switch) on SIGTERM or on
-//! `POST /quitquitquit` alike.
+//! `POST /quitquitquit` alike. With `--mtu auto` it sizes the interface for the path to the
+//! endpoint before creating it and again on every move to another endpoint (see `mtu`).
 //! Must never: log key material, recreate the interface to apply a change, or exit non-zero on a
 //! clean shutdown.
 
@@ -30,6 +31,7 @@ use crate::{
         FileKeySource, GatewayRecord, KeySource, PrivateRecord, RegisteredKeySource, VaultKeySource,
     },
     metrics::{set_version, Metrics},
+    mtu::{self, Clamp, MtuSetting},
     registration::Verdict,
     rotation::{plan, session_silent, should_fail_over, Applied},
     routes::Routes,
@@ -41,6 +43,9 @@ use crate::{
 const FAST_TICK: Duration = Duration::from_millis(50);
 /// Tick once ready.
 const SLOW_TICK: Duration = Duration::from_secs(1);
+
+/// Longer than BoringTun's 1 s look at the TUN device's MTU (see `Controller::fit_mtu`).
+const USERSPACE_MTU_SETTLE: Duration = Duration::from_millis(1100);
 
 fn unit() -> f64 {
     rand::random::<f64>()
@@ -169,6 +174,55 @@ async fn load_with_retry<S: KeySource>(
     }
 }
 
+/// `--mtu auto`: the interface MTU for the path to `endpoint` (see `mtu`), logged with its
+/// inputs; [`mtu::FALLBACK`] and a warning when there is no endpoint or the path cannot be
+/// measured.
+async fn auto_mtu(routes: &Routes, endpoint: Option<SocketAddr>, carries_ipv6: bool) -> u32 {
+    let Some(endpoint) = endpoint else {
+        tracing::warn!(
+            mtu = mtu::FALLBACK,
+            "--mtu auto: no resolvable gateway endpoint to measure the path to; using the fallback MTU"
+        );
+        return mtu::FALLBACK;
+    };
+    let path = match routes.path_mtu(endpoint.ip()).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(mtu = mtu::FALLBACK, %endpoint, error = %e, "--mtu auto: the path MTU is unknown; using the fallback MTU");
+            return mtu::FALLBACK;
+        }
+    };
+    let fit = mtu::fit(path.mtu, endpoint.ip(), carries_ipv6);
+    tracing::info!(
+        mtu = fit.mtu,
+        path_mtu = fit.path_mtu,
+        %endpoint,
+        overhead = fit.overhead,
+        path_from = if path.from_route { "route" } else { "interface" },
+        interface = %path.interface,
+        "interface MTU chosen from the path to the gateway endpoint"
+    );
+    match fit.clamped {
+        Some(Clamp::Floor) if carries_ipv6 => tracing::warn!(
+            mtu = fit.mtu, path_mtu = fit.path_mtu, %endpoint,
+            "the path to the gateway endpoint is too small for IPv6 in the tunnel (IPv6 needs 1280 plus WireGuard's overhead): outer packets will be fragmented, or lost where the path drops fragments"
+        ),
+        Some(Clamp::Floor) => tracing::warn!(
+            mtu = fit.mtu, path_mtu = fit.path_mtu, %endpoint,
+            "the path to the gateway endpoint is smaller than 576 plus WireGuard's overhead: outer packets will be fragmented, or lost where the path drops fragments"
+        ),
+        Some(Clamp::Ceiling) => {
+            tracing::info!(
+                mtu = fit.mtu,
+                path_mtu = fit.path_mtu,
+                "interface MTU capped at 9000"
+            );
+        }
+        None => {}
+    }
+    fit.mtu
+}
+
 async fn resolve(endpoint: &str) -> Result<SocketAddr> {
     let mut addrs = tokio::net::lookup_host(endpoint)
         .await
@@ -207,6 +261,19 @@ struct Controller<S> {
     verdict_error_logged: bool,
     /// The Pod and its session with the gateway, for the connection events.
     events: crate::events::SidecarEvents,
+    /// Netlink, for the path MTU of `--mtu auto`.
+    routes: Routes,
+    /// The endpoint the interface MTU was last chosen for (`--mtu auto`).
+    mtu_endpoint: Option<SocketAddr>,
+}
+
+/// Whether the tunnel carries IPv6 (a route or an address of the family): `--mtu auto` then
+/// keeps the interface at 1280 or more.
+fn carries_ipv6(routes: &[ipnet::IpNet], addresses: &[ipnet::IpNet]) -> bool {
+    routes
+        .iter()
+        .chain(addresses)
+        .any(|n| matches!(n, ipnet::IpNet::V6(_)))
 }
 
 impl<S: KeySource> Controller<S> {
@@ -238,8 +305,40 @@ impl<S: KeySource> Controller<S> {
         }
     }
 
+    /// With `--mtu auto`, sizes the interface for the path to `endpoint` when it is not the one
+    /// the MTU was chosen for (an unresolvable endpoint keeps the MTU as it is).
+    async fn fit_mtu(&mut self, endpoint: Option<SocketAddr>) {
+        if self.cfg.mtu != MtuSetting::Auto || endpoint.is_none() || endpoint == self.mtu_endpoint {
+            return;
+        }
+        self.mtu_endpoint = endpoint;
+        let v6 = carries_ipv6(&self.cfg.routes, &self.private.addresses);
+        let mtu = auto_mtu(&self.routes, endpoint, v6).await;
+        let before = self.tunnel.mtu();
+        if mtu == before {
+            return;
+        }
+        match self.tunnel.set_mtu(mtu) {
+            Ok(()) => {
+                tracing::info!(interface = %self.cfg.interface, from = before, to = mtu, "interface MTU changed for the new endpoint");
+                self.health.metrics.interface_mtu.set(i64::from(mtu));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, mtu = before, "setting the interface MTU failed; keeping the current one");
+                return;
+            }
+        }
+        // BoringTun reads the TUN device into a buffer of the MTU it last saw, and looks again
+        // once a second: until then a packet above the old MTU would be cut short. The new peer
+        // (whose configuration drops what was queued for the old one) waits for that look.
+        if mtu > before && self.tunnel.mode() == crate::tunnel::Mode::Userspace {
+            sleep(USERSPACE_MTU_SETTLE).await;
+        }
+    }
+
     async fn apply_peer(&mut self) -> Result<()> {
         let spec = self.peer_spec().await;
+        self.fit_mtu(spec.endpoint).await;
         tracing::info!(peer = %spec.public_key, endpoint = %crate::logfmt::opt(spec.endpoint.as_ref()), "gateway peer configured");
         replace_peers(&mut self.tunnel, std::slice::from_ref(&spec))?;
         self.switched_at = Instant::now();
@@ -467,6 +566,54 @@ impl<S: KeySource> Controller<S> {
     }
 }
 
+/// The MTU to create the interface with, and the endpoint `--mtu auto` chose it for: sized for
+/// the first endpoint before the interface exists, so the device never starts at a size the path
+/// cannot carry (`Controller::fit_mtu` follows later moves).
+async fn initial_mtu(
+    cfg: &RunConfig,
+    routes: &Routes,
+    private: &PrivateRecord,
+    gateway: &GatewayRecord,
+) -> (u32, Option<SocketAddr>) {
+    match cfg.mtu {
+        MtuSetting::Fixed(n) => (n, None),
+        MtuSetting::Auto => {
+            let endpoints = if cfg.endpoints.is_empty() {
+                &gateway.endpoints
+            } else {
+                &cfg.endpoints
+            };
+            let endpoint = match endpoints.first() {
+                Some(ep) => resolve(ep).await.ok(),
+                None => None,
+            };
+            let v6 = carries_ipv6(&cfg.routes, &private.addresses);
+            (auto_mtu(routes, endpoint, v6).await, endpoint)
+        }
+    }
+}
+
+/// Creates the interface (its MTU from [`initial_mtu`]) and records its mode and MTU.
+async fn create_tunnel(
+    cfg: &RunConfig,
+    routes: &Routes,
+    private: &PrivateRecord,
+    gateway: &GatewayRecord,
+    health: &HealthState,
+) -> Result<(WgTunnel, Option<SocketAddr>)> {
+    let (mtu, mtu_endpoint) = initial_mtu(cfg, routes, private, gateway).await;
+    let tunnel = WgTunnel::create(
+        &cfg.interface,
+        mtu,
+        &private.addresses,
+        &private.private_key,
+        crate::routes::FWMARK,
+    )?;
+    health.metrics.set_mode(tunnel.mode());
+    health.metrics.interface_mtu.set(i64::from(tunnel.mtu()));
+    Ok((tunnel, mtu_endpoint))
+}
+
 async fn run_with<S: KeySource>(
     cfg: RunConfig,
     source: S,
@@ -489,14 +636,7 @@ async fn run_with<S: KeySource>(
         }
     };
     tracing::info!(source = %source.describe(), key_version = private.version, gateway_version = gateway.version, "keys loaded");
-    let tunnel = WgTunnel::create(
-        &cfg.interface,
-        cfg.mtu,
-        &private.addresses,
-        &private.private_key,
-        crate::routes::FWMARK,
-    )?;
-    health.metrics.set_mode(tunnel.mode());
+    let (tunnel, mtu_endpoint) = create_tunnel(&cfg, &routes, &private, &gateway, &health).await?;
     // `/metrics` reads the byte counters at scrape time, not as of the last tick (issue 18).
     let (reader, metrics) = (tunnel.stats_reader(), health.metrics.clone());
     health.set_metrics_refresh(move || metrics.refresh_peers(|| reader.peer_stats()).map(drop));
@@ -523,6 +663,8 @@ async fn run_with<S: KeySource>(
         verdict_checks: 0,
         next_verdict: None,
         verdict_error_logged: false,
+        routes: routes.clone(),
+        mtu_endpoint,
     };
     if ctl.endpoints().is_empty() {
         tracing::warn!(

@@ -1,8 +1,9 @@
 //! The WireGuard interface, behind the [`Tunnel`] seam.
 //!
 //! Owns: creating the interface (kernel WireGuard when the kernel has it, else the embedded
-//! BoringTun userspace device, chosen automatically), addresses and MTU, the private key, the
-//! peer set (add/update/remove without recreating the interface) and per-peer statistics.
+//! BoringTun userspace device, chosen automatically), addresses and MTU (also changed in place,
+//! for `--mtu auto`), the private key, the peer set (add/update/remove without recreating the
+//! interface) and per-peer statistics.
 //! Must never: touch routes (see `routes`), log keys, or recreate the interface to apply a change.
 
 use std::{
@@ -455,6 +456,26 @@ impl WgTunnel {
             "WireGuard interface created"
         );
         Ok(t)
+    }
+
+    /// The interface MTU.
+    #[must_use]
+    pub fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    /// Changes the interface MTU in place (`--mtu auto` after an endpoint change), over netlink
+    /// for either implementation (BoringTun reads the TUN device's MTU again within a second; a
+    /// smaller MTU holds at once, the kernel enforces it on the TUN device). Later
+    /// reconfigurations keep it.
+    pub fn set_mtu(&mut self, mtu: u32) -> Result<()> {
+        link::set_mtu(&self.name, mtu).map_err(|e| SidecarError::Tunnel {
+            op: "set the MTU of",
+            interface: self.name.clone(),
+            reason: e.to_string(),
+        })?;
+        self.mtu = mtu;
+        Ok(())
     }
 
     /// A reader of this interface's statistics for another thread (see [`StatsReader`]).

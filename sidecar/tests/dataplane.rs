@@ -1106,3 +1106,111 @@ fn metrics_byte_counters_count_traffic_sent_just_before_the_scrape() {
         "{m}"
     );
 }
+
+/// Issue 17, item 6: `--mtu auto` sizes the interface from the path to the gateway endpoint in
+/// use (the route's MTU, here the veth's) minus WireGuard's overhead (60 bytes for an IPv4
+/// endpoint), and sizes it again when it fails over to another endpoint. The first endpoint
+/// sits behind a 1300-byte link and never answers; the second behind a 1400-byte link (both
+/// ends): the interface starts at 1240, moves to 1340 on failover, and a full-size ping with DF
+/// set (1312 bytes of payload: 1340 with its headers) goes through the tunnel and back, while
+/// one byte more is refused at the interface instead of vanishing on the path. The gateway's end
+/// of the link drops IP fragments, as many cloud networks and NATs do: that is where a fixed
+/// 1420 breaks (its 1480-byte outer packets leave the Pod fragmented and never arrive), and
+/// `auto` never needs a fragment.
+#[test]
+fn an_auto_mtu_follows_the_path_to_the_endpoint_in_use_and_a_full_size_df_ping_goes_through() {
+    require_root();
+    let pod = Netns::new("hmpod").unwrap();
+    let dead = Netns::new("hmgwa").unwrap();
+    let gw = Netns::new("hmgwb").unwrap();
+    let (va, vda) = veth(&pod, "192.168.78.2/24", &dead, "192.168.78.1/24").unwrap();
+    let (vb, vgb) = veth(&pod, "192.168.77.2/24", &gw, "192.168.77.1/24").unwrap();
+    for (ns, dev, mtu) in [
+        (&pod, &va, "1300"),
+        (&dead, &vda, "1300"),
+        (&pod, &vb, "1400"),
+        (&gw, &vgb, "1400"),
+    ] {
+        ns.ip(&["link", "set", dev, "mtu", mtu]).unwrap();
+    }
+    let chain = format!("{{ type filter hook ingress device \"{vgb}\" priority 0; }}");
+    gw.run("nft", &["add", "table", "netdev", "lossy"]).unwrap();
+    gw.run("nft", &["add", "chain", "netdev", "lossy", "in", &chain])
+        .unwrap();
+    gw.run(
+        "nft",
+        &[
+            "add", "rule", "netdev", "lossy", "in", "ip", "frag-off", "&", "0x3fff", "!=", "0",
+            "counter", "drop",
+        ],
+    )
+    .unwrap();
+    let dir = scratch();
+    let (pod_priv, pod_pub) = keypair();
+    let gwkey = keypair();
+    file_keys(
+        dir.path(),
+        &pod_priv,
+        &gwkey.1,
+        "192.168.78.1:51820,192.168.77.1:51820",
+    );
+    let gwpeer = WgGoPeer::start_with_key(&gw, GW_TUN, 51820, &gwkey).unwrap();
+    gwpeer.set_peer(&pod_pub, POD_TUN, None).unwrap();
+    let log = dir.path().join("sidecar.log");
+    let ifname = lab::unique("ws");
+    let _sidecar = spawn_sidecar(
+        &pod,
+        &file_key_run(
+            &ifname,
+            dir.path(),
+            "127.0.0.1:9901",
+            &[
+                "--mtu",
+                "auto",
+                "--failover-after",
+                "2",
+                "--log-format",
+                "text",
+            ],
+        ),
+        &log,
+    )
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || get_ready(&pod) == 200),
+        "never ready: {}",
+        log_of(&log)
+    );
+    let link = pod.ip(&["link", "show", &ifname]).unwrap();
+    assert!(link.contains("mtu 1340 "), "{link}\n{}", log_of(&log));
+    let text = log_of(&log);
+    for chosen in [
+        "mtu=1240 path_mtu=1300 endpoint=192.168.78.1:51820 overhead=60",
+        "mtu=1340 path_mtu=1400 endpoint=192.168.77.1:51820 overhead=60",
+    ] {
+        assert!(text.contains(chosen), "no {chosen:?} in the log: {text}");
+    }
+    assert_eq!(
+        metric(&get_metrics(&pod), "wg_sidecar_interface_mtu_bytes"),
+        Some(1340.0)
+    );
+    let full = pod
+        .run(
+            "ping",
+            &["-M", "do", "-s", "1312", "-c3", "-i0.2", "-W2", GW_TUN_IP],
+        )
+        .unwrap();
+    assert!(full.contains(" 0% packet loss"), "{full}");
+    assert!(
+        pod.run("ping", &["-M", "do", "-s", "1313", "-c1", "-W1", GW_TUN_IP])
+            .is_err(),
+        "a packet larger than the interface MTU left with DF set"
+    );
+    let dropped = gw
+        .run("nft", &["list", "chain", "netdev", "lossy", "in"])
+        .unwrap();
+    assert!(
+        dropped.contains("packets 0 bytes 0"),
+        "outer packets were fragmented: {dropped}"
+    );
+}

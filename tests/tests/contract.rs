@@ -72,13 +72,15 @@ fn argv(container: &Container) -> Vec<String> {
 }
 
 /// The env as flags of `wg-sidecar SUBCOMMAND`, found through clap's own `env = …` names: an env
-/// var that no flag reads is a broken contract (the sidecar would never see it).
+/// var of ours (`WG_…`) that no flag reads is a broken contract (the sidecar would never see it).
+/// Other names are another webhook's (reinvocation keeps them, e.g. a policy engine's `TZ`).
 fn env_as_flags(container: &str, subcommand: &str, env: &BTreeMap<String, String>) -> Vec<String> {
     let cli = Cli::command();
     let Some(sub) = cli.find_subcommand(subcommand) else {
         return Vec::new(); // `try_parse_from` reports the unknown subcommand
     };
     env.iter()
+        .filter(|(name, _)| name.starts_with("WG_"))
         .map(|(name, value)| {
             let arg = sub
                 .get_arguments()

@@ -1,6 +1,7 @@
-//! Links by name over a synchronous rtnetlink socket: bring one up, delete one left behind.
+//! Links by name over a synchronous rtnetlink socket: bring one up, set its MTU, delete one left
+//! behind.
 //!
-//! Owns: the two netlink requests the tunnel needs outside `defguard_wireguard_rs`. Must never:
+//! Owns: the three netlink requests the tunnel needs outside `defguard_wireguard_rs`. Must never:
 //! touch a link other than the one named by the caller.
 
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -17,6 +18,13 @@ pub(super) fn set_up(name: &str) -> std::io::Result<()> {
     let mut link = named(name);
     link.header.flags = LinkFlags::Up;
     link.header.change_mask = LinkFlags::Up;
+    request(RouteNetlinkMessage::SetLink(link))
+}
+
+/// `ip link set NAME mtu MTU` (the link is found by name).
+pub(super) fn set_mtu(name: &str, mtu: u32) -> std::io::Result<()> {
+    let mut link = named(name);
+    link.attributes.push(LinkAttribute::Mtu(mtu));
     request(RouteNetlinkMessage::SetLink(link))
 }
 
