@@ -210,6 +210,11 @@ pub struct RotateArgs {
     /// the sidecars and the gateway.
     #[arg(long, env = "WG_SIDECAR_ACTIVATE_AFTER", default_value_t = 90, value_parser = clap::value_parser!(u64).range(1..))]
     pub activate_after: u64,
+    /// Seconds over which the identities' activations are spread (identity `i` of `n` activates
+    /// `i × spread / n` after the first), so a large rotation does not make every sidecar and the
+    /// gateway switch in the same second. 0: all at once.
+    #[arg(long, env = "WG_SIDECAR_SPREAD", default_value_t = 0)]
+    pub spread: u64,
     /// Wait for the activation and fold the next key into the current one (phase 2).
     #[arg(long, env = "WG_SIDECAR_WAIT", action = clap::ArgAction::Set, default_value_t = true)]
     pub wait: bool,
@@ -795,6 +800,24 @@ async fn rotate_one(
     })
 }
 
+/// How long after phase 1 identity `index` of `count` activates: `activate_after` plus its share
+/// of `spread` (`index × spread / count`), so activations are spread evenly over `spread` and the
+/// first one keeps `activate_after`.
+#[must_use]
+pub fn staggered_activation(
+    activate_after: Duration,
+    spread: Duration,
+    index: usize,
+    count: usize,
+) -> Duration {
+    if count == 0 || spread.is_zero() {
+        return activate_after;
+    }
+    let (i, n) = (index.min(count - 1) as u128, count as u128);
+    let share = spread.as_millis() * i / n;
+    activate_after + Duration::from_millis(u64::try_from(share).unwrap_or(u64::MAX))
+}
+
 /// The gateway's private record path for the public record `gateway_path`.
 pub fn gateway_key_path(gateway_path: &str, explicit: Option<&str>) -> Result<String> {
     if let Some(p) = explicit {
@@ -904,9 +927,11 @@ pub async fn rotate(vault: &Vault, args: &RotateArgs) -> Result<Vec<Rotated>> {
         )),
         None => None,
     };
+    let spread = Duration::from_secs(args.spread);
     let mut results = Vec::new();
-    for id in &identities {
-        let r = rotate_one(vault, mount, l, id, after, true)
+    for (i, id) in identities.iter().enumerate() {
+        let after_i = staggered_activation(after, spread, i, identities.len());
+        let r = rotate_one(vault, mount, l, id, after_i, true)
             .await
             .unwrap_or_else(|e| Rotated {
                 identity: id.clone(),
@@ -1100,7 +1125,11 @@ mod tests {
     use clap::Parser;
     use jiff::{SignedDuration, Timestamp};
 
-    use super::{generate_keypair, rotation_step, KeysOp, PeerRecord, RotationStep};
+    use std::time::Duration;
+
+    use super::{
+        generate_keypair, rotation_step, staggered_activation, KeysOp, PeerRecord, RotationStep,
+    };
 
     /// `wg-sidecar keys …` argv.
     #[derive(Debug, Parser)]
@@ -1173,6 +1202,26 @@ mod tests {
         let (_, a) = generate_keypair();
         let now = Timestamp::now();
         assert_eq!(rotation_step(&peer(&a), &a, None, now), RotationStep::Start);
+    }
+
+    #[test]
+    fn activations_are_spread_evenly_over_the_spread_and_the_first_keeps_activate_after() {
+        let (after, spread) = (Duration::from_secs(90), Duration::from_secs(60));
+        let at: Vec<u64> = (0..4)
+            .map(|i| staggered_activation(after, spread, i, 4).as_secs())
+            .collect();
+        assert_eq!(at, [90, 105, 120, 135]);
+        // No spread, one identity or none: every activation at activate_after.
+        assert_eq!(staggered_activation(after, Duration::ZERO, 3, 4), after);
+        assert_eq!(staggered_activation(after, spread, 0, 1), after);
+        assert_eq!(staggered_activation(after, spread, 0, 0), after);
+        // 10 000 identities over 60 s: 6 ms apart, the last before activate_after + spread.
+        let last = staggered_activation(after, spread, 9_999, 10_000);
+        assert_eq!(last, Duration::from_millis(149_994));
+        assert_eq!(
+            staggered_activation(after, spread, 1, 10_000),
+            Duration::from_millis(90_006)
+        );
     }
 
     #[test]
@@ -1259,9 +1308,12 @@ mod tests {
             "--vault-addr=http://v",
             "--vault-role=wg-keys",
             "--activate-after=5",
+            "--spread=60",
         ])
         .unwrap();
-        assert!(matches!(c.op, KeysOp::Rotate(r) if r.activate_after == 5 && r.wait));
+        assert!(
+            matches!(c.op, KeysOp::Rotate(r) if r.activate_after == 5 && r.spread == 60 && r.wait)
+        );
         assert!(KeysCli::try_parse_from([
             "keys",
             "rotate",
